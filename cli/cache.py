@@ -1,0 +1,45 @@
+"""`cskd cache verify|info`: check and summarise a feature cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ._common import console, err_console, fail
+
+app = typer.Typer(help="Inspect and verify feature caches.", no_args_is_help=True)
+
+
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="Cache directory.")],
+    checksums: Annotated[bool, typer.Option(help="Recompute each shard's sha256 (slow on huge caches).")] = True,
+) -> None:
+    """Check every shard against the manifest: counts, shapes, dtypes, checksums, NaN/inf. Non-zero exit on faults."""
+    from cskd_cache.verify import verify_cache
+
+    faults = verify_cache(path, checksums=checksums)
+    if faults:
+        for f in faults:
+            err_console.print(f"[red]fault:[/] {f}", highlight=False, soft_wrap=True)
+        fail(f"{path}: {len(faults)} fault(s) found")
+    console.print(f"[green]ok[/] {path}: every shard matches the manifest")
+
+
+@app.command()
+def info(path: Annotated[Path, typer.Argument(help="Cache directory.")]) -> None:
+    """Print a summary table of a cache."""
+    from cskd_cache.manifest import CacheError
+    from cskd_cache.verify import cache_info
+
+    try:
+        summary = cache_info(path)
+    except CacheError as e:
+        fail(str(e))
+    table = Table(title=f"cache {path}", show_header=False)
+    for k, v in summary.items():
+        table.add_row(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
+    console.print(table)

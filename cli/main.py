@@ -1,0 +1,26 @@
+"""The `cskd` command: a thin Typer layer over cskd_cache (the library never imports this package)."""
+
+from __future__ import annotations
+
+import typer
+
+from . import cache as cache_cmd
+from .extract import extract
+
+app = typer.Typer(
+    name="cskd",
+    help="CLIP-based semi-supervised knowledge distillation for image aesthetics, built on a feature cache.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("extract")(extract)
+app.add_typer(cache_cmd.app, name="cache")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The cache manifest: the contract every later stage reads (see docs/cache-format.md).
+
+A cache is a directory holding `manifest.json` and numbered HDF5 shards. The manifest names what produced
+the features (teacher, weights hash, preprocessing, view policy, token grid, layers) and condenses all of it
+into a `fingerprint`: two caches whose fingerprints match hold interchangeable rows, and an extraction refuses
+to add rows to a cache whose fingerprint differs from its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SKIPPED_NAME = "skipped.jsonl"
+DUPLICATES_NAME = "duplicates.jsonl"
+
+# Fields that decide whether two caches' rows are interchangeable. Sources, shard lists and the completion
+# flag are deliberately absent: they say which rows exist, not what a row means.
+FINGERPRINT_FIELDS = ("schema_version", "teacher", "preprocess", "views", "storage", "arrays")
+
+
+class CacheError(Exception):
+    """A cache cannot be read, verified or extended as asked; the message names the file and the fix."""
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def fingerprint(manifest: dict) -> str:
+    """sha256 over the fields that define what a row means, in canonical JSON."""
+    payload = {k: manifest.get(k) for k in FINGERPRINT_FIELDS}
+    # Library versions describe provenance; a patch release of timm must not orphan a 100 GB cache.
+    teacher = dict(payload.get("teacher") or {})
+    teacher.pop("versions", None)
+    payload["teacher"] = teacher
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.h5"
+
+
+def sidecar_name(index: int) -> str:
+    # Written atomically right after a shard is renamed into place; a resume (or rank 0 under torchrun)
+    # rebuilds the manifest from these, so no two processes ever race on manifest.json.
+    return f"shard-{index:05d}.json"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temporary file in the same directory and rename, so readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_manifest(cache_dir: str | os.PathLike) -> dict:
+    path = Path(cache_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise CacheError(f"{path}: no manifest.json here; point at a directory made by `cskd extract`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CacheError(f"{path}: unreadable manifest ({e}); re-run the same `cskd extract` to rebuild it") from e
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise CacheError(
+            f"{path}: cache schema version {version!r}, this cskd reads version {SCHEMA_VERSION}; "
+            "use the cskd release that wrote it or re-extract"
+        )
+    return manifest
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

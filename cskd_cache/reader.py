@@ -1,0 +1,192 @@
+"""Reading a cache: `open_cache(path)` and the torch Dataset that training stages sample from.
+
+Small per-row arrays (keys, boxes, embeddings) are loaded into RAM once; token arrays stay on disk and are
+streamed. HDF5 handles are opened lazily in whichever process first reads (h5py objects do not survive a
+fork), and a batch's reads are sorted per shard because h5py fancy indexing needs increasing indices.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .manifest import CacheError, read_manifest
+
+
+@dataclass(frozen=True)
+class CacheRow:
+    index: int
+    source: str
+    key: str
+    path: str
+
+
+class FeatureCache:
+    """A complete cache on disk. Global row i is row (i - offset[s]) of shard s, shards in index order."""
+
+    def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if not self.manifest.get("complete") and not allow_incomplete:
+            raise CacheError(f"{self.path}: cache is incomplete ({self.manifest.get('rows')} rows so far); "
+                             "re-run the same `cskd extract` command to finish it")
+        self.shards = [self.path / s["file"] for s in self.manifest["shards"]]
+        for p in self.shards:
+            if not p.is_file():
+                raise CacheError(f"{p}: shard listed in the manifest is missing; run `cskd cache verify {self.path}`")
+        counts = [s["rows"] for s in self.manifest["shards"]]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.n = int(self.offsets[-1])
+        self.arrays = self.manifest["arrays"]
+        self.n_views = int(self.arrays["views"]["shape"][1])
+        self.roots = {s["name"]: s["root"] for s in self.manifest["sources"]}
+        self.keys, self.sources, self.digests = [], [], []
+        boxes, embeds, sizes = [], [], []
+        for p in self.shards:
+            with h5py.File(p, "r") as f:
+                self.keys += [k.decode() if isinstance(k, bytes) else k for k in f["key"][:]]
+                self.sources += [k.decode() if isinstance(k, bytes) else k for k in f["source"][:]]
+                self.digests += [k.decode() if isinstance(k, bytes) else k for k in f["digest"][:]]
+                boxes.append(f["views"][:])
+                embeds.append(f["embed"][:])
+                sizes.append(f["size"][:])
+        v, d = self.n_views, self.arrays["embed"]["shape"][2]
+        self.boxes = np.concatenate(boxes) if boxes else np.zeros((0, v, 5), np.float32)
+        self.embed = np.concatenate(embeds) if embeds else np.zeros((0, v, d), np.float16)
+        self.sizes = np.concatenate(sizes) if sizes else np.zeros((0, 2), np.int32)
+        self._index = {(s, k): i for i, (s, k) in enumerate(zip(self.sources, self.keys))}
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def has_tokens(self) -> bool:
+        return "tokens" in self.arrays
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.arrays["embed"]["shape"][2])
+
+    @property
+    def token_shape(self) -> tuple[int, int] | None:
+        """(T, C) of the cached token grid, or None when the cache holds no tokens."""
+        return tuple(self.arrays["tokens"]["shape"][2:]) if self.has_tokens else None
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        return tuple(self.manifest["storage"]["token_grid"])
+
+    def row(self, i: int, image_root: dict[str, str] | None = None) -> CacheRow:
+        root = self.roots[self.sources[i]]
+        for old, new in (image_root or {}).items():
+            if root == old or root.startswith(old.rstrip("/") + "/"):
+                root = new + root[len(old.rstrip("/")):]
+        key = self.keys[i]
+        path = key if os.path.isabs(key) else os.path.join(root, key)
+        return CacheRow(i, self.sources[i], key, path)
+
+    def find(self, source: str, key: str) -> int:
+        return self._index[(source, key)]
+
+    def dataset(self, view: str | int = "random", tokens: bool = True, extra: tuple[str, ...] = (),
+                rows: np.ndarray | None = None, seed: int = 0) -> CachedFeatures:
+        return CachedFeatures(self, view=view, tokens=tokens, extra=extra, rows=rows, seed=seed)
+
+
+def open_cache(path: str | os.PathLike, allow_incomplete: bool = False) -> FeatureCache:
+    return FeatureCache(path, allow_incomplete=allow_incomplete)
+
+
+class CachedFeatures(Dataset):
+    """Yields dicts: key, source, row, view (index), box (5,), embed (D,), tokens (T, C) and any `extra` arrays
+    (e.g. "prefix", "layer_11").
+
+    `view="random"` draws one of the V cached views per item and epoch (call `set_epoch`); an int fixes it.
+    Implements `__getitems__`, which DataLoader calls with a whole batch of indices, so token reads are
+    grouped per shard and view and issued in increasing row order.
+    """
+
+    def __init__(self, cache: FeatureCache, view: str | int = "random", tokens: bool = True,
+                 extra: tuple[str, ...] = (), rows: np.ndarray | None = None, seed: int = 0):
+        if tokens and not cache.has_tokens:
+            raise CacheError(f"{cache.path}: this cache holds no tokens; re-extract with --tokens or read "
+                             "embeddings only (tokens=False)")
+        for name in extra:
+            if name not in cache.arrays:
+                raise CacheError(f"{cache.path}: no array {name!r} in this cache (has {', '.join(cache.arrays)})")
+        if isinstance(view, int) and not 0 <= view < cache.n_views:
+            raise CacheError(f"{cache.path}: view {view} out of range, the cache has {cache.n_views} views")
+        self.path = str(cache.path)
+        self.shard_files = [str(p) for p in cache.shards]
+        self.offsets = cache.offsets
+        self.keys, self.sources = cache.keys, cache.sources
+        self.boxes, self.embed = cache.boxes, cache.embed
+        self.n_views = cache.n_views
+        self.view, self.seed, self.epoch = view, seed, 0
+        self.streamed = (("tokens",) if tokens else ()) + tuple(extra)
+        self.rows = np.arange(cache.n) if rows is None else np.asarray(rows, dtype=np.int64)
+        self._files: dict[int, h5py.File] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def view_of(self, row: int) -> int:
+        if isinstance(self.view, int):
+            return self.view
+        if self.n_views == 1:
+            return 0
+        # A hash of (seed, epoch, row): the same in every worker and rank, no shared RNG state needed.
+        h = (row * 0x9E3779B97F4A7C15 + self.epoch * 0xBF58476D1CE4E5B9 + self.seed * 0x94D049BB133111EB)
+        return int((h & 0xFFFFFFFFFFFF) % self.n_views)
+
+    def _file(self, s: int) -> h5py.File:
+        if self._pid != os.getpid():  # new worker process: never reuse a handle opened before fork
+            self._files, self._pid = {}, os.getpid()
+        if s not in self._files:
+            self._files[s] = h5py.File(self.shard_files[s], "r")
+        return self._files[s]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_files"], state["_pid"] = {}, None
+        return state
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        rows = self.rows[np.asarray(indices, dtype=np.int64)]
+        views = np.array([self.view_of(int(r)) for r in rows], dtype=np.int64)
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        streamed = {name: [None] * len(rows) for name in self.streamed}
+        if self.streamed:
+            for s in np.unique(shard):
+                f = self._file(int(s))
+                for v in np.unique(views[shard == s]):
+                    sel = np.nonzero((shard == s) & (views == v))[0]
+                    # np.unique sorts and drops repeats (a padded DistributedSampler repeats rows), both of
+                    # which h5py's fancy indexing requires.
+                    uniq, inv = np.unique(rows[sel] - self.offsets[s], return_inverse=True)
+                    for name in self.streamed:
+                        block = f[name][uniq, int(v)]
+                        for j, pos in enumerate(sel):
+                            streamed[name][pos] = block[inv[j]]
+        out = []
+        for j, (r, v) in enumerate(zip(rows, views)):
+            item = {"row": int(r), "key": self.keys[r], "source": self.sources[r], "view": int(v),
+                    "box": torch.from_numpy(self.boxes[r, v].copy()),
+                    "embed": torch.from_numpy(self.embed[r, v].astype(np.float32))}
+            for name in self.streamed:
+                item[name] = torch.from_numpy(streamed[name][j].astype(np.float32))
+            out.append(item)
+        return out
