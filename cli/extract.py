@@ -86,8 +86,9 @@ def extract(
         ("views per image", str(result.views)),
         ("bytes on disk", f"{result.bytes_on_disk:,}"), ("bytes per image", f"{result.bytes_per_image:,.0f}"),
         ("throughput", f"{result.images_per_s:,.1f} images/s"),
-        ("time", f"{result.seconds:,.1f} s (read wait {result.timings.get('read_wait', 0):.1f}, forward "
-                 f"{result.timings.get('forward', 0):.1f}, write {result.timings.get('write', 0):.1f})"),
+        ("time", f"{result.seconds:,.1f} s: plan+load {result.timings.get('plan_and_load', 0):.1f}, extract "
+                 f"{result.timings.get('extract', 0):.1f} (read wait {result.timings.get('read_wait', 0):.1f}, "
+                 f"forward {result.timings.get('forward', 0):.1f}, write {result.timings.get('write', 0):.1f})"),
         ("resumed shards", str(result.resumed_shards)), ("fingerprint", result.fingerprint[:16]),
     ]:
         table.add_row(k, v)

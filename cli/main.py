@@ -6,6 +6,7 @@ import typer
 
 from . import cache as cache_cmd
 from .extract import extract
+from .samples import sample_images
 
 app = typer.Typer(
     name="cskd",
@@ -14,6 +15,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("sample-images")(sample_images)
 app.command("extract")(extract)
 app.add_typer(cache_cmd.app, name="cache")
 

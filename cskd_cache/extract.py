@@ -283,10 +283,12 @@ def run_extract(cfg: ExtractConfig, *, teacher=None,
     if done:
         status(f"resuming: {len(done)} of {n_shards} shards already complete")
 
-    timings = {"read_wait": 0.0, "forward": 0.0, "write": 0.0}
+    timings = {"plan_and_load": time.perf_counter() - t_start, "read_wait": 0.0, "forward": 0.0, "write": 0.0}
+    t_loop = time.perf_counter()
     if mine:
         _extract_shards(cfg, teacher, plan, manifest, mine, out, device, timings,
                         lambda n: on_progress and on_progress(n, total_images), images_done)
+    timings["extract"] = time.perf_counter() - t_loop
 
     dist.barrier()
     if rank == 0:
@@ -300,7 +302,9 @@ def run_extract(cfg: ExtractConfig, *, teacher=None,
         cache=str(out), images=total_images, rows=manifest["rows"], skipped=manifest["skipped"],
         duplicates=manifest["duplicates"], views=cfg.views, bytes_on_disk=size,
         bytes_per_image=size / max(1, manifest["rows"]), seconds=seconds,
-        images_per_s=processed * world / seconds if seconds else 0.0,
+        # Throughput of the extraction loop (decode, views, forward, write); listing, hashing and loading the
+        # teacher are one-off costs reported in timings["plan_and_load"].
+        images_per_s=processed / timings["extract"] if timings["extract"] else 0.0,
         resumed_shards=len(done), timings=timings, fingerprint=manifest["fingerprint"])
 
 
@@ -340,7 +344,8 @@ def _extract_shards(cfg, teacher, plan, manifest, shards, out, device, timings, 
                     if dist.rank() == 0 and dist.world_size() == 1:
                         refresh_manifest(out, manifest, math.ceil(len(plan.items) / size))
                 cur, skipped = s, []
-                writer = ShardWriter(out, shard_items[s][0], manifest["arrays"], cfg.compression)
+                writer = ShardWriter(out, shard_items[s][0], manifest["arrays"], cfg.compression,
+                                     planned_rows=len(shard_items[s][1]))
             good = [b for b in batch if b["ok"]]
             for b in batch:
                 if not b["ok"]:

@@ -18,20 +18,20 @@ STR_DTYPE = h5py.string_dtype("utf-8")
 PER_ROW_TEXT = ("key", "source", "digest")
 
 
-def chunk_shape(row_shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+def chunk_shape(row_shape: tuple[int, ...], itemsize: int, max_rows: int = 4096) -> tuple[int, ...]:
     """One image-view per chunk for token arrays (the h5py guidance: 10 KiB-1 MiB, one image's tokens per
     chunk), so that reading one sampled view of one image touches exactly one chunk; many rows per chunk for
     small per-row arrays."""
     if len(row_shape) >= 3:  # (V, T, C): split the view axis
         return (1, 1, *row_shape[1:])
     per_row = max(1, int(np.prod(row_shape)) * itemsize)
-    rows = max(1, min(4096, (256 << 10) // per_row))
+    rows = max(1, min(max_rows, (256 << 10) // per_row))
     return (rows, *row_shape)
 
 
 class ShardWriter:
     def __init__(self, cache_dir: str | os.PathLike, index: int, arrays: dict[str, dict],
-                 compression: str | None = None):
+                 compression: str | None = None, planned_rows: int = 4096):
         self.dir = Path(cache_dir)
         self.index = index
         self.final = self.dir / shard_name(index)
@@ -42,19 +42,21 @@ class ShardWriter:
         # track_times=False: identical inputs give identical files, which keeps checksums meaningful.
         self.f = h5py.File(self.tmp, "w", track_order=True)
         self.rows = 0
+        self.planned_rows = max(1, planned_rows)  # a small shard should not allocate 256 KiB chunks
         # Every dataset exists from the start, so a shard whose images were all skipped is still well-formed.
         for name, spec in arrays.items():
             self._create(name, tuple(spec["shape"][1:]), spec["dtype"])
 
     def _create(self, name: str, row_shape: tuple[int, ...], dtype: str) -> None:
         if dtype == "str":
-            self.f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=STR_DTYPE, chunks=(1024,),
+            self.f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=STR_DTYPE,
+                                  chunks=(min(1024, self.planned_rows),),
                                   track_times=False)
             return
         dt = np.dtype(dtype)
         comp = self.compression if len(row_shape) >= 3 else None
         self.f.create_dataset(name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dt,
-                              chunks=chunk_shape(row_shape, dt.itemsize), compression=comp, track_times=False)
+                              chunks=chunk_shape(row_shape, dt.itemsize, self.planned_rows), compression=comp, track_times=False)
 
     def append(self, batch: dict[str, np.ndarray | list]) -> None:
         n = len(batch["key"])
