@@ -38,6 +38,8 @@ class ImageViews(Dataset):
             img = load_rgb(it.path, self.max_pixels)
         except BadImage as e:
             return {"i": i, "ok": False, "reason": e.reason, "detail": e.detail}
+        except OSError as e:  # vanished or unreadable since planning: skip it, never crash the run
+            return {"i": i, "ok": False, "reason": "unreadable", "detail": f"{type(e).__name__}: {e.strerror or e}"}
         w, h = img.size
         boxes = sample_views(self.policy, view_key(it), w, h, eval_box(self.cfg, w, h))
         size = tuple(self.cfg["size"])
