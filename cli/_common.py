@@ -21,32 +21,45 @@ def fail(message: str, code: int = 1) -> None:
 
 
 class RateColumn(TextColumn):
-    def __init__(self, unit: str):
+    def __init__(self):
         super().__init__("")
-        self.unit = unit
 
     def render(self, task):
-        speed = task.finished_speed or task.speed
         from rich.text import Text
-        return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "it")
+        return Text(f"{speed:,.1f} {unit}/s" if speed else f"- {unit}/s", style="progress.data.speed")
+
+
+@contextmanager
+def progress_bars(*tasks: tuple[str, str]):
+    """One live display with a bar per (description, unit); yields one update(done, total) per bar.
+
+    Disabled automatically when stdout is not a terminal (CI logs, pipes)."""
+    progress = Progress(TextColumn("[bold]{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
+                        TaskProgressColumn(), RateColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                        TimeRemainingColumn(), console=console, disable=not sys.stdout.isatty())
+
+    def updater(description: str, unit: str):
+        task = progress.add_task(description, total=None, unit=unit, start=False)
+        first = [True]
+
+        def update(done: int, total: int) -> None:
+            if first[0]:  # a resumed run starts part-way: reset so the rate counts only this run's work
+                progress.start_task(task)
+                progress.reset(task, completed=done, total=total)
+                first[0] = False
+            else:
+                progress.update(task, completed=done, total=total)
+            if done >= total:
+                progress.stop_task(task)  # freeze its clock once finished
+        return update
+
+    with progress:
+        yield [updater(d, u) for d, u in tasks]
 
 
 @contextmanager
 def progress_bar(description: str, unit: str = "img"):
-    """Yields update(done, total). Disabled automatically when stdout is not a terminal (CI logs)."""
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TaskProgressColumn(), RateColumn(unit), TimeElapsedColumn(), TextColumn("eta"),
-                        TimeRemainingColumn(), console=console, disable=not sys.stdout.isatty())
-    task = progress.add_task(description, total=None)
-
-    first = [True]
-
-    def update(done: int, total: int) -> None:
-        if first[0]:  # a resumed run starts part-way: reset so the rate counts only this run's work
-            progress.reset(task, completed=done, total=total)
-            first[0] = False
-        else:
-            progress.update(task, completed=done, total=total)
-
-    with progress:
+    with progress_bars((description, unit)) as (update,):
         yield update

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, fail, progress_bar
+from ._common import console, err_console, fail, progress_bars
 
 
 def _pair(text: str, name: str) -> tuple[float, float]:
@@ -71,8 +71,9 @@ def extract(
         fail("no input images: pass --images DIR and/or --list FILE", code=2)
     try:
         cfg.policy()
-        with progress_bar("extract") as update:
-            result = run_extract(cfg, on_progress=update, on_status=lambda m: err_console.print(f"[dim]{m}[/]"))
+        with progress_bars(("hash", "file"), ("extract", "img")) as (hashed, update):
+            result = run_extract(cfg, on_progress=update, on_plan_progress=hashed,
+                                 on_status=lambda m: err_console.print(f"[dim]{m}[/]"))
     except (CacheError, SourceError, ValueError) as e:
         fail(str(e))
     from cskd_cache import dist

@@ -237,7 +237,8 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 def run_extract(cfg: ExtractConfig, *, teacher=None,
                 on_progress: Callable[[int, int], None] | None = None,
-                on_status: Callable[[str], None] | None = None) -> ExtractResult:
+                on_status: Callable[[str], None] | None = None,
+                on_plan_progress: Callable[[int, int], None] | None = None) -> ExtractResult:
     """Extract (or resume extracting) a cache. Under torchrun each rank writes a disjoint set of shards and
     rank 0 finalises the manifest."""
     from .teachers import build_teacher
@@ -252,7 +253,7 @@ def run_extract(cfg: ExtractConfig, *, teacher=None,
     plan = None
     if rank == 0:
         status("listing and hashing input images")
-        plan = plan_sources(cfg.images, cfg.lists)
+        plan = plan_sources(cfg.images, cfg.lists, progress=on_plan_progress)
     plan = dist.broadcast_object(plan)
     if not plan.items:
         where = ", ".join([*map(str, cfg.images), *map(str, cfg.lists)]) or "(no --images or --list given)"
