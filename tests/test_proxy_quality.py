@@ -1,0 +1,181 @@
+"""The proxy quality set: graded degradations get worse with level, labels follow, splits never leak."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cskd_cache.iaa_data import load_labels
+from cskd_cache.proxy_quality import (KINDS, LEVELS, _rng, build_proxy_set, degrade, level_score, main, score_dist,
+                                      summarise)
+
+from _imgs import make_images, photo
+
+
+def _img(seed: int = 0) -> Image.Image:
+    return photo(96, 72, seed)
+
+
+def _arr(im) -> np.ndarray:
+    if isinstance(im, bytes):
+        im = Image.open(io.BytesIO(im)).convert("RGB")
+    return np.asarray(im, dtype=np.float64)
+
+
+def _high_freq(a: np.ndarray) -> float:
+    g = a.mean(-1)
+    lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
+    return float(np.mean(lap ** 2))
+
+
+def _version(im, kind, level, seed=0):
+    return degrade(im, kind, level, _rng(seed, "x", kind, level))
+
+
+def test_blur_removes_high_frequencies_with_level():
+    im = _img()
+    energy = [_high_freq(_arr(im))] + [_high_freq(_arr(_version(im, "blur", lv)[0])) for lv in range(1, LEVELS + 1)]
+    assert all(a > b for a, b in zip(energy, energy[1:])), energy
+
+
+def test_jpeg_files_shrink_with_level():
+    im = _img()
+    sizes = [len(_version(im, "jpeg", lv)[0]) for lv in range(1, LEVELS + 1)]
+    assert all(a > b for a, b in zip(sizes, sizes[1:])), sizes
+
+
+def test_noise_difference_grows_with_level():
+    im = _img(1)
+    ref = _arr(im)
+    std = [float(np.std(_arr(_version(im, "noise", lv)[0]) - ref)) for lv in range(1, LEVELS + 1)]
+    assert all(a < b for a, b in zip(std, std[1:])), std
+
+
+@pytest.mark.parametrize("kind", ["exposure", "colour"])
+def test_exposure_and_colour_differences_grow_with_level(kind):
+    # the direction (brighter/darker; desaturation/which cast) is drawn per version: the same draw at every
+    # level keeps one direction, and the change from pristine must grow with the level along it
+    im = _img(2)
+    ref = _arr(im)
+    seen = set()
+    for seed in range(8):
+        outs = [degrade(im, kind, lv, np.random.default_rng(seed)) for lv in range(1, LEVELS + 1)]
+        seen.add(outs[0][1].split("=")[0] + ("-" if "gain=0" in outs[0][1] else ""))
+        diff = [float(np.abs(_arr(o) - ref).mean()) for o, _ in outs]
+        assert all(a < b for a, b in zip(diff, diff[1:])), (seed, [p for _, p in outs], diff)
+    assert len(seen) == 2  # both directions were exercised
+
+
+def test_scores_decrease_with_level_and_dists_follow():
+    scores = [level_score(lv) for lv in range(LEVELS + 1)]
+    assert scores[0] == 10.0 and 1.0 <= scores[-1] <= 2.0
+    assert all(a > b for a, b in zip(scores, scores[1:]))
+    means = [float(score_dist(s) @ np.arange(1, 11)) for s in scores]
+    assert all(a > b for a, b in zip(means, means[1:]))
+    for s in scores:
+        d = score_dist(s)
+        assert d.shape == (10,) and abs(d.sum() - 1) < 1e-9 and (d >= 0).all()
+    with pytest.raises(ValueError):
+        level_score(6)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("proxy")
+    srcs = make_images(root / "src", 20, seed=3)
+    labels = build_proxy_set(srcs, root / "out", per_image=3, seed=7, size=48)
+    return root, srcs, labels
+
+
+def test_build_writes_every_version_with_labels(built):
+    root, srcs, labels = built
+    rows = _rows(labels)
+    assert list(rows[0]) == ["path", "score", "dist", "split", "source", "kind", "level", "param"]
+    assert len(rows) == len(srcs) * 4
+    for r in rows:
+        assert (labels.parent / r["path"]).is_file()
+        level = int(r["level"])
+        assert float(r["score"]) == pytest.approx(level_score(level))
+        assert (r["kind"] == "pristine") == (level == 0)
+        assert r["kind"] in ("pristine", *KINDS) and 0 <= level <= LEVELS
+        assert len(r["dist"].split(";")) == 10
+    # every source: one pristine + 3 distinct (kind, level) versions, all at the working size (shorter side 48)
+    by_src = {}
+    for r in rows:
+        by_src.setdefault(r["source"], []).append(r)
+    for versions in by_src.values():
+        assert sum(v["kind"] == "pristine" for v in versions) == 1
+        assert len({(v["kind"], v["level"]) for v in versions}) == 4
+        sizes = {Image.open(labels.parent / v["path"]).size for v in versions}
+        assert len(sizes) == 1 and min(sizes.pop()) == 48
+    # scores fall with level inside every source
+    for versions in by_src.values():
+        ordered = sorted(versions, key=lambda v: int(v["level"]))
+        assert [float(v["score"]) for v in ordered] == sorted((float(v["score"]) for v in ordered), reverse=True)
+
+
+def test_split_by_source_without_leakage(built):
+    _, srcs, labels = built
+    rows = _rows(labels)
+    split_of = {}
+    for r in rows:
+        assert split_of.setdefault(r["source"], r["split"]) == r["split"], f"{r['source']} is in two splits"
+    counts = {s: sum(v == s for v in split_of.values()) for s in ("train", "val", "test")}
+    assert counts == {"train": 14, "val": 2, "test": 4}
+
+
+def test_deterministic_bytes(built, tmp_path):
+    root, srcs, labels = built
+    again = build_proxy_set(list(reversed(srcs)), tmp_path / "again", per_image=3, seed=7, size=48, workers=2)
+    assert again.read_bytes() == labels.read_bytes()
+    for r in _rows(labels):
+        assert (again.parent / r["path"]).read_bytes() == (labels.parent / r["path"]).read_bytes(), r["path"]
+    other = build_proxy_set(srcs, tmp_path / "other", per_image=3, seed=8, size=48)
+    assert other.read_bytes() != labels.read_bytes()
+
+
+def test_labels_parse_through_load_labels(built):
+    _, srcs, labels = built
+    rows = _rows(labels)
+    ls = load_labels("csv:" + str(labels))
+    assert len(ls) == len(rows) and not ls.missing
+    assert ls.bins == 10 and ls.scale == (1.0, 10.0)
+    by_path = {str(labels.parent / r["path"]): r for r in rows}
+    for lb in ls.labels:
+        r = by_path[lb.path]
+        assert lb.split == r["split"] and lb.score == pytest.approx(float(r["score"]))
+        np.testing.assert_allclose(lb.dist, [float(v) for v in r["dist"].split(";")], atol=1e-5)
+    assert ls.counts() == {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
+
+
+def test_bad_arguments_and_bad_sources(tmp_path):
+    srcs = make_images(tmp_path / "src", 3, sub=False)
+    with pytest.raises(ValueError, match="kinds"):
+        build_proxy_set(srcs, tmp_path / "o", kinds=("blur", "sharpen"))
+    with pytest.raises(ValueError, match="per_image"):
+        build_proxy_set(srcs, tmp_path / "o", per_image=26)
+    with pytest.raises(ValueError, match="unique"):
+        build_proxy_set(srcs + [srcs[0]], tmp_path / "o")
+    broken = tmp_path / "src" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff" + b"\0" * 50)
+    labels = build_proxy_set(srcs + [broken], tmp_path / "o", per_image=1, size=32)
+    assert {r["source"] for r in _rows(labels)} == {p.stem for p in srcs}
+    assert "broken.jpg" in (tmp_path / "o" / "skipped.txt").read_text()
+
+
+def test_module_entry_point(tmp_path, capsys):
+    make_images(tmp_path / "src", 6, seed=1)
+    assert main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--n", "4", "--per-image", "2",
+                 "--size", "40", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "12 images from 4 source photos" in out and "train" in out and "level:" in out
+    assert summarise(tmp_path / "out" / "labels.csv").splitlines()[0].endswith("12 images from 4 source photos")
