@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from . import cache as cache_cmd
+from .align import align
 from .extract import extract
 from .samples import sample_images
 
@@ -17,6 +18,7 @@ app = typer.Typer(
 )
 app.command("sample-images")(sample_images)
 app.command("extract")(extract)
+app.command("align")(align)
 app.add_typer(cache_cmd.app, name="cache")
 
 

@@ -1,0 +1,117 @@
+"""How well a student reproduces the teacher, measured on a held-out slice of the cache.
+
+The slice is chosen by hashing each row's ``source/key`` (``sha256 % 100 < eval_pct``), so it is the same
+on every run, machine and rank, survives re-extraction and never depends on row order.
+
+Metrics, all on the eval view (view 0) of the held-out rows:
+- ``global_cos``: mean cosine between the projected student embedding and the cached embedding.
+- ``token_cos``: mean per-token cosine between the token head and the LayerNorm-whitened cached tokens (what
+  the token loss regresses to); only when the model has a token head.
+- ``knn_agreement``: for each held-out row, the overlap of its top-k neighbours (cosine, self excluded) among
+  the held-out rows in the student's embedding and in the teacher's, averaged: 1.0 = same neighbourhoods.
+  faiss does the search when installed (imported lazily), torch otherwise; both give the same neighbours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["heldout_mask", "split_rows", "knn_indices", "knn_agreement", "evaluate"]
+
+
+def heldout_mask(sources: Sequence[str], keys: Sequence[str], eval_pct: float) -> np.ndarray:
+    def bucket(s: str, k: str) -> int:
+        return int.from_bytes(hashlib.sha256(f"{s}/{k}".encode()).digest()[:8], "little") % 100
+
+    return np.array([bucket(s, k) < eval_pct for s, k in zip(sources, keys)], dtype=bool)
+
+
+def split_rows(cache, eval_pct: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows) of a FeatureCache."""
+    mask = heldout_mask(cache.sources, cache.keys, eval_pct)
+    return np.nonzero(~mask)[0], np.nonzero(mask)[0]
+
+
+def _faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def knn_indices(x: torch.Tensor, k: int, backend: str = "auto") -> np.ndarray:
+    """(N, k) indices of each row's k nearest rows by cosine, itself excluded. backend: auto, faiss, torch."""
+    x = F.normalize(x.float(), dim=-1).cpu()
+    n = x.shape[0]
+    if backend == "auto":
+        backend = "faiss" if _faiss_available() else "torch"
+    if backend == "faiss":
+        import faiss
+
+        index = faiss.IndexFlatIP(x.shape[1])
+        index.add(x.numpy())
+        _, found = index.search(x.numpy(), min(k + 1, n))
+        # Self is normally first, but an exact duplicate may outrank it: drop self wherever it is, else the last.
+        out = np.empty((n, k), dtype=np.int64)
+        for i, row in enumerate(found):
+            rest = [j for j in row if j != i]
+            out[i] = rest[:k]
+        return out
+    if backend == "torch":
+        # In row blocks: a full N x N similarity matrix of a large held-out slice would not fit in memory.
+        out = []
+        for start in range(0, n, 1024):
+            sim = x[start:start + 1024] @ x.T
+            rows = torch.arange(sim.shape[0])
+            sim[rows, rows + start] = -float("inf")
+            out.append(sim.topk(k, dim=1).indices)
+        return torch.cat(out).numpy()
+    raise ValueError(f"unknown kNN backend {backend!r} (auto, faiss or torch)")
+
+
+def knn_agreement(student: torch.Tensor, teacher: torch.Tensor, k: int = 10, backend: str = "auto") -> float | None:
+    """Mean overlap |N_s(i) & N_t(i)| / k of the two spaces' top-k neighbour sets; None below 2 rows."""
+    n = student.shape[0]
+    k = min(k, n - 1)
+    if k < 1:
+        return None
+    a, b = knn_indices(student, k, backend), knn_indices(teacher, k, backend)
+    return float(np.mean([len(set(a[i]) & set(b[i])) / k for i in range(n)]))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, knn_k: int = 10, knn_backend: str = "auto",
+             autocast=None) -> dict:
+    """Metrics of `model` (an AlignModel, unwrapped) over `loader` (held-out rows, fixed view)."""
+    was_training = model.training
+    model.eval()
+    preds, targets, tok_sum, tok_n = [], [], 0.0, 0
+    try:
+        for batch in loader:
+            with autocast or nullcontext():
+                out = model(batch["image"].to(device, non_blocking=True))
+            preds.append(out["embed"].float().cpu())
+            targets.append(batch["embed"].float())
+            if out["tokens"] is not None and "tokens" in batch:
+                target = F.layer_norm(batch["tokens"].float(), (batch["tokens"].shape[-1],))
+                cos = F.cosine_similarity(out["tokens"].float().cpu(), target, dim=-1)
+                tok_sum += float(cos.sum())
+                tok_n += cos.numel()
+    finally:
+        model.train(was_training)
+    if not preds:
+        return {"eval_rows": 0}
+    pred, target = torch.cat(preds), torch.cat(targets)
+    return {
+        "eval_rows": int(pred.shape[0]),
+        "global_cos": float(F.cosine_similarity(pred, target, dim=-1).mean()),
+        "token_cos": tok_sum / tok_n if tok_n else None,
+        "knn_agreement": knn_agreement(pred, target, knn_k, knn_backend),
+    }
