@@ -7,6 +7,7 @@ import typer
 from . import cache as cache_cmd
 from .align import align
 from .extract import extract
+from .report import report
 from .samples import sample_images
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app = typer.Typer(
 app.command("sample-images")(sample_images)
 app.command("extract")(extract)
 app.command("align")(align)
+app.command("report")(report)
 app.add_typer(cache_cmd.app, name="cache")
 
 
