@@ -294,3 +294,16 @@ def test_verify_names_each_fault(tmp_path, spec, teacher):
     assert "shard-00001.h5: embed holds 1 NaN/inf" in text
     assert "shard-00000.h5: sha256 mismatch" in text
     assert "shard-00002.h5: missing shard file" in text
+
+
+def test_manifest_is_readable_by_others_under_the_usual_umask(tmp_path):
+    import stat
+
+    from cskd_cache.manifest import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644
