@@ -99,3 +99,20 @@ def test_real_weights_classify_imagenet_sample(teacher):
         pred = teacher.model.classify(x).argmax(dim=1)
     acc = (pred == torch.arange(len(files))).float().mean().item()
     assert acc >= 0.7, f"top-1 {acc:.2f} on the first 50 imagenet-sample images: are the real weights loaded?"
+
+
+def test_student_is_the_same_pretrained_network_and_trains(teacher):
+    from cskd_cache.students import build_student
+
+    enc = build_student("py:cskd_cache.zoo.efficientnet_lite0:student")
+    assert enc.pooled_dim == 1280 and enc.grid_size == (7, 7)
+    x = torch.randn(2, 3, 224, 224)
+    enc.eval()
+    with torch.no_grad():
+        pooled, grid = enc(x)
+        ref = teacher.model.extract(x)
+    torch.testing.assert_close(pooled, ref["embed"], atol=1e-3, rtol=1e-3)  # unfused vs BN-folded
+    enc.train()
+    pooled, _ = enc(x)
+    pooled.sum().backward()
+    assert all(p.grad is not None for p in enc.parameters() if p.requires_grad)

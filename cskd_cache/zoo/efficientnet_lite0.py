@@ -183,3 +183,33 @@ def teacher(weights: str | None = None, fuse: bool = True) -> EfficientNetLite0T
     if fuse:
         fuse_batchnorm(net)
     return EfficientNetLite0Teacher(net, path, channels_last=fuse).eval().requires_grad_(False)
+
+
+class EfficientNetLite0Student(nn.Module):
+    """The same pretrained network as a trainable *user student* (``cskd_cache.students``): unfused, so its
+    BatchNorms train; ``forward_features(x) -> (pooled (B, 1280), grid (B, 1280, h, w))``."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.input_cfg = {"size": list(PREPROCESS_CFG["size"]), "mean": list(PREPROCESS_CFG["mean"]),
+                          "std": list(PREPROCESS_CFG["std"]), "interpolation": PREPROCESS_CFG["interpolation"]}
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        rate = net._global_params.drop_connect_rate
+        for idx, block in enumerate(net._blocks):
+            x = block(x, drop_connect_rate=rate * idx / len(net._blocks) if rate else rate)
+        grid = net._swish(net._bn1(net._conv_head(x)))
+        return grid.mean(dim=(2, 3)), grid
+
+
+def student(weights: str | None = None) -> EfficientNetLite0Student:
+    """Factory for ``py:cskd_cache.zoo.efficientnet_lite0:student``: the ImageNet-pretrained network in train
+    mode, e.g. for ``cskd finetune`` (a real pretrained IAA teacher for Stage II where no CLIP weights exist)."""
+    EfficientNet, default_path = _import_packages()
+    net = EfficientNet.from_name(MODEL_NAME, image_size=None)
+    net.load_state_dict(torch.load(weights or default_path, map_location="cpu", weights_only=True), strict=True)
+    net._fc = nn.Identity()  # the ImageNet classifier is not part of the features (and DDP wants every param used)
+    return EfficientNetLite0Student(net)
