@@ -7,6 +7,8 @@ import typer
 from . import cache as cache_cmd
 from .align import align
 from .extract import extract
+from .distill import distill
+from .finetune import finetune
 from .report import report
 from .samples import sample_images
 
@@ -21,6 +23,8 @@ app.command("sample-images")(sample_images)
 app.command("extract")(extract)
 app.command("align")(align)
 app.command("report")(report)
+app.command("finetune")(finetune)
+app.command("distill")(distill)
 app.add_typer(cache_cmd.app, name="cache")
 
 

@@ -1,0 +1,135 @@
+"""`cskd distill`: Stage II, semi-supervised distillation of a teacher's scores into any student, cache-first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import console, fail
+from ._iaa import (
+    _fmt, add_time_and_model, build_config, progress_display, status_printer, summary_table, train_callbacks,
+)
+
+
+def distill(
+    ctx: typer.Context,
+    labels: Annotated[Optional[str], typer.Option(help="DATASET_SPEC, e.g. ava:ROOT or csv:FILE (required).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Feature cache made by `cskd extract` (required): its rows "
+                                                       "are the unlabelled data.")] = None,
+    teacher: Annotated[str, typer.Option(help="cache-head (a head fitted on the cached embeddings of the train "
+                                              "labels) or run:TEACHER_RUN (a `cskd finetune` --out).")]
+    = "cache-head",
+    student: Annotated[Optional[str], typer.Option(help="Student SPEC: timm:MODEL[@true|TAG|PATH|none], "
+                                                        "py:package.module:factory, or run:ALIGN_RUN (required).")]
+    = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory to create (or continue with --resume).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML file of options (field names as below, with _ or -); "
+                                                        "flags given here override it. A run's config.yaml works.")]
+    = None,
+    lambda_u: Annotated[float, typer.Option(min=0, help="Weight of the distillation loss on unlabelled views.")]
+    = 1.0,
+    lambda_f: Annotated[float, typer.Option(min=0, help="Weight of the feature alignment (1 - cos to the cached "
+                                                        "CLIP embedding through a projection head).")] = 0.0,
+    distill_loss: Annotated[str, typer.Option(help="emd or kl (distribution heads; scalar heads use MSE).")] = "emd",
+    temperature: Annotated[float, typer.Option(help="Temperature of --distill-loss kl.")] = 1.0,
+    unlabelled_ratio: Annotated[float, typer.Option(help="Unlabelled items per labelled item in each step.")] = 1.0,
+    cache_image_root: Annotated[Optional[list[str]], typer.Option(help="OLD=NEW: read cache images recorded under "
+                                                                       "source root OLD from NEW. Repeatable.")]
+    = None,
+    predictions: Annotated[Optional[str], typer.Option(help="Teacher predictions cache directory (default: "
+                                                            "TEACHER_RUN/predictions/<cache id>, or "
+                                                            "--out/teacher/predictions for cache-head).")] = None,
+    stale_predictions: Annotated[str, typer.Option(help="When the predictions cache belongs to another teacher or "
+                                                        "cache: recompute or error.")] = "recompute",
+    teacher_hidden: Annotated[int, typer.Option(min=0, help="cache-head: hidden width of its MLP (0 = linear).")]
+    = 0,
+    teacher_steps: Annotated[int, typer.Option(min=1, help="cache-head: optimiser steps of its fit.")] = 1000,
+    teacher_lr: Annotated[float, typer.Option(help="cache-head: learning rate of its fit.")] = 3e-3,
+    teacher_batch_size: Annotated[int, typer.Option(min=1, help="run: teacher: images per forward when computing "
+                                                                "its predictions.")] = 64,
+    image_root: Annotated[Optional[str], typer.Option(help="Folder the label reader takes images from (default: "
+                                                           "the dataset's own layout).")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of train drawn as val (by key hash) where the "
+                                                     "dataset has no val split.")] = 0.05,
+    split_seed: Annotated[int, typer.Option(help="Seed of the hashed val/test split of datasets without one.")] = 0,
+    label_fraction: Annotated[float, typer.Option(help="Keep this fraction of the train labels (by key hash: "
+                                                       "stable, nested across fractions).")] = 1.0,
+    label_seed: Annotated[int, typer.Option(help="Seed of the --label-fraction subset.")] = 0,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the unlabelled rows (ignored with --max-steps).")]
+    = 10,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Train for exactly N steps instead of --epochs.")]
+    = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Labelled images per step and process.")] = 32,
+    size: Annotated[Optional[int], typer.Option(min=8, help="Student input size in pixels (default: the model's "
+                                                            "own).")] = None,
+    head: Annotated[str, typer.Option(help="auto (distribution when the labels have vote bins, else scalar), "
+                                           "distribution or scalar.")] = "auto",
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate of the heads (and student).")] = 1e-3,
+    lr_encoder: Annotated[Optional[float], typer.Option(help="Peak learning rate of the student encoder "
+                                                             "(default: --lr).")] = None,
+    weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay (not on biases and norms).")] = 0.05,
+    warmup_pct: Annotated[float, typer.Option(min=0, max=100, help="Linear warm-up, percent of all steps.")] = 5.0,
+    min_lr_pct: Annotated[float, typer.Option(min=0, max=100, help="Cosine decay ends at this percent of the lr.")]
+    = 1.0,
+    clip_grad: Annotated[float, typer.Option(min=0, help="Clip the gradient norm to this (0 = off).")] = 1.0,
+    w_plcc: Annotated[float, typer.Option(min=0, help="Weight of the 1 - PLCC loss (scalar head only).")] = 0.0,
+    keep: Annotated[str, typer.Option(help="iaa_model.* holds the best-by-val-SRCC epoch (best) or the last.")]
+    = "best",
+    eval_batch_size: Annotated[Optional[int], typer.Option(min=1, help="Validation batch (default: --batch-size).")]
+    = None,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, data order, views and the cache-head fit.")]
+    = 0,
+    num_workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes decoding images.")] = 2,
+    device: Annotated[str, typer.Option(help="auto (CUDA with AMP when present), cpu, cuda, cuda:N.")] = "auto",
+    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16, else fp16 with loss scaling).")] = True,
+    resume: Annotated[bool, typer.Option(help="Continue --out from its newest checkpoint (safe on a first run).")]
+    = False,
+    keep_checkpoints: Annotated[int, typer.Option(min=0, help="Epoch checkpoints kept (0 = all).")] = 2,
+    log_every: Annotated[int, typer.Option(min=1, help="Steps between training-loss lines in metrics.jsonl.")] = 10,
+    max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this (decompression bombs).")]
+    = 89_478_485,
+    augment: Annotated[bool, typer.Option(help="Mild crop + flip for labelled images read from disk (those not in "
+                                               "the cache).")] = False,
+) -> None:
+    """Distil a teacher's scores on the cached views into a student, with the labelled train split alongside.
+    Writes config.yaml, metrics.jsonl (val SRCC/PLCC per epoch), checkpoints, loss_curve.png and iaa_model.*."""
+    from cskd_cache.distill import DistillConfig, run_distill
+    from cskd_cache.manifest import CacheError
+    from cskd_cache.trainer import NonFiniteLoss
+
+    cfg = build_config(ctx, DistillConfig, config, "student")
+    progress, rank0 = progress_display()
+    teacher_task = []
+
+    def on_teacher_progress(done: int, total: int) -> None:
+        if not teacher_task:
+            teacher_task.append(progress.add_task("teacher", total=total, info="predictions"))
+        progress.update(teacher_task[0], completed=done, total=total)
+
+    try:
+        with progress:
+            result = run_distill(cfg, on_progress=train_callbacks(progress, "distill"),
+                                 on_status=status_printer(rank0), on_teacher_progress=on_teacher_progress)
+    except (CacheError, NonFiniteLoss, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if not rank0:
+        return
+    table = summary_table(result, f"cskd distill -> {result['run_dir']}")
+    link = result["link"]
+    table.add_row("train labels in the cache", f"{result['train_labels_linked']:,} of {result['train_labels']:,} "
+                                              "(the rest read from disk)")
+    table.add_row("labels linked to cache rows", f"{link['by_path']:,} by path, {link['by_content']:,} by content")
+    if link["unlinked"]:
+        more = ", ..." if link["unlinked"] > len(link["first_unlinked"]) else ""
+        table.add_row("labels not in the cache", f"{link['unlinked']:,} (first: "
+                                                 f"{', '.join(link['first_unlinked'][:3])}{more})")
+    table.add_row("unlabelled rows", f"{result['unlabelled_rows']:,}")
+    table.add_row("val/test rows left out", f"{result['heldout_rows']:,} (never trained on)")
+    t = result["teacher"]
+    t_val = (t.get("val") or {}).get("srcc")
+    table.add_row("teacher", f"{t['spec']}, predictions {'computed' if t['computed'] else 'reused'} "
+                             f"({t['predictions']}); val SRCC on view 0 {_fmt(t_val)}")
+    add_time_and_model(table, result)
+    console.print(table)

@@ -1,0 +1,300 @@
+"""`cskd distill`: teachers and their predictions caches, learning, no val/test leakage, resume, CLI, torchrun.
+
+Setup (module fixture): 60 labelled and 40 unlabelled noise-level images (tests/_iaa_task.py), a real feature cache
+of both folders (2 views, a py: teacher), and a label file whose val/test entries partly point at byte-identical
+copies outside the cache (they must still be recognised, by content, and kept out of training) and whose train
+entries include images the cache never saw (they are read from disk). A small `cskd finetune` run serves as the
+``run:`` teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from _iaa_task import make_images, write_labels
+from typer.testing import CliRunner
+
+import cskd_cache.iaa_model as iaa_model_mod
+import cskd_cache.predictions as predictions_mod
+from cskd_cache.cache_head import load_cache_head, predict_embeddings
+from cskd_cache.distill import DistillConfig, DistillError, run_distill
+from cskd_cache.extract import ExtractConfig, run_extract
+from cskd_cache.finetune import FinetuneConfig, run_finetune
+from cskd_cache.iaa_data import load_labels
+from cskd_cache.iaa_data_sets import ViewImages, eval_tensor
+from cskd_cache.iaa_model import load_iaa_model, save_iaa_model
+from cskd_cache.images import file_digest, load_rgb
+from cskd_cache.predictions import StalePredictions, read_predictions
+from cskd_cache.reader import open_cache
+from cskd_cache.trainer import read_metrics
+from cskd_cache.views import render_tensor
+
+TESTS = Path(__file__).parent
+TINY = "py:_iaa_task:tiny_student"
+TIMING = {"img_s", "eval_s", "seconds"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("distill")
+    paths, scores = make_images(d / "lab", 60)
+    make_images(d / "unl", 40, seed=1)
+    extra, extra_scores = make_images(d / "extra", 4, seed=2)  # labelled, never extracted
+    splits = [("train", "train", "train", "val", "test")[i % 5] for i in range(60)]
+    (d / "copies").mkdir()
+    label_paths = []
+    for i, p in enumerate(paths):
+        if splits[i] != "train" and i % 2 == 0:  # half of val/test: a renamed copy, linkable only by content
+            label_paths.append(shutil.copy(p, d / "copies" / f"copy_{p.name}"))
+        else:
+            label_paths.append(p)
+    all_paths = label_paths + extra
+    all_scores = np.r_[scores, extra_scores]
+    write_labels(d / "dist.csv", all_paths, all_scores, splits=splits + ["train"] * 4)
+    write_labels(d / "score.csv", all_paths, all_scores, dist=False, splits=splits + ["train"] * 4)
+    run_extract(ExtractConfig(teacher="py:_iaa_task:noise_teacher", out=str(d / "cache"),
+                              images=[str(d / "lab"), str(d / "unl")], views=2, num_workers=0, shard_size=40))
+    run_finetune(FinetuneConfig(model=TINY, labels=f"csv:{d / 'dist.csv'}", out=str(d / "teacher"), batch_size=8,
+                                num_workers=0, max_steps=6, keep="last"))
+    return d
+
+
+def cfg(data, out, **kw) -> DistillConfig:
+    base = dict(student=TINY, cache=str(data / "cache"), labels=f"csv:{data / 'dist.csv'}", out=str(out),
+                batch_size=8, num_workers=0, max_steps=4, log_every=2)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def no_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def test_cache_head_teacher_fits_and_predicts_every_cached_view(data, tmp_path):
+    r = run_distill(cfg(data, tmp_path / "run", max_steps=2))
+    tdir = tmp_path / "run" / "teacher"
+    head, meta = load_cache_head(tdir)
+    fit = meta["fit"]
+    print(f"\ncache-head fit: {fit['images']} images x 2 views, {fit['steps']} steps in {fit['seconds']:.2f} s; "
+          f"teacher val SRCC (view 0) {r['teacher']['val']['srcc']:.3f}")
+    assert fit["images"] == 36 and fit["samples"] == 72  # the linked train labels (the 4 extra are not cached)
+    assert r["teacher"]["computed"] and r["teacher"]["val"]["n"] == 12 and r["teacher"]["val"]["srcc"] > 0.4
+
+    cache = open_cache(data / "cache")
+    preds = read_predictions(tdir / "predictions", cache)
+    logits = preds.arrays["logits"]
+    assert logits.shape == (len(cache), 2, 10) and preds.kind == "distribution" and preds.scale == (1.0, 10.0)
+    np.testing.assert_array_equal(logits, predict_embeddings(head, cache.embed))
+    with torch.no_grad():  # by hand: L2-normalised cached embedding -> linear layer, for one row and view
+        e = torch.from_numpy(cache.embed[17, 1].astype(np.float32))
+        want = head.head.fc(e / e.norm())
+    np.testing.assert_allclose(logits[17, 1], want.numpy(), rtol=1e-5, atol=1e-6)
+    m = json.loads((tdir / "predictions" / "manifest.json").read_text())
+    assert m["complete"] and m["feature_cache"]["fingerprint"] == cache.manifest["fingerprint"]
+    assert m["teacher"]["kind"] == "cache-head" and m["arrays"]["logits"]["shape"] == [None, 2, 10]
+
+
+def test_distill_learns_without_touching_val_or_test_images(data, tmp_path, monkeypatch):
+    seen = []  # (stream, path, row) of every item a training dataset produced
+    orig = ViewImages._item
+
+    def spy(self, index):
+        it = orig(self, index)
+        stream = "unlabelled" if self.teacher else "labelled" if self.targets else "val"
+        seen.append((stream, self.paths[it["index"]], it["row"]))
+        return it
+
+    monkeypatch.setattr(ViewImages, "_item", spy)
+    r = run_distill(cfg(data, tmp_path / "run", student="timm:test_resnet", size=32, batch_size=16, max_steps=60,
+                        lr=3e-3, log_every=10))
+    start, best = r["initial"]["srcc"], r["val"]["srcc"]
+    print(f"\ndistill val SRCC: step 0 {start:.3f} -> {best:.3f} (epoch {r['best_epoch']}); teacher "
+          f"{r['teacher']['val']['srcc']:.3f}; {r['unlabelled_rows']} unlabelled rows, {r['heldout_rows']} held out")
+    assert best > 0.7 and best > start + 0.4
+
+    labels = load_labels(f"csv:{data / 'dist.csv'}")
+    held = [lb for lb in labels.labels if lb.split in ("val", "test")]
+    assert r["heldout_rows"] == len(held) == 24 and r["unlabelled_rows"] == 100 - 24
+    assert r["link"] == {"by_path": 48, "by_content": 12, "unlinked": 4,
+                         "first_unlinked": [str(data / "extra" / f"im00{i}.png") for i in range(4)]}
+    held_digests = {file_digest(lb.path) for lb in held}
+    train_streams = [(s, p, row) for s, p, row in seen if s != "val"]
+    assert {s for s, _, _ in train_streams} == {"labelled", "unlabelled"}
+    assert not {file_digest(p) for p in {p for _, p, _ in train_streams}} & held_digests
+    assert {p for s, p, _ in seen if s == "val"} == {lb.path for lb in held if lb.split == "val"}
+    # the 4 labelled images outside the cache come from disk (row -1), the others as cached views
+    assert {p for s, p, row in train_streams if row < 0} <= {str(data / "extra" / f"im00{i}.png") for i in range(4)}
+    assert all(row >= 0 for s, p, row in train_streams if s == "unlabelled")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["resolved"]
+    assert saved["heldout_rows"] == 24 and saved["streams"]["unlabelled"]["items"] == 76
+
+    scorer = load_iaa_model(tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "iaa_model.json").read_text())
+    assert meta["trained_by"] == "cskd distill" and meta["teacher"] == "cache-head"
+    x = torch.stack([eval_tensor(load_rgb(data / "lab" / f"im00{i}.png"), scorer.input_cfg) for i in range(4)])
+    out = scorer.score(x)
+    assert out["score"].shape == (4,) and ((out["score"] >= 1) & (out["score"] <= 10)).all()
+
+
+def test_run_teacher_predictions_are_written_once_reused_and_renewed(data, tmp_path, monkeypatch):
+    teacher = data / "teacher"
+    r1 = run_distill(cfg(data, tmp_path / "a", teacher=f"run:{teacher}", max_steps=2))
+    cache = open_cache(data / "cache")
+    pdir = teacher / "predictions" / cache.manifest["fingerprint"][:16]
+    assert r1["teacher"]["computed"] and r1["teacher"]["predictions"] == str(pdir)
+    preds = read_predictions(pdir, cache)
+    scorer = load_iaa_model(teacher)
+    c = scorer.input_cfg
+    for row, view in ((0, 0), (33, 1), (99, 1)):  # each prediction is the teacher on exactly that cached view
+        x = render_tensor(load_rgb(cache.row(row).path), cache.boxes[row, view], c["size"], c["interpolation"],
+                          c["mean"], c["std"])
+        with torch.no_grad():
+            want = scorer.model(x[None])[0]
+        np.testing.assert_allclose(preds.arrays["logits"][row, view], want.numpy(), rtol=1e-4, atol=1e-5)
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher model must not run when its predictions are cached")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(iaa_model_mod, "load_iaa_model", no_teacher)
+        mp.setattr(predictions_mod, "run_teacher_compute", no_teacher)
+        statuses = []
+        r2 = run_distill(cfg(data, tmp_path / "b", teacher=f"run:{teacher}", max_steps=2), on_status=statuses.append)
+    assert not r2["teacher"]["computed"] and any("reusing teacher predictions" in s for s in statuses)
+
+    # The teacher changes (retrained into the same directory): its predictions are stale.
+    changed = tmp_path / "teacher2"
+    shutil.copytree(teacher, changed, ignore=shutil.ignore_patterns("checkpoints"))
+    s = load_iaa_model(changed)
+    with torch.no_grad():
+        s.model.head.fc.bias += 1.0
+    meta = json.loads((changed / "iaa_model.json").read_text())
+    save_iaa_model(changed, s.model.encoder._encoder[0], s.model.head, meta["head"], meta["labels"],
+                   extra={k: v for k, v in meta.items() if k not in ("format", "version", "encoder", "head", "labels")})
+    with pytest.raises(StalePredictions, match="teacher's weights or metadata changed.*--stale-predictions"):
+        run_distill(cfg(data, tmp_path / "c", teacher=f"run:{changed}", max_steps=2, stale_predictions="error"))
+    assert not (tmp_path / "c" / "config.yaml").exists()
+    r3 = run_distill(cfg(data, tmp_path / "d", teacher=f"run:{changed}", max_steps=2))
+    renewed = read_predictions(changed / "predictions" / cache.manifest["fingerprint"][:16], cache)
+    assert r3["teacher"]["computed"] and renewed.manifest["fingerprint"] != preds.manifest["fingerprint"]
+    np.testing.assert_allclose(renewed.arrays["logits"], preds.arrays["logits"] + 1.0, atol=1e-4)
+    assert not [p for p in (changed / "predictions").iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_scalar_labels_and_teacher_mismatch(data, tmp_path):
+    r = run_distill(cfg(data, tmp_path / "run", labels=f"csv:{data / 'score.csv'}", max_steps=4, w_plcc=0.2))
+    assert r["head"] == "scalar" and load_iaa_model(tmp_path / "run").head_kind == "scalar"
+    preds = read_predictions(tmp_path / "run" / "teacher" / "predictions")
+    assert preds.kind == "scalar" and preds.arrays["score"].shape == (100, 2)
+    train = [x for x in read_metrics(tmp_path / "run" / "metrics.jsonl") if x["type"] == "train"]
+    assert {"sup", "plcc", "distill"} <= train[-1].keys()
+    with pytest.raises(DistillError, match="distribution head.*scalar head"):
+        run_distill(cfg(data, tmp_path / "bad", labels=f"csv:{data / 'score.csv'}", teacher=f"run:{data / 'teacher'}"))
+    with pytest.raises(FileNotFoundError, match="finished `cskd finetune` run"):
+        run_distill(cfg(data, tmp_path / "bad2", teacher=f"run:{tmp_path}"))
+    with pytest.raises(DistillError, match="--teacher 'clip'"):
+        run_distill(cfg(data, tmp_path / "bad3", teacher="clip"))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_reaches_the_same_weights(data, tmp_path):
+    from safetensors.torch import load_file
+
+    base = dict(max_steps=None, epochs=3, keep_checkpoints=0, batch_size=8, unlabelled_ratio=2.0, lambda_f=0.5,
+                distill_loss="kl", temperature=2.0)
+    full = run_distill(cfg(data, tmp_path / "full", **base))
+    assert full["steps_per_epoch"] == 76 // 16
+    seen = []
+
+    def crash(p):
+        if p["epoch"] == 1:
+            seen.append(p["step"])
+            if len(seen) == 2:
+                raise Crash
+
+    part = cfg(data, tmp_path / "part", **base)
+    with pytest.raises(Crash):
+        run_distill(part, on_progress=crash)
+    with pytest.raises(DistillError, match="already holds a run; pass --resume"):
+        run_distill(part)
+    run_distill(DistillConfig(**{**part.to_dict(), "resume": True}))
+    for name in ("iaa_model.safetensors", "checkpoints/epoch-0003/model.safetensors"):
+        wa, wb = load_file(tmp_path / "full" / name), load_file(tmp_path / "part" / name)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    ma, mb = (no_timing(read_metrics(tmp_path / x / "metrics.jsonl")) for x in ("full", "part"))
+    assert ma == mb
+    train = [r for r in ma if r["type"] == "train"]
+    assert {"sup", "distill", "feat"} <= train[-1].keys()
+
+
+runner = CliRunner()
+
+
+def test_cli_exit_codes_and_summary(data, tmp_path):
+    from cskd_cli.main import app
+
+    def ds(*args):
+        return runner.invoke(app, ["distill", *map(str, args)], env={"COLUMNS": "220"})
+
+    base = ["--student", TINY, "--labels", f"csv:{data / 'dist.csv'}", "--batch-size", "8", "--num-workers", "0"]
+    r = ds(*base, "--cache", data / "cache", "--out", tmp_path / "run", "--max-steps", "2")
+    assert r.exit_code == 0, r.output + r.stderr
+    for text in ("cskd distill", "val/test rows left out", "24 (never trained on)", "labels not in the cache",
+                 "4 (first:", "48 by path, 12 by content", "predictions computed"):
+        assert text in r.output, text
+    r = ds(*base, "--cache", data / "cache", "--out", tmp_path / "a", "--teacher", "clip")
+    assert r.exit_code == 2 and "cache-head or run:TEACHER_RUN" in r.stderr
+    r = ds(*base, "--cache", tmp_path / "nocache", "--out", tmp_path / "b")
+    assert r.exit_code == 1 and "no manifest.json" in r.stderr and "Traceback" not in r.stderr
+    r = ds(*base, "--cache", data / "cache", "--out", tmp_path / "c", "--teacher", f"run:{tmp_path / 'none'}")
+    assert r.exit_code == 1 and "finished `cskd finetune` run" in r.stderr
+    r = ds("--student", TINY, "--labels", "csv", "--cache", data / "cache", "--out", tmp_path / "d")
+    assert r.exit_code == 2 and "bad dataset spec" in r.stderr
+    r = ds(*base, "--out", tmp_path / "e")
+    assert r.exit_code == 2 and "--cache is required" in r.stderr
+    assert not any((tmp_path / x).exists() for x in "abcde")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_one_run(data, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(TESTS), OMP_NUM_THREADS="1", COLUMNS="200")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "cskd_cli.main", "distill", "--cache", str(data / "cache"), "--student", TINY,
+                        "--labels", f"csv:{data / 'dist.csv'}", "--out", str(tmp_path / "run"), "--epochs", "2",
+                        "--batch-size", "8", "--num-workers", "0", "--log-every", "1", "--lambda-f", "0.5"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("cskd distill ->") == 1  # rank 0 reports, rank 1 stays quiet
+    run = tmp_path / "run"
+    resolved = yaml.safe_load((run / "config.yaml").read_text())["resolved"]
+    assert resolved["world_size"] == 2 and resolved["steps_per_epoch"] == 76 // 2 // 8
+    records = read_metrics(run / "metrics.jsonl")
+    assert [x["step"] for x in records if x["type"] == "train"] == list(range(1, 2 * resolved["steps_per_epoch"] + 1))
+    assert [x["epoch"] for x in records if x["type"] == "eval"] == [0, 1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
+    assert (run / "loss_curve.png").is_file()
+    # both ranks wrote teacher predictions (shards 0 and 2 on rank 0, shard 1 on rank 1), rank 0 the manifest
+    preds = read_predictions(run / "teacher" / "predictions", open_cache(data / "cache"))
+    assert [s["rows"] for s in preds.manifest["shards"]] == [40, 40, 20] and preds.arrays["logits"].shape[0] == 100
+    assert not [p for p in (run / "teacher").iterdir() if p.name.startswith(".")]
+    assert load_iaa_model(run).head_kind == "distribution"
