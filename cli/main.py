@@ -7,6 +7,9 @@ import typer
 from . import cache as cache_cmd
 from .align import align
 from .extract import extract
+from .export import export
+from .predict import predict
+from .evaluate import evaluate
 from .distill import distill
 from .finetune import finetune
 from .report import report
@@ -25,6 +28,9 @@ app.command("align")(align)
 app.command("report")(report)
 app.command("finetune")(finetune)
 app.command("distill")(distill)
+app.command("evaluate")(evaluate)
+app.command("predict")(predict)
+app.command("export")(export)
 app.add_typer(cache_cmd.app, name="cache")
 
 

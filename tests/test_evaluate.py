@@ -1,0 +1,139 @@
+"""`cskd evaluate`: metrics equal a direct computation (the scorer on the same images + cskd_cache.metrics),
+bootstrap intervals bracket the estimate, the scatter plot is a real PNG, missing/unreadable images are counted
+and left out, never fatal; a model trained on another scale gets only the correlations."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from _imgs import make_images
+from _scorers import make_model
+from PIL import Image
+from typer.testing import CliRunner
+
+from cskd_cache import metrics as M
+from cskd_cache.evaluate import EvalConfig, run_evaluate
+from cskd_cache.iaa_model import load_iaa_model
+from cskd_cache.scoring import load_eval_tensor
+from cskd_cli.main import app
+
+runner = CliRunner()
+N_BOOT = 200
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A csv: dataset with 10-bin vote histograms: 14 test rows (one image missing, one corrupt), 3 train rows."""
+    d = tmp_path_factory.mktemp("evaluate")
+    model = make_model(d / "run")
+    imgs = make_images(d / "images", 17)
+    (d / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    rng = np.random.default_rng(0)
+    rows = [(p.relative_to(d).as_posix(), "test" if i < 12 else "train") for i, p in enumerate(imgs)]
+    rows += [("images/gone.jpg", "test"), ("images/broken.png", "test")]
+    with open(d / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "dist", "split"])
+        for path, split in rows:
+            w.writerow([path, ";".join(str(v) for v in rng.integers(1, 30, 10)), split])
+    return d, model
+
+
+def test_metrics_equal_direct_computation(data, tmp_path):
+    d, model = data
+    out = tmp_path / "eval"
+    r = runner.invoke(app, ["evaluate", "--model", str(model), "--labels", f"csv:{d / 'labels.csv'}", "--out",
+                            str(out), "--bootstrap", str(N_BOOT), "--seed", "3", "--num-workers", "1",
+                            "--batch-size", "5"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    # one summary line for both skipped images, and the table
+    assert "2 of 14 test images left out of the metrics (1 missing, 1 unreadable" in r.stderr
+    assert "SRCC" in r.stdout and "PLCC" in r.stdout and "EMD" in r.stdout
+
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["n"], m["n_labels"], m["n_missing"], m["n_unreadable"]) == (12, 14, 1, 1)
+    assert {s["key"]: s["reason"].split(":")[0] for s in m["skipped"]} == {"images/gone.jpg": "missing",
+                                                                           "images/broken.png": "corrupt"}
+
+    # the same thing computed by hand: labels from the file, scores from the scorer, metrics from cskd_cache.metrics
+    with open(d / "labels.csv", newline="") as f:
+        rows = [x for x in csv.DictReader(f) if x["split"] == "test" and "images/set" in x["path"]]
+    votes = np.array([[float(v) for v in x["dist"].split(";")] for x in rows])
+    dist_true = votes / votes.sum(1, keepdims=True)
+    y_true = dist_true @ np.arange(1, 11)
+    scorer = load_iaa_model(model)
+    out_ref = scorer.score(torch.stack([load_eval_tensor(d / x["path"], scorer.input_cfg) for x in rows]))
+    y_pred = out_ref["score"].double().numpy()
+    assert np.ptp(y_pred) > 0.1
+    assert m["srcc"] == pytest.approx(M.srcc(y_true, y_pred), abs=1e-6)
+    assert m["plcc"] == pytest.approx(M.plcc(y_true, y_pred), abs=1e-6)
+    assert m["mae"] == pytest.approx(M.mae(y_true, y_pred), abs=1e-5)
+    assert m["acc"] == pytest.approx(M.binary_accuracy(y_true, y_pred, m["threshold"]))
+    assert m["emd"] == pytest.approx(M.emd(dist_true, out_ref["dist"].double().numpy()), abs=1e-6)
+    assert m["threshold"] == 5.5 and m["bins"] == m["model_bins"] == 10 and m["notes"] == []
+    # intervals: the seeded bootstrap of cskd_cache.metrics, and they bracket the point estimate
+    for key, fn in (("srcc", M.srcc), ("plcc", M.plcc)):
+        lo, hi = m[f"{key}_ci"]
+        assert lo <= m[key] <= hi and lo < hi
+        np.testing.assert_allclose([lo, hi], M.bootstrap_ci(fn, y_true, y_pred, N_BOOT, seed=3), atol=1e-6)
+    assert m["bootstrap"] == {"n": N_BOOT, "alpha": 0.05, "seed": 3}
+
+    with open(out / "predictions.csv", newline="") as f:
+        preds = list(csv.DictReader(f))
+    assert list(preds[0]) == ["key", "path", "true", "pred"]
+    assert [p["key"] for p in preds] == [x["path"] for x in rows]
+    np.testing.assert_allclose([float(p["true"]) for p in preds], y_true, atol=1e-12)
+    np.testing.assert_allclose([float(p["pred"]) for p in preds], y_pred, atol=1e-5)
+
+    png = (out / "scatter.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(out / "scatter.png") as im:
+        im.load()
+        assert im.width > 300 and im.height > 300 and len(im.getcolors(1 << 16) or range(1000)) > 10
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions.csv", "scatter.png"]
+
+
+def test_scalar_model_on_another_scale_reports_correlations_only(data, tmp_path):
+    d, _ = data
+    model = make_model(tmp_path / "scalar", spec="timm:test_efficientnet", kind="scalar", bins=None, scale=(0, 1))
+    res = run_evaluate(EvalConfig(model=str(model), labels=f"csv:{d / 'labels.csv'}", out=str(tmp_path / "e"),
+                                  bootstrap=0, num_workers=0))
+    m = res.metrics
+    assert m["n"] == 12 and "srcc" in m and "plcc" in m
+    assert not {"mae", "acc", "emd", "srcc_ci", "plcc_ci"} & set(m)
+    assert m["model_scale"] == [0.0, 1.0] and m["scale"] == [1.0, 10.0] and "different units" in m["notes"][0]
+
+
+def test_too_few_images_fails_cleanly_without_output(data, tmp_path):
+    d, model = data
+    (tmp_path / "labels.csv").write_text("path,score,split\nmissing1.jpg,3,test\nmissing2.jpg,4,test\n"
+                                         "missing3.jpg,5,train\n")
+    r = runner.invoke(app, ["evaluate", "--model", str(model), "--labels", f"csv:{tmp_path / 'labels.csv'}",
+                            "--out", str(tmp_path / "e"), "--num-workers", "0"])
+    assert r.exit_code == 1 and "only 0 of 2 images could be scored" in r.stderr
+    assert not (tmp_path / "e").exists()
+    r = runner.invoke(app, ["evaluate", "--model", str(model), "--labels", f"csv:{tmp_path / 'labels.csv'}",
+                            "--out", str(tmp_path / "e"), "--split", "val"])
+    assert r.exit_code == 1 and "no 'val' labels" in r.stderr
+    r = runner.invoke(app, ["evaluate", "--model", str(model), "--labels", f"csv:{tmp_path / 'labels.csv'}",
+                            "--out", str(tmp_path / "e"), "--split", "dev"])
+    assert r.exit_code == 2
+
+
+def test_help_lists_every_option():
+    r = runner.invoke(app, ["evaluate", "--help"], env={"COLUMNS": "200"})
+    for opt in ("--model", "--labels", "--split", "--out", "--image-root", "--batch-size", "--num-workers",
+                "--bootstrap", "--seed", "--device"):
+        assert opt in r.output, opt
