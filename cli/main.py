@@ -6,12 +6,14 @@ import typer
 
 from . import cache as cache_cmd
 from .align import align
-from .extract import extract
-from .export import export
-from .predict import predict
+from .attention import attention
 from .evaluate import evaluate
+from .export import export
 from .distill import distill
+from .extract import extract
 from .finetune import finetune
+from .neighbors import neighbors
+from .predict import predict
 from .report import report
 from .samples import sample_images
 
@@ -25,12 +27,14 @@ app = typer.Typer(
 app.command("sample-images")(sample_images)
 app.command("extract")(extract)
 app.command("align")(align)
-app.command("report")(report)
 app.command("finetune")(finetune)
 app.command("distill")(distill)
 app.command("evaluate")(evaluate)
 app.command("predict")(predict)
 app.command("export")(export)
+app.command("attention")(attention)
+app.command("neighbors")(neighbors)
+app.command("report")(report)
 app.add_typer(cache_cmd.app, name="cache")
 
 

@@ -9,7 +9,8 @@ Metrics, all on the eval view (view 0) of the held-out rows:
   the token loss regresses to); only when the model has a token head.
 - ``knn_agreement``: for each held-out row, the overlap of its top-k neighbours (cosine, self excluded) among
   the held-out rows in the student's embedding and in the teacher's, averaged: 1.0 = same neighbourhoods.
-  faiss does the search when installed (imported lazily), torch otherwise; both give the same neighbours.
+  faiss does the search when installed (imported lazily), torch otherwise (`knn_index`); both give the same
+  neighbours.
 """
 
 from __future__ import annotations
@@ -38,42 +39,15 @@ def split_rows(cache, eval_pct: float) -> tuple[np.ndarray, np.ndarray]:
     return np.nonzero(~mask)[0], np.nonzero(mask)[0]
 
 
-def _faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def knn_indices(x: torch.Tensor, k: int, backend: str = "auto") -> np.ndarray:
     """(N, k) indices of each row's k nearest rows by cosine, itself excluded. backend: auto, faiss, torch."""
-    x = F.normalize(x.float(), dim=-1).cpu()
-    n = x.shape[0]
-    if backend == "auto":
-        backend = "faiss" if _faiss_available() else "torch"
-    if backend == "faiss":
-        import faiss
+    from .knn_index import build_index, neighbours_excluding_self
 
-        index = faiss.IndexFlatIP(x.shape[1])
-        index.add(x.numpy())
-        _, found = index.search(x.numpy(), min(k + 1, n))
-        # Self is normally first, but an exact duplicate may outrank it: drop self wherever it is, else the last.
-        out = np.empty((n, k), dtype=np.int64)
-        for i, row in enumerate(found):
-            rest = [j for j in row if j != i]
-            out[i] = rest[:k]
-        return out
-    if backend == "torch":
-        # In row blocks: a full N x N similarity matrix of a large held-out slice would not fit in memory.
-        out = []
-        for start in range(0, n, 1024):
-            sim = x[start:start + 1024] @ x.T
-            rows = torch.arange(sim.shape[0])
-            sim[rows, rows + start] = -float("inf")
-            out.append(sim.topk(k, dim=1).indices)
-        return torch.cat(out).numpy()
-    raise ValueError(f"unknown kNN backend {backend!r} (auto, faiss or torch)")
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"unknown kNN backend {backend!r} (auto, faiss or torch)")
+    # Always exact (never IVF): the agreement metric compares two spaces and must not carry search error.
+    index = build_index(x.float().cpu().numpy(), backend=backend, ivf_threshold=np.iinfo(np.int64).max, gpu=False)
+    return neighbours_excluding_self(index, k)[1]
 
 
 def knn_agreement(student: torch.Tensor, teacher: torch.Tensor, k: int = 10, backend: str = "auto") -> float | None:
