@@ -477,7 +477,8 @@ def train_iaa(cfg: IAATrainConfig, *, run_dir: Path, ckpt: Path | None, encoder,
         if cfg.clip_grad > 0:
             values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
         values = all_reduce_mean(values, device)
-        check_finite({k: v for k, v in values.items() if scaler is None or k != "grad_norm"}, step, epoch)
+        check_finite({k: v for k, v in values.items() if scaler is None or k != "grad_norm"}, step, epoch,
+                     lr_flags="--lr (or --lr-encoder)")
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

@@ -82,13 +82,13 @@ class NonFiniteLoss(RuntimeError):
     """Training produced NaN/inf; raised so a run stops with a message instead of writing NaN weights."""
 
 
-def check_finite(values: dict[str, float], step: int, epoch: int) -> None:
+def check_finite(values: dict[str, float], step: int, epoch: int, lr_flags: str = "--lr (or --lr-student)") -> None:
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
         shown = ", ".join(f"{k}={v}" for k, v in values.items())
         raise NonFiniteLoss(
             f"non-finite loss at step {step} (epoch {epoch}): {shown}. Training stopped before applying this "
-            "update, so the newest checkpoint (if any) holds finite weights. Lower --lr (or --lr-student), keep "
+            f"update, so the newest checkpoint (if any) holds finite weights. Lower {lr_flags}, keep "
             "--clip-grad on, and check the cache with `cskd cache verify`")
 
 

@@ -199,7 +199,7 @@ def test_nan_guard_and_bad_inputs(data, tmp_path, monkeypatch):
         return items
 
     monkeypatch.setattr(ViewImages, "__getitems__", poisoned)
-    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step \d+ .*=nan"):
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step \d+ .*=nan.*--lr-encoder"):
         run_finetune(cfg(data, tmp_path / "nan", max_steps=20))
     ckpts = sorted((tmp_path / "nan" / "checkpoints").glob("epoch-*"))
     assert [p.name for p in ckpts] == ["epoch-0001"]  # the epoch before the NaN, with finite weights
