@@ -14,6 +14,7 @@ from .extract import extract
 from .finetune import finetune
 from .neighbors import neighbors
 from .predict import predict
+from .proxy_set import proxy_set
 from .report import report
 from .samples import sample_images
 
@@ -25,6 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("sample-images")(sample_images)
+app.command("proxy-set")(proxy_set)
 app.command("extract")(extract)
 app.command("align")(align)
 app.command("finetune")(finetune)

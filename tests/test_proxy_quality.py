@@ -179,3 +179,17 @@ def test_module_entry_point(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "12 images from 4 source photos" in out and "train" in out and "level:" in out
     assert summarise(tmp_path / "out" / "labels.csv").splitlines()[0].endswith("12 images from 4 source photos")
+
+
+def test_cli_proxy_set_and_its_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from cskd_cli.main import app
+
+    src = tmp_path / "src"
+    make_images(src, 3)
+    r = CliRunner().invoke(app, ["proxy-set", "--src", str(src), "--out", str(tmp_path / "p"), "--per-image", "2"])
+    assert r.exit_code == 0, r.output
+    assert len(load_labels(f"csv:{tmp_path / 'p' / 'labels.csv'}")) == 9
+    r = CliRunner().invoke(app, ["proxy-set", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "q")])
+    assert r.exit_code == 1 and "not a folder" in r.output and not (tmp_path / "q").exists()
