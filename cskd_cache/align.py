@@ -29,6 +29,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,7 @@ from .trainer import (
     unwrap, wrap_ddp, write_config,
 )
 
-__all__ = ["AlignConfig", "AlignError", "run_align"]
+__all__ = ["AlignConfig", "AlignError", "run_align", "train_step"]
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
@@ -185,6 +186,41 @@ def _loader(ds, batch_size, sampler, cfg: AlignConfig, device, drop_last: bool) 
                       prefetch_factor=4 if cfg.num_workers > 0 else None)
 
 
+def train_step(model: torch.nn.Module, loss_fn: AlignLoss, batch: dict, optimizer: torch.optim.Optimizer,
+               device: torch.device, params: list[torch.nn.Parameter] | None = None, clip_grad: float = 1.0,
+               autocast=None, scaler=None, step: int = 0, epoch: int = 0) -> dict[str, float]:
+    """One optimiser step of `align` on a collated batch (``image`` plus ``embed``/``tokens`` targets): forward,
+    loss, backward, gradient clipping, the NaN guard and the update, at the learning rates already set on the
+    optimizer. Returns the logged values (unweighted loss terms, ``loss``, ``grad_norm`` when clipping), averaged
+    over DDP ranks. ``step``/``epoch`` only label a NonFiniteLoss message."""
+    x = batch["image"].to(device, non_blocking=True)
+    targets = {k: batch[k].to(device, non_blocking=True) for k in ("embed", "tokens") if k in batch}
+    with autocast or nullcontext():
+        out = model(x)
+    parts = loss_fn(out, targets)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(parts["loss"]).backward()
+        scaler.unscale_(optimizer)
+    else:
+        parts["loss"].backward()
+    values = {k: float(v.detach()) for k, v in parts.items()}
+    if clip_grad > 0:
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip_grad))
+    values = all_reduce_mean(values, device)
+    # Checked before the update, so the weights (and every checkpoint) stay finite. An inf grad norm is
+    # routine under an fp16 scaler (it skips that step), so only the loss counts there.
+    check_finite({k: v for k, v in values.items() if scaler is None or k != "grad_norm"}, step, epoch)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return values
+
+
 def run_align(cfg: AlignConfig, on_progress: Callable[[dict], None] | None = None,
               on_status: Callable[[str], None] | None = None) -> dict:
     """Train (or resume) an alignment run; returns the final held-out metrics and run facts.
@@ -280,31 +316,10 @@ def run_align(cfg: AlignConfig, on_progress: Callable[[dict], None] | None = Non
                 break
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * schedule[step]
-            x = batch["image"].to(device, non_blocking=True)
-            targets = {k: batch[k].to(device, non_blocking=True) for k in ("embed", "tokens") if k in batch}
-            with autocast:
-                out = model(x)
-            parts = loss_fn(out, targets)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(parts["loss"]).backward()
-                scaler.unscale_(optimizer)
-            else:
-                parts["loss"].backward()
-            values = {k: float(v.detach()) for k, v in parts.items()}
-            if cfg.clip_grad > 0:
-                values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
-            values = all_reduce_mean(values, device)
-            # Checked before the update, so the weights (and every checkpoint) stay finite. An inf grad norm is
-            # routine under an fp16 scaler (it skips that step), so only the loss counts there.
-            check_finite({k: v for k, v in values.items() if scaler is None or k != "grad_norm"}, step, epoch)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            values = train_step(model, loss_fn, batch, optimizer, device, params=params, clip_grad=cfg.clip_grad,
+                                autocast=autocast, scaler=scaler, step=step, epoch=epoch)
             step += 1
-            n_log += x.shape[0] * world
+            n_log += batch["image"].shape[0] * world
             if main and (step % cfg.log_every == 0 or step == total):
                 elapsed = time.perf_counter() - t_log
                 last = {"type": "train", "step": step, "epoch": epoch, "lr": optimizer.param_groups[-1]["lr"],
