@@ -61,7 +61,7 @@ from .losses.plcc_loss import PLCCLoss
 from .metrics import evaluate_predictions
 from .trainer import (
     MetricsWriter, all_reduce_mean, autocast_for, check_finite, cosine_schedule, json_safe, latest_checkpoint,
-    load_checkpoint, param_groups, read_metrics, save_checkpoint, unwrap, wrap_ddp, write_config,
+    load_checkpoint, param_groups, plot_losses, read_metrics, save_checkpoint, unwrap, wrap_ddp, write_config,
 )
 
 __all__ = ["TrainError", "IAATrainConfig", "IAANet", "Stream", "prepare_labels", "prepare_run_dir", "resolve_head",
@@ -339,27 +339,7 @@ def _srcc_key(m: dict | None) -> float:
 
 def plot_curve(metrics_path: Path, png_path: Path) -> None:
     """Training loss per step and val SRCC per epoch, one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(metrics_path)
-    train = [r for r in records if r.get("type") == "train"]
-    evals = [r for r in records if r.get("type") == "eval" and r.get("srcc") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss", color="tab:blue")
-    if evals:
-        ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in evals], [r["srcc"] for r in evals], "o-", color="tab:orange", label="val SRCC")
-        ax2.set_ylabel("val SRCC", color="tab:orange")
-    ax.set_title(png_path.parent.name)
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
+    plot_losses(metrics_path, png_path, metric="srcc", label="val SRCC")
 
 
 # ---------------------------------------------------------------------------------------------------- loop

@@ -126,8 +126,10 @@ def write_config(path: str | os.PathLike, config: dict) -> None:
     atomic_write_text(path, yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
 
 
-def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
-    """Training loss per step and held-out global cosine per epoch, one PNG."""
+def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike, metric: str = "global_cos",
+                label: str = "held-out global cosine") -> None:
+    """Training loss per step and one eval metric per epoch (align: held-out global cosine; finetune/distill:
+    val SRCC), one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,7 +137,7 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
 
     records = read_metrics(metrics_path)
     train = [r for r in records if r.get("type") == "train"]
-    evals = [r for r in records if r.get("type") == "eval" and r.get("global_cos") is not None]
+    evals = [r for r in records if r.get("type") == "eval" and r.get(metric) is not None]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss")
@@ -143,9 +145,8 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
     ax.set_ylabel("train loss", color="tab:blue")
     if evals:
         ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in evals], [r["global_cos"] for r in evals], "o-", color="tab:orange",
-                 label="held-out global cosine")
-        ax2.set_ylabel("held-out global cosine", color="tab:orange")
+        ax2.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-", color="tab:orange", label=label)
+        ax2.set_ylabel(label, color="tab:orange")
     ax.set_title(Path(png_path).parent.name)
     fig.tight_layout()
     fig.savefig(png_path)
