@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .manifest import write_json
+from .manifest import default_file_mode, write_json
 
 STUDENT_JSON = "student.json"
 STUDENT_WEIGHTS = "student.safetensors"
@@ -29,6 +29,7 @@ def save_encoder(encoder, run_dir: str | os.PathLike, extra: dict | None = None)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / (STUDENT_WEIGHTS + ".tmp")
     save_model(encoder.model, str(tmp))
+    os.chmod(tmp, default_file_mode())  # safetensors writes owner-only files; a run's student is shared
     os.replace(tmp, run_dir / STUDENT_WEIGHTS)
     write_json(run_dir / STUDENT_JSON, {**encoder.describe(), "size_override": encoder.size_override,
                                             **(extra or {})})

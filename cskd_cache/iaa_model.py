@@ -24,7 +24,7 @@ from torch import nn
 
 from .deploy import IAAModel
 from .iaa_head import DistributionHead, ScalarHead
-from .manifest import write_json
+from .manifest import default_file_mode, write_json
 
 __all__ = ["IAA_JSON", "IAA_WEIGHTS", "IAAScorer", "build_head", "load_iaa_model", "save_iaa_model", "to_unit",
            "from_unit"]
@@ -106,6 +106,7 @@ def save_iaa_model(run_dir: str | os.PathLike, encoder, head: nn.Module, head_me
     model = IAAModel(_Enc(encoder), head, normalize=bool(head_meta.get("normalize", False)))
     tmp = run_dir / (IAA_WEIGHTS + ".tmp")
     save_model(model, str(tmp))
+    os.chmod(tmp, default_file_mode())  # safetensors writes owner-only files; a run's model is shared
     os.replace(tmp, run_dir / IAA_WEIGHTS)
     write_json(run_dir / IAA_JSON, {"format": FORMAT, "version": VERSION,
                                     "encoder": {**encoder.describe(), "size_override": encoder.size_override},

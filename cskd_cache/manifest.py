@@ -53,10 +53,11 @@ def sidecar_name(index: int) -> str:
     return f"shard-{index:05d}.json"
 
 
-def _umask() -> int:
+def default_file_mode() -> int:
+    """0o666 minus the process umask: the mode open() would give a new file."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -65,7 +66,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes 0600 files; give the ordinary umask-derived mode so shared caches stay readable
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -37,3 +37,17 @@ def test_save_load_round_trip_and_native_scale(tmp_path, kind, bins, scale):
 def test_missing_run_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="cskd finetune"):
         load_iaa_model(tmp_path)
+
+
+def test_saved_model_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    enc = build_student(SPEC, pretrained_ok=False)
+    old = os.umask(0o022)
+    try:
+        save_iaa_model(tmp_path, enc, build_head("scalar", enc.pooled_dim), {"kind": "scalar", "in_dim": enc.pooled_dim},
+                       {"name": "toy", "scale": [0, 1], "bins": None, "threshold": 0.5})
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o644}
