@@ -1,0 +1,243 @@
+"""Does CSKD help? The whole chain on one labelled set, one table: teacher, labels-only student, CSKD student.
+
+    # the proxy quality experiment (real photos, graded degradations, a real pretrained teacher, 10% of labels)
+    python benchmarks/srcc.py --proxy-from ../shared/data/photos --work runs/srcc --markdown
+
+    # any labelled set: a DATASET_SPEC plus the unlabelled images to extract (the labelled ones are among them)
+    python benchmarks/srcc.py --labels ava:/data/AVA --images /data/AVA/images --images /data/unlabelled \
+        --teacher open_clip:ViT-L-14@/models/vitl14.pt --teacher-model run:runs/align-vitl --work runs/ava
+
+Steps (each writes under --work and is skipped when its output is already there, so a rerun only evaluates):
+
+1. ``proxy``   (with --proxy-from) `cskd_cache.proxy_quality`: every source photo pristine + 4 degraded versions
+               (blur, noise, JPEG, exposure, colour; 5 levels), score = 10 - 1.8 x level, split by source photo.
+2. ``cache``   `cskd extract` with the feature teacher (default: EfficientNet-Lite0, ImageNet-pretrained, the only
+               real pretrained image backbone offline; stands in for CLIP), --views views, tokens at native grid.
+3. ``labels-only`` `cskd finetune` of the student (random init) on --label-fraction of the train labels: the
+               baseline.
+4. ``align``   `cskd align` of the student (random init) on the cache: Stage I.
+5. ``teacher`` `cskd finetune` of --teacher-model (default: that same pretrained EfficientNet-Lite0 as a trainable
+               py: student) on the same labels: the Stage II IAA teacher.
+6. ``cskd``    `cskd distill --teacher run:TEACHER --student run:ALIGN`: labelled EMD + EMD to the teacher's
+               distribution on every unlabelled cached view (val/test images are never in that pool).
+7. ``distill-only`` (--ablation) `cskd distill` from a random-init student: what Stage I adds.
+
+Every model is evaluated on the test split with `cskd evaluate` (SRCC, PLCC, accuracy, bootstrap 95% intervals over
+test images). The last lines compare CSKD with the labels-only student: the SRCC difference with a paired bootstrap
+interval (same resampled test images for both) and whether the two SRCC intervals are disjoint.
+
+Where no CLIP weights exist this is a proxy: "quality" here is synthetic degradation, not human aesthetics, and the
+teacher is an ImageNet CNN. It shows the mechanism (a stronger teacher's knowledge reaches a small random-init
+student through unlabelled images) with real photos and a real pretrained network; it is not an AVA result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from cskd_cache.metrics import bootstrap_ci, srcc  # noqa: E402
+
+LITE0_TEACHER = "py:cskd_cache.zoo.efficientnet_lite0:teacher"
+LITE0_STUDENT = "py:cskd_cache.zoo.efficientnet_lite0:student"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def done(run: Path, marker: str) -> bool:
+    return (run / marker).is_file()
+
+
+def step_proxy(args, work: Path) -> str:
+    from cskd_cache.proxy_quality import build_proxy_set
+    from cskd_cache.sources import scan_images
+
+    out = work / "proxy"
+    if not (out / "labels.csv").is_file():
+        src = Path(args.proxy_from)
+        if not src.is_dir():
+            sys.exit(f"error: --proxy-from {src} is not a folder of photos (e.g. ../shared/data/photos)")
+        files = [str(p) for p in scan_images(src)]
+        log(f"proxy set: {len(files)} photos from {src} -> {out}")
+        build_proxy_set(files, out, per_image=args.per_image, seed=args.seed, workers=args.workers)
+    return f"csv:{out / 'labels.csv'}"
+
+
+def step_cache(args, work: Path, images: list[str]) -> str:
+    from cskd_cache.extract import ExtractConfig, run_extract
+
+    out = work / "cache"
+    if not done(out, "manifest.json") or not json.loads((out / "manifest.json").read_text()).get("complete"):
+        log(f"extract: {args.teacher} over {', '.join(images)} -> {out}")
+        res = run_extract(ExtractConfig(teacher=args.teacher, out=str(out), images=images, views=args.views,
+                                        batch_size=32, num_workers=args.workers))
+        log(f"extract: {res.rows} rows, {res.images_per_s:.1f} img/s")
+    return str(out)
+
+
+def finetune(args, labels: str, model: str, out: Path, epochs: int, size: int | None, lr_encoder: float | None):
+    from cskd_cache.finetune import FinetuneConfig, run_finetune
+
+    if not done(out, "loss_curve.png"):  # written last: the run is complete
+        log(f"finetune {model} -> {out}")
+        s = run_finetune(FinetuneConfig(model=model, labels=labels, out=str(out), label_fraction=args.label_fraction,
+                                        epochs=epochs, batch_size=args.batch_size, size=size, lr=args.lr,
+                                        lr_encoder=lr_encoder, seed=args.seed, num_workers=args.workers))
+        log(f"finetune {out.name}: val SRCC {s['val']['srcc']:.3f} (epoch {s['best_epoch']})")
+
+
+def align(args, cache: str, out: Path):
+    from cskd_cache.align import AlignConfig, run_align
+
+    if not done(out, "loss_curve.png"):  # written last: the run is complete
+        log(f"align {args.student} on {cache} -> {out}")
+        s = run_align(AlignConfig(cache=cache, student=args.student, out=str(out), epochs=args.align_epochs,
+                                  batch_size=args.batch_size, student_size=args.size, lr=args.lr, seed=args.seed,
+                                  num_workers=args.workers))
+        log(f"align: held-out global cos {s['initial']['global_cos']:.3f} -> {s['global_cos']:.3f}, "
+            f"kNN agreement {s['initial']['knn_agreement']:.3f} -> {s['knn_agreement']:.3f}")
+
+
+def distill(args, labels: str, cache: str, teacher_run: Path, student: str, out: Path):
+    from cskd_cache.distill import DistillConfig, run_distill
+
+    if not done(out, "loss_curve.png"):  # written last: the run is complete
+        log(f"distill {student} from run:{teacher_run} -> {out}")
+        s = run_distill(DistillConfig(labels=labels, cache=cache, teacher=f"run:{teacher_run}", student=student,
+                                      out=str(out), label_fraction=args.label_fraction, epochs=args.distill_epochs,
+                                      batch_size=args.batch_size, size=args.size, lr=args.lr,
+                                      lambda_u=args.lambda_u, seed=args.seed, num_workers=args.workers))
+        log(f"distill {out.name}: val SRCC {s['val']['srcc']:.3f}; {s['unlabelled_rows']} unlabelled rows, "
+            f"{s['heldout_rows']} held out")
+
+
+def evaluate(args, labels: str, run: Path) -> dict:
+    from cskd_cache.evaluate import EvalConfig, run_evaluate
+
+    out = run / "eval-test"
+    if not done(out, "metrics.json"):
+        run_evaluate(EvalConfig(model=str(run), labels=labels, out=str(out), split="test",
+                                num_workers=args.workers, bootstrap=args.bootstrap, seed=args.seed))
+    m = json.loads((out / "metrics.json").read_text())
+    import csv
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    m["_pred"] = {r["key"]: float(r["pred"]) for r in rows}
+    m["_true"] = {r["key"]: float(r["true"]) for r in rows}
+    return m
+
+
+def paired_diff(a: dict, b: dict, n: int, seed: int) -> tuple[float, float, float]:
+    """SRCC(a) - SRCC(b) on the test images both scored, with a paired bootstrap interval."""
+    keys = sorted(set(a["_pred"]) & set(b["_pred"]))
+    t = np.array([a["_true"][k] for k in keys])
+    pa, pb = np.array([a["_pred"][k] for k in keys]), np.array([b["_pred"][k] for k in keys])
+    both = np.stack([pa, pb], 1)
+    lo, hi = bootstrap_ci(lambda tt, pp: srcc(tt, pp[:, 0]) - srcc(tt, pp[:, 1]), t, both, n=n, seed=seed)
+    return srcc(t, pa) - srcc(t, pb), lo, hi
+
+
+def fmt_ci(m: dict, name: str) -> str:
+    ci = m.get(f"{name}_ci")
+    return f"{m[name]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m[name]:.3f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--proxy-from", help="folder of photos to build the proxy quality set from")
+    src.add_argument("--labels", help="DATASET_SPEC of a labelled set (ava:ROOT, csv:FILE, ...)")
+    p.add_argument("--images", action="append", default=[], help="unlabelled image folders to extract (with --labels)")
+    p.add_argument("--work", required=True, help="folder for every intermediate (reruns reuse what is there)")
+    p.add_argument("--teacher", default=LITE0_TEACHER, help=f"feature teacher spec for the cache ({LITE0_TEACHER})")
+    p.add_argument("--teacher-model", default=LITE0_STUDENT,
+                   help=f"encoder fine-tuned as the IAA teacher ({LITE0_STUDENT}; e.g. run:ALIGN_RUN)")
+    p.add_argument("--student", default="timm:mobilenetv3_small_100", help="student spec (random init)")
+    p.add_argument("--size", type=int, default=160, help="student input size (default 160)")
+    p.add_argument("--label-fraction", type=float, default=0.1, help="share of train labels used (default 0.1)")
+    p.add_argument("--per-image", type=int, default=4, help="degraded versions per proxy photo (default 4)")
+    p.add_argument("--views", type=int, default=2, help="cached views per image (default 2)")
+    p.add_argument("--teacher-epochs", type=int, default=12)
+    p.add_argument("--baseline-epochs", type=int, default=40,
+                   help="labels-only epochs (more than distill: it sees far fewer images per epoch)")
+    p.add_argument("--align-epochs", type=int, default=6)
+    p.add_argument("--distill-epochs", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lambda-u", type=float, default=1.0, help="weight of the distillation loss (default 1)")
+    p.add_argument("--ablation", action="store_true", help="also distil into a random-init student (no Stage I)")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    args = p.parse_args(argv)
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if args.proxy_from:
+        labels = step_proxy(args, work)
+        images = [str(work / "proxy" / "images")]
+    else:
+        labels, images = args.labels, args.images
+        if not images:
+            sys.exit("error: --labels needs --images (the unlabelled folders, labelled images included)")
+    cache = step_cache(args, work, images)
+
+    runs = {}
+    finetune(args, labels, args.student, work / "labels-only", args.baseline_epochs, args.size, None)
+    align(args, cache, work / "align")
+    finetune(args, labels, args.teacher_model, work / "teacher", args.teacher_epochs, None, 3e-4)
+    runs["teacher (fine-tuned, labels only)"] = work / "teacher"
+    runs["student, labels only"] = work / "labels-only"
+    distill(args, labels, cache, work / "teacher", f"run:{work / 'align'}", work / "cskd")
+    runs["student, CSKD (align + distill)"] = work / "cskd"
+    if args.ablation:
+        distill(args, labels, cache, work / "teacher", args.student, work / "distill-only")
+        runs["student, distill only (no Stage I)"] = work / "distill-only"
+
+    log("evaluating on the test split")
+    res = {name: evaluate(args, labels, run) for name, run in runs.items()}
+    params = {name: json.loads((run / "iaa_model.json").read_text())["encoder"].get("params") for name, run in
+              runs.items()}
+
+    header = ["model", "params", "n", "SRCC [95% CI]", "PLCC [95% CI]", "accuracy"]
+    lines = [[name, f"{params[name] / 1e6:.2f}M" if params[name] else "-", str(m["n"]), fmt_ci(m, "srcc"),
+              fmt_ci(m, "plcc"), f"{m['acc']:.3f}" if m.get("acc") is not None else "-"] for name, m in res.items()]
+    if args.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join("---" for _ in header) + "|")
+        for ln in lines:
+            print("| " + " | ".join(ln) + " |")
+    else:
+        w = [max(len(h), *(len(ln[i]) for ln in lines)) for i, h in enumerate(header)]
+        print("  ".join(h.ljust(w[i]) for i, h in enumerate(header)))
+        for ln in lines:
+            print("  ".join(c.ljust(w[i]) for i, c in enumerate(ln)))
+
+    base, cskd = res["student, labels only"], res["student, CSKD (align + distill)"]
+    d, lo, hi = paired_diff(cskd, base, args.bootstrap, args.seed)
+    disjoint = cskd["srcc_ci"][0] > base["srcc_ci"][1]
+    print(f"\nCSKD - labels-only SRCC: {d:+.3f} (paired bootstrap 95% CI [{lo:+.3f}, {hi:+.3f}]); "
+          f"SRCC intervals disjoint: {'yes' if disjoint else 'no'}")
+    summary = {name: {k: v for k, v in m.items() if not k.startswith("_") and k != "skipped"} for name, m in res.items()}
+    summary["cskd_minus_labels_only"] = {"srcc": d, "ci": [lo, hi], "intervals_disjoint": bool(disjoint)}
+    summary["args"] = vars(args)
+    (work / "srcc.json").write_text(json.dumps(summary, indent=2, default=str))
+    log(f"done in {time.perf_counter() - t0:.0f} s; numbers in {work / 'srcc.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
