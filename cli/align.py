@@ -11,6 +11,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ._options import (
+    OutOpt, ConfigOpt, WeightDecayOpt, WarmupPctOpt, MinLrPctOpt, ClipGradOpt, NumWorkersOpt, DeviceOpt, AmpOpt,
+    ResumeOpt, KeepCheckpointsOpt, LogEveryOpt, MaxPixelsOpt,
+)
 from ._common import console, err_console, fail
 
 
@@ -26,10 +30,8 @@ def align(
                                                        "--config).")] = None,
     student: Annotated[Optional[str], typer.Option(help="Student SPEC: timm:MODEL[@true|TAG|PATH|none] (random init "
                                                         "by default), py:package.module:factory, or run:RUN_DIR.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run directory to create (or continue with --resume).")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML file of options (field names as below, with _ or -); "
-                                                        "flags given here override it. A run's config.yaml works.")]
-    = None,
+    out: OutOpt = None,
+    config: ConfigOpt = None,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the training rows (ignored with --max-steps).")] = 10,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Train for exactly N optimiser steps instead of "
                                                                  "--epochs (default: use --epochs).")] = None,
@@ -50,28 +52,25 @@ def align(
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate of the heads (and student).")] = 1e-3,
     lr_student: Annotated[Optional[float], typer.Option(help="Peak learning rate of the student (default: --lr).")]
     = None,
-    weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay (not on biases and norms).")] = 0.05,
-    warmup_pct: Annotated[float, typer.Option(min=0, max=100, help="Linear warm-up, percent of all steps.")] = 5.0,
-    min_lr_pct: Annotated[float, typer.Option(min=0, max=100, help="Cosine decay ends at this percent of the lr.")]
-    = 1.0,
-    clip_grad: Annotated[float, typer.Option(min=0, help="Clip the gradient norm to this (0 = off).")] = 1.0,
+    weight_decay: WeightDecayOpt = 0.05,
+    warmup_pct: WarmupPctOpt = 5.0,
+    min_lr_pct: MinLrPctOpt = 1.0,
+    clip_grad: ClipGradOpt = 1.0,
     eval_pct: Annotated[float, typer.Option(min=0, max=99, help="Percent of rows held out (by key hash, stable) "
                                                                 "for evaluation.")] = 10.0,
     knn_k: Annotated[int, typer.Option(min=1, help="Neighbours compared by the kNN-agreement metric.")] = 10,
     knn_backend: Annotated[str, typer.Option(help="kNN search: auto (faiss if installed), faiss or torch.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and views (same seed, same run).")]
     = 0,
-    num_workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes decoding images.")] = 2,
-    device: Annotated[str, typer.Option(help="auto (CUDA with AMP when present), cpu, cuda, cuda:N.")] = "auto",
-    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16, else fp16 with loss scaling).")] = True,
-    resume: Annotated[bool, typer.Option(help="Continue --out from its newest checkpoint (safe on a first run).")]
-    = False,
-    keep_checkpoints: Annotated[int, typer.Option(min=0, help="Epoch checkpoints kept (0 = all).")] = 2,
-    log_every: Annotated[int, typer.Option(min=1, help="Steps between training-loss lines in metrics.jsonl.")] = 10,
+    num_workers: NumWorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    amp: AmpOpt = True,
+    resume: ResumeOpt = False,
+    keep_checkpoints: KeepCheckpointsOpt = 2,
+    log_every: LogEveryOpt = 10,
     shuffle_targets: Annotated[bool, typer.Option(help="Control run: pair each image with another image's targets.")]
     = False,
-    max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this (decompression bombs).")]
-    = 89_478_485,
+    max_pixels: MaxPixelsOpt = 89_478_485,
 ) -> None:
     """Align a student encoder to the cached teacher features (Stage I). Writes config.yaml, metrics.jsonl,
     checkpoints, student.safetensors and loss_curve.png to --out."""
