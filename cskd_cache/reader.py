@@ -99,6 +99,18 @@ class FeatureCache:
         return CachedFeatures(self, view=view, tokens=tokens, extra=extra, rows=rows, seed=seed)
 
 
+def _read_rows(ds: h5py.Dataset, rows: np.ndarray, view: int) -> np.ndarray:
+    """``ds[rows, view]`` for increasing ``rows``, one direct read per row.
+
+    A row-view is one chunk, so each read is one chunk; h5py's fancy indexing over the same rows builds a
+    point selection that costs ~20x more (4.5 ms vs 0.2 ms per 75 KB ViT-B-32 row), which made token reads
+    the largest part of an align batch's data time."""
+    out = np.empty((len(rows), *ds.shape[2:]), dtype=ds.dtype)
+    for j, r in enumerate(rows):
+        ds.read_direct(out, np.s_[int(r), view], np.s_[j])
+    return out
+
+
 def open_cache(path: str | os.PathLike, allow_incomplete: bool = False) -> FeatureCache:
     return FeatureCache(path, allow_incomplete=allow_incomplete)
 
@@ -178,7 +190,7 @@ class CachedFeatures(Dataset):
                     # which h5py's fancy indexing requires.
                     uniq, inv = np.unique(rows[sel] - self.offsets[s], return_inverse=True)
                     for name in self.streamed:
-                        block = f[name][uniq, int(v)]
+                        block = _read_rows(f[name], uniq, int(v))
                         for j, pos in enumerate(sel):
                             streamed[name][pos] = block[inv[j]]
         out = []
