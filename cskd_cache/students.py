@@ -219,9 +219,15 @@ def build_student(spec: str, pretrained_ok: bool = True, size: int | list[int] |
     if kind == "run":
         from .encoders import load_encoder
 
-        if size is not None:
-            raise ValueError(f"{raw}: a run: student keeps the input size it was trained at; drop --student-size")
-        return load_encoder(raw.split(":", 1)[1])
+        encoder = load_encoder(raw.split(":", 1)[1])
+        # Its weights learnt one input size; a matching request is a no-op, a different one would silently
+        # change what the aligned features mean.
+        trained = list(encoder.input_cfg["size"])
+        if size is not None and _size2(size) != trained:
+            raise ValueError(f"{raw}: a run: student keeps the input size it was trained at "
+                             f"({trained[0]}x{trained[1]}), not {'x'.join(map(str, _size2(size)))}; "
+                             "leave the input size unset")
+        return encoder.train()
     if kind not in ("timm", "py"):
         raise ValueError(f"malformed student spec {spec!r}: expected timm:MODEL[@PRETRAINED], "
                          "py:package.module:factory or run:RUN_DIR")

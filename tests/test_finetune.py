@@ -126,8 +126,10 @@ def test_starts_from_an_aligned_run(data, tmp_path):
     w = load_file(tmp_path / "run" / "iaa_model.safetensors")
     for k, v in aligned.model.state_dict().items():
         torch.testing.assert_close(w["encoder.model." + k], v, atol=1e-8, rtol=0)
-    with pytest.raises(FinetuneError, match="keeps the input size"):
+    with pytest.raises(FinetuneError, match=r"keeps the input size it was trained at \(32x32\), not 48x48"):
         run_finetune(cfg(data, tmp_path / "sized", model=f"run:{tmp_path / 'align'}", size=48))
+    # the size it was trained at is no change: a script that passes one --size to every stage still runs
+    run_finetune(cfg(data, tmp_path / "same", model=f"run:{tmp_path / 'align'}", size=32, max_steps=1))
 
 
 def test_label_fraction_is_stable_nested_and_used(data, tmp_path):
