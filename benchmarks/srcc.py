@@ -148,6 +148,25 @@ def paired_diff(a: dict, b: dict, n: int, seed: int) -> tuple[float, float, floa
     return srcc(t, pa) - srcc(t, pb), lo, hi
 
 
+def srcc_by_kind(labels_csv: Path, res: dict) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
+    """SRCC within each degradation kind of the proxy set: which distortions a model ranks, which it cannot see.
+
+    Returns ({kind: test images}, {model: {kind: SRCC}}); pristine photos all score 10 and are left out."""
+    import csv
+    with open(labels_csv, newline="") as f:
+        kind = {r["path"]: r["kind"] for r in csv.DictReader(f)}
+    counts: dict[str, int] = {}
+    table = {}
+    for name, m in res.items():
+        groups: dict[str, list[str]] = {}
+        for key in m["_pred"]:
+            if kind.get(key, "pristine") != "pristine":
+                groups.setdefault(kind[key], []).append(key)
+        table[name] = {k: srcc([m["_true"][x] for x in ks], [m["_pred"][x] for x in ks]) for k, ks in groups.items()}
+        counts.update({k: len(ks) for k, ks in groups.items()})
+    return dict(sorted(counts.items())), table
+
+
 def fmt_ci(m: dict, name: str) -> str:
     ci = m.get(f"{name}_ci")
     return f"{m[name]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m[name]:.3f}"
@@ -226,12 +245,22 @@ def main(argv=None) -> int:
         for ln in lines:
             print("  ".join(c.ljust(w[i]) for i, c in enumerate(ln)))
 
+    if args.proxy_from:
+        counts, by_kind = srcc_by_kind(work / "proxy" / "labels.csv", res)
+        print("\nSRCC within each degradation kind (test split; pristine photos only count in the overall SRCC):")
+        print("| model | " + " | ".join(f"{k} (n={n})" for k, n in counts.items()) + " |")
+        print("|---|" + "---|" * len(counts))
+        for name, row in by_kind.items():
+            print(f"| {name} | " + " | ".join(f"{row[k]:.2f}" for k in counts) + " |")
+
     base, cskd = res["student, labels only"], res["student, CSKD (align + distill)"]
     d, lo, hi = paired_diff(cskd, base, args.bootstrap, args.seed)
     disjoint = cskd["srcc_ci"][0] > base["srcc_ci"][1]
     print(f"\nCSKD - labels-only SRCC: {d:+.3f} (paired bootstrap 95% CI [{lo:+.3f}, {hi:+.3f}]); "
           f"SRCC intervals disjoint: {'yes' if disjoint else 'no'}")
     summary = {name: {k: v for k, v in m.items() if not k.startswith("_") and k != "skipped"} for name, m in res.items()}
+    if args.proxy_from:
+        summary["srcc_by_kind"] = by_kind
     summary["cskd_minus_labels_only"] = {"srcc": d, "ci": [lo, hi], "intervals_disjoint": bool(disjoint)}
     summary["args"] = vars(args)
     (work / "srcc.json").write_text(json.dumps(summary, indent=2, default=str))
