@@ -117,7 +117,8 @@ def distill(args, labels: str, cache: str, teacher_run: Path, student: str, out:
         s = run_distill(DistillConfig(labels=labels, cache=cache, teacher=f"run:{teacher_run}", student=student,
                                       out=str(out), label_fraction=args.label_fraction, epochs=args.distill_epochs,
                                       batch_size=args.batch_size, size=args.size, lr=args.lr,
-                                      lambda_u=args.lambda_u, seed=args.seed, num_workers=args.workers))
+                                      lambda_u=args.lambda_u, unlabelled_ratio=args.unlabelled_ratio, seed=args.seed,
+                                      num_workers=args.workers))
         log(f"distill {out.name}: val SRCC {s['val']['srcc']:.3f}; {s['unlabelled_rows']} unlabelled rows, "
             f"{s['heldout_rows']} held out")
 
@@ -195,6 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lambda-u", type=float, default=1.0, help="weight of the distillation loss (default 1)")
+    p.add_argument("--unlabelled-ratio", type=float, default=1.0,
+                   help="unlabelled images per labelled image in a distill step (default 1)")
     p.add_argument("--ablation", action="store_true", help="also distil into a random-init student (no Stage I)")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--workers", type=int, default=2)
