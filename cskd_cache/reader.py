@@ -186,8 +186,8 @@ class CachedFeatures(Dataset):
                 f = self._file(int(s))
                 for v in np.unique(views[shard == s]):
                     sel = np.nonzero((shard == s) & (views == v))[0]
-                    # np.unique sorts and drops repeats (a padded DistributedSampler repeats rows), both of
-                    # which h5py's fancy indexing requires.
+                    # np.unique sorts (reads walk the file forwards) and drops repeats (a padded
+                    # DistributedSampler repeats rows), so each chunk is read once per batch.
                     uniq, inv = np.unique(rows[sel] - self.offsets[s], return_inverse=True)
                     for name in self.streamed:
                         block = _read_rows(f[name], uniq, int(v))
