@@ -250,7 +250,10 @@ def run_align(cfg: AlignConfig, on_progress: Callable[[dict], None] | None = Non
     dist.barrier()
 
     seed_everything(cfg.seed)
-    student = build_student(cfg.student, pretrained_ok=ckpt is None, size=cfg.student_size)
+    try:
+        student = build_student(cfg.student, pretrained_ok=ckpt is None, size=cfg.student_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise AlignError(f"--student {cfg.student}: {e}") from e
     token_dim = cache.token_shape[1] if loss_fn.uses_tokens else None
     heads = AlignHeads(student.pooled_dim, student.grid_dim, cache.embed_dim, token_dim, cache.token_grid)
     model = AlignModel(student, heads).to(device)

@@ -224,7 +224,7 @@ def build_student(spec: str, pretrained_ok: bool = True, size: int | list[int] |
         # change what the aligned features mean.
         trained = list(encoder.input_cfg["size"])
         if size is not None and _size2(size) != trained:
-            raise ValueError(f"{raw}: a run: student keeps the input size it was trained at "
+            raise ValueError(f"a run: student keeps the input size it was trained at "
                              f"({trained[0]}x{trained[1]}), not {'x'.join(map(str, _size2(size)))}; "
                              "leave the input size unset")
         return encoder.train()

@@ -126,8 +126,9 @@ def test_starts_from_an_aligned_run(data, tmp_path):
     w = load_file(tmp_path / "run" / "iaa_model.safetensors")
     for k, v in aligned.model.state_dict().items():
         torch.testing.assert_close(w["encoder.model." + k], v, atol=1e-8, rtol=0)
-    with pytest.raises(FinetuneError, match=r"keeps the input size it was trained at \(32x32\), not 48x48"):
+    with pytest.raises(FinetuneError, match=r"keeps the input size it was trained at \(32x32\), not 48x48") as e:
         run_finetune(cfg(data, tmp_path / "sized", model=f"run:{tmp_path / 'align'}", size=48))
+    assert str(e.value).count(f"run:{tmp_path / 'align'}") == 1  # named once, by the flag that carried it
     # the size it was trained at is no change: a script that passes one --size to every stage still runs
     run_finetune(cfg(data, tmp_path / "same", model=f"run:{tmp_path / 'align'}", size=32, max_steps=1))
 
