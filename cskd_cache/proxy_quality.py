@@ -35,6 +35,12 @@ design assumption, not a measurement). dist = a Gaussian of fixed std ``DIST_STD
 integrated over the 10 unit bins 1..10 with the tails folded into the end bins; its mean is pulled inside the
 scale at the ends (pristine: 9.62, level 5: 1.38), as real vote histograms are.
 
+Unlabelled extras (``unlabelled_per_image`` K > 0): every *train* source also gets K more degraded versions,
+drawn without repetition from the grid pairs its labelled versions did not use (RNG seeded with (seed, source,
+"unlabelled")), written to ``unlabelled/`` and listed in ``unlabelled.csv`` (``path,source,kind,level,param``,
+no score: they are never labels). They are the semi-supervised pool a teacher labels; val and test sources get
+none, so no version of a held-out photo is ever trained on.
+
 Split by source photo (every version of a photo in the same split, so no near-duplicate leaks between splits):
 the sorted source names are shuffled by ``seed`` and cut 70/10/20 into train/val/test (exact counts, rounded).
 
@@ -70,6 +76,7 @@ BINS = 10
 DIST_STD = 1.0
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.1), ("test", 0.2))
 COLUMNS = ("path", "score", "dist", "split", "source", "kind", "level", "param")
+UNLABELLED_COLUMNS = ("path", "source", "kind", "level", "param")
 
 # parameter ladders, index = level - 1 (see the module docstring)
 BLUR_SIGMA = (0.8, 1.5, 2.5, 4.0, 6.0)
@@ -172,6 +179,24 @@ def _draw_versions(name: str, seed: int, per_image: int, kinds: Sequence[str], l
     return sorted((grid[j] for j in pick), key=lambda kl: (kinds.index(kl[0]), kl[1]))
 
 
+def _draw_extra(name: str, seed: int, taken: Sequence[tuple[str, int]], k: int, kinds: Sequence[str],
+                levels: int) -> list[tuple[str, int]]:
+    rest = [(kd, lv) for kd in kinds for lv in range(1, levels + 1) if (kd, lv) not in set(taken)]
+    if k > len(rest):
+        raise ValueError(f"unlabelled_per_image {k} + per_image {len(taken)} exceed the {len(kinds) * levels} "
+                         "(kind, level) pairs")
+    pick = _rng(seed, name, "unlabelled").choice(len(rest), size=k, replace=False)
+    return sorted((rest[j] for j in pick), key=lambda kl: (kinds.index(kl[0]), kl[1]))
+
+
+def _write_version(im: Image.Image, name: str, kind: str, level: int, seed: int, out_dir: Path,
+                   folder: str) -> tuple[str, str]:
+    out, param = degrade(im, kind, level, _rng(seed, name, kind, level))
+    rel = Path(folder) / f"{name}__{kind}{level}.{'jpg' if isinstance(out, bytes) else 'png'}"
+    (_write_bytes if isinstance(out, bytes) else _write_png)(out, out_dir / rel)
+    return rel.as_posix(), param
+
+
 def _fmt_dist(d: np.ndarray) -> str:
     return ";".join(f"{v:.6f}" for v in d)
 
@@ -189,31 +214,33 @@ def _write_bytes(data: bytes, path: Path) -> None:
 
 
 def _process(src: Path, name: str, split: str, out_dir: Path, size: int, seed: int, per_image: int,
-             kinds: Sequence[str], levels: int) -> list[dict]:
+             kinds: Sequence[str], levels: int, unlabelled_per_image: int = 0) -> tuple[list[dict], list[dict]]:
+    """(labelled rows, unlabelled rows) of one source."""
     im = _fit_short_side(load_rgb(src), size)
     rows = []
     rel = Path("images") / f"{name}__pristine.png"
     _write_png(im, out_dir / rel)
     rows.append({"path": rel.as_posix(), "level": 0, "kind": "pristine", "param": ""})
-    for kind, level in _draw_versions(name, seed, per_image, kinds, levels):
-        out, param = degrade(im, kind, level, _rng(seed, name, kind, level))
-        if isinstance(out, bytes):
-            rel = Path("images") / f"{name}__{kind}{level}.jpg"
-            _write_bytes(out, out_dir / rel)
-        else:
-            rel = Path("images") / f"{name}__{kind}{level}.png"
-            _write_png(out, out_dir / rel)
-        rows.append({"path": rel.as_posix(), "level": level, "kind": kind, "param": param})
+    versions = _draw_versions(name, seed, per_image, kinds, levels)
+    for kind, level in versions:
+        path, param = _write_version(im, name, kind, level, seed, out_dir, "images")
+        rows.append({"path": path, "level": level, "kind": kind, "param": param})
     for r in rows:
         score = level_score(r["level"])
         r.update(score=f"{score:.2f}", dist=_fmt_dist(score_dist(score)), split=split, source=name)
-    return rows
+    extra = []
+    if split == "train" and unlabelled_per_image:
+        for kind, level in _draw_extra(name, seed, versions, unlabelled_per_image, kinds, levels):
+            path, param = _write_version(im, name, kind, level, seed, out_dir, "unlabelled")
+            extra.append({"path": path, "source": name, "kind": kind, "level": level, "param": param})
+    return rows, extra
 
 
 def build_proxy_set(src_images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, levels: int = LEVELS,
                     kinds: Sequence[str] = KINDS, per_image: int = 4, seed: int = 0, size: int = 256,
-                    workers: int = 1) -> Path:
-    """Write the pristine + ``per_image`` degraded versions of every source image and ``labels.csv``.
+                    workers: int = 1, unlabelled_per_image: int = 0) -> Path:
+    """Write the pristine + ``per_image`` degraded versions of every source image and ``labels.csv`` (and, with
+    ``unlabelled_per_image`` > 0, the train sources' unlabelled extras and ``unlabelled.csv``).
 
     src_images: image files; their file names (without extension) must be unique, they name the outputs.
     levels: severity levels 1..levels (at most 5) drawn from; kinds: a subset of `KINDS`.
@@ -227,6 +254,9 @@ def build_proxy_set(src_images: Sequence[str | os.PathLike], out_dir: str | os.P
         raise ValueError(f"levels must be in 1..{LEVELS}, got {levels}")
     if not 0 <= per_image <= levels * len(kinds):
         raise ValueError(f"per_image must be in 0..{levels * len(kinds)} (levels x kinds), got {per_image}")
+    if not 0 <= unlabelled_per_image <= levels * len(kinds) - per_image:
+        raise ValueError(f"unlabelled_per_image must be in 0..{levels * len(kinds) - per_image} (the pairs left "
+                         f"after per_image), got {unlabelled_per_image}")
     if size < 8:
         raise ValueError(f"size must be >= 8, got {size}")
     srcs = [Path(p) for p in src_images]
@@ -236,9 +266,12 @@ def build_proxy_set(src_images: Sequence[str | os.PathLike], out_dir: str | os.P
     splits = split_sources(names, seed)
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    if unlabelled_per_image:
+        (out_dir / "unlabelled").mkdir(exist_ok=True)
     jobs = sorted(zip(names, srcs))
-    args = [(src, name, splits[name], out_dir, size, seed, per_image, kinds, levels) for name, src in jobs]
-    results: list[list[dict] | str] = []
+    args = [(src, name, splits[name], out_dir, size, seed, per_image, kinds, levels, unlabelled_per_image)
+            for name, src in jobs]
+    results: list[tuple[list[dict], list[dict]] | str] = []
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -247,12 +280,13 @@ def build_proxy_set(src_images: Sequence[str | os.PathLike], out_dir: str | os.P
             results = [f.result() for f in futs]
     else:
         results = [_safe_process(*a) for a in args]
-    rows, skipped = [], []
+    rows, extra, skipped = [], [], []
     for (name, src), res in zip(jobs, results):
         if isinstance(res, str):
             skipped.append(f"{src}\t{res}")
         else:
-            rows.extend(res)
+            rows.extend(res[0])
+            extra.extend(res[1])
     if not rows:
         raise ValueError(f"none of the {len(srcs)} source images could be decoded")
     labels = out_dir / "labels.csv"
@@ -263,6 +297,16 @@ def build_proxy_set(src_images: Sequence[str | os.PathLike], out_dir: str | os.P
         for r in rows:
             w.writerow({k: r[k] for k in COLUMNS})
     os.replace(tmp, labels)
+    unl = out_dir / "unlabelled.csv"
+    if unlabelled_per_image:
+        tmp = unl.with_name("unlabelled.csv.tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=UNLABELLED_COLUMNS, lineterminator="\n")
+            w.writeheader()
+            w.writerows({k: r[k] for k in UNLABELLED_COLUMNS} for r in extra)
+        os.replace(tmp, unl)
+    elif unl.exists():  # a rebuild without extras must not leave the last build's list behind
+        unl.unlink()
     skip_file = out_dir / "skipped.txt"
     if skipped:
         skip_file.write_text("\n".join(skipped) + "\n", encoding="utf-8")
@@ -306,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (images/ and labels.csv)")
     p.add_argument("--n", type=int, default=None, help="use N source photos, a seeded sample (default all)")
     p.add_argument("--per-image", type=int, default=4, help="degraded versions per photo (default 4)")
+    p.add_argument("--unlabelled-per-image", type=int, default=0,
+                   help="extra unlabelled versions per train photo, in unlabelled/ (default 0)")
     p.add_argument("--levels", type=int, default=LEVELS, help=f"severity levels (default {LEVELS})")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated (default {','.join(KINDS)})")
     p.add_argument("--size", type=int, default=256, help="working size: shorter side in pixels (default 256)")
@@ -327,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
     t = time.perf_counter()
     try:
-        labels = build_proxy_set(paths, a.out, levels=a.levels, kinds=kinds, per_image=a.per_image, seed=a.seed, size=a.size, workers=a.workers)
+        labels = build_proxy_set(paths, a.out, levels=a.levels, kinds=kinds, per_image=a.per_image, seed=a.seed, size=a.size, workers=a.workers,
+                                 unlabelled_per_image=a.unlabelled_per_image)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -143,6 +143,32 @@ def test_deterministic_bytes(built, tmp_path):
     assert other.read_bytes() != labels.read_bytes()
 
 
+def test_unlabelled_extras_are_train_only_new_pairs_and_leave_labels_unchanged(built, tmp_path):
+    root, srcs, labels = built
+    out = build_proxy_set(srcs, tmp_path / "extra", per_image=3, seed=7, size=48, unlabelled_per_image=5)
+    # the labelled set is byte-identical to a build without extras: adding unlabelled data moves no label
+    assert out.read_bytes() == labels.read_bytes()
+    for r in _rows(labels):
+        assert (out.parent / r["path"]).read_bytes() == (labels.parent / r["path"]).read_bytes(), r["path"]
+    rows, extra = _rows(labels), _rows(out.parent / "unlabelled.csv")
+    assert list(extra[0]) == ["path", "source", "kind", "level", "param"]
+    split_of = {r["source"]: r["split"] for r in rows}
+    train = {s for s, sp in split_of.items() if sp == "train"}
+    assert {e["source"] for e in extra} == train  # no version of a val/test photo is ever in the pool
+    assert len(extra) == 5 * len(train)
+    assert sorted(p.name for p in (out.parent / "unlabelled").iterdir()) == sorted(e["path"][11:] for e in extra)
+    labelled_pairs = {(r["source"], r["kind"], r["level"]) for r in rows}
+    for e in extra:
+        assert (e["source"], e["kind"], e["level"]) not in labelled_pairs
+        assert Image.open(out.parent / e["path"]).size == Image.open(out.parent / f"images/{e['source']}__pristine.png").size
+    assert len({(e["source"], e["kind"], e["level"]) for e in extra}) == len(extra)
+    with pytest.raises(ValueError, match="unlabelled_per_image"):
+        build_proxy_set(srcs, tmp_path / "too-many", per_image=3, unlabelled_per_image=23)
+    # a rebuild without extras does not leave the last build's list behind
+    build_proxy_set(srcs, tmp_path / "extra", per_image=3, seed=7, size=48)
+    assert not (out.parent / "unlabelled.csv").exists()
+
+
 def test_labels_parse_through_load_labels(built):
     _, srcs, labels = built
     rows = _rows(labels)
