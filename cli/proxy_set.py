@@ -18,6 +18,9 @@ def proxy_set(
     = None,
     per_image: Annotated[int, typer.Option(min=0, help="Degraded versions per photo, besides the pristine one.")]
     = 4,
+    unlabelled_per_image: Annotated[int, typer.Option(
+        min=0, help="Extra versions per *train* photo, in unlabelled/ (never labels): the pool a teacher labels "
+        "in `cskd distill`. Val/test photos get none.")] = 0,
     levels: Annotated[int, typer.Option(min=1, max=5, help="Severity levels drawn from (1..5).")] = 5,
     kinds: Annotated[str, typer.Option(help="Comma-separated degradations.")] = "blur,noise,jpeg,exposure,colour",
     size: Annotated[int, typer.Option(min=8, help="Working size: shorter side in pixels.")] = 256,
@@ -42,8 +45,12 @@ def proxy_set(
     t = time.perf_counter()
     try:
         labels = build_proxy_set(paths, out, levels=levels, kinds=[k.strip() for k in kinds.split(",") if k.strip()],
-                                 per_image=per_image, seed=seed, size=size, workers=workers)
+                                 per_image=per_image, seed=seed, size=size, workers=workers,
+                                 unlabelled_per_image=unlabelled_per_image)
     except ValueError as e:
         fail(str(e))
     console.print(summarise(labels), highlight=False)
+    if unlabelled_per_image:
+        console.print(f"unlabelled: {sum(1 for _ in open(out / 'unlabelled.csv')) - 1} images in {out / 'unlabelled'} "
+                      "(listed in unlabelled.csv); extract them with the train images", highlight=False)
     console.print(f"built in {time.perf_counter() - t:.1f} s; train on it with --labels csv:{labels}", highlight=False)

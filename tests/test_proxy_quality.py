@@ -217,5 +217,13 @@ def test_cli_proxy_set_and_its_errors(tmp_path):
     r = CliRunner().invoke(app, ["proxy-set", "--src", str(src), "--out", str(tmp_path / "p"), "--per-image", "2"])
     assert r.exit_code == 0, r.output
     assert len(load_labels(f"csv:{tmp_path / 'p' / 'labels.csv'}")) == 9
+    r = CliRunner().invoke(app, ["proxy-set", "--src", str(src), "--out", str(tmp_path / "u"), "--per-image", "2",
+                                 "--unlabelled-per-image", "3"])
+    assert r.exit_code == 0, r.output
+    n_train = sum(row["split"] == "train" for row in _rows(tmp_path / "u" / "labels.csv")) // 3
+    assert f"unlabelled: {3 * n_train} images" in r.output
+    r = CliRunner().invoke(app, ["proxy-set", "--src", str(src), "--out", str(tmp_path / "v"), "--per-image", "2",
+                                 "--unlabelled-per-image", "24"])
+    assert r.exit_code == 1 and "unlabelled_per_image" in r.output
     r = CliRunner().invoke(app, ["proxy-set", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "q")])
     assert r.exit_code == 1 and "not a folder" in r.output and not (tmp_path / "q").exists()
