@@ -97,8 +97,13 @@ def predictions_fingerprint(teacher: dict, cache: FeatureCache) -> str:
 
 
 def default_predictions_dir(teacher_dir: str | os.PathLike, cache: FeatureCache) -> Path:
-    """TEACHER_DIR/predictions/<first 16 hex of the feature cache's fingerprint>: one per cache it labelled."""
-    return Path(teacher_dir) / "predictions" / str(cache.manifest.get("fingerprint", "unknown"))[:16]
+    """TEACHER_DIR/predictions/<16 hex>: one directory per cache the teacher labelled.
+
+    The name hashes the cache's fingerprint *and* its rows (`rows_sha256`): the fingerprint alone describes how
+    rows were made (teacher, views, storage), so two caches extracted the same way from different images would
+    share a directory and each use would recompute over the other's predictions."""
+    ident = f"{cache.manifest.get('fingerprint', 'unknown')}:{rows_sha256(cache)}"
+    return Path(teacher_dir) / "predictions" / hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
 def _array_specs(teacher: dict, views: int) -> dict:

@@ -33,7 +33,7 @@ from cskd_cache.iaa_data import load_labels
 from cskd_cache.iaa_data_sets import ViewImages, eval_tensor
 from cskd_cache.iaa_model import load_iaa_model, save_iaa_model
 from cskd_cache.images import file_digest, load_rgb
-from cskd_cache.predictions import StalePredictions, read_predictions
+from cskd_cache.predictions import StalePredictions, default_predictions_dir, read_predictions
 from cskd_cache.reader import open_cache
 from cskd_cache.trainer import read_metrics
 from cskd_cache.views import render_tensor
@@ -81,6 +81,25 @@ def cfg(data, out, **kw) -> DistillConfig:
                 batch_size=8, num_workers=0, max_steps=4, log_every=2)
     base.update(kw)
     return DistillConfig(**base)
+
+
+def test_caches_made_alike_from_other_images_keep_their_own_predictions(data, tmp_path):
+    """Same teacher, views and storage (equal fingerprints) over other images: each cache gets its own predictions
+    directory, so alternating between them reuses both instead of recomputing over each other."""
+    other = tmp_path / "cache-unl"
+    run_extract(ExtractConfig(teacher="py:_iaa_task:noise_teacher", out=str(other), images=[str(data / "unl")],
+                              views=2, num_workers=0, shard_size=40))
+    a, b = open_cache(data / "cache"), open_cache(other)
+    assert a.manifest["fingerprint"] == b.manifest["fingerprint"]
+    teacher = tmp_path / "teacher"
+    shutil.copytree(data / "teacher", teacher, ignore=shutil.ignore_patterns("checkpoints", "predictions"))
+    assert default_predictions_dir(teacher, a) != default_predictions_dir(teacher, b)
+    assert default_predictions_dir(teacher, a) == default_predictions_dir(teacher, open_cache(data / "cache"))
+    r1 = run_distill(cfg(data, tmp_path / "a1", teacher=f"run:{teacher}", max_steps=1))
+    r2 = run_distill(cfg(data, tmp_path / "b1", teacher=f"run:{teacher}", cache=str(other), max_steps=1))
+    r3 = run_distill(cfg(data, tmp_path / "a2", teacher=f"run:{teacher}", max_steps=1))
+    assert r1["teacher"]["computed"] and r2["teacher"]["computed"] and not r3["teacher"]["computed"]
+    assert len(read_predictions(default_predictions_dir(teacher, b), b).arrays["logits"]) == len(b)
 
 
 def no_timing(records):
@@ -157,7 +176,7 @@ def test_run_teacher_predictions_are_written_once_reused_and_renewed(data, tmp_p
     teacher = data / "teacher"
     r1 = run_distill(cfg(data, tmp_path / "a", teacher=f"run:{teacher}", max_steps=2))
     cache = open_cache(data / "cache")
-    pdir = teacher / "predictions" / cache.manifest["fingerprint"][:16]
+    pdir = default_predictions_dir(teacher, cache)
     assert r1["teacher"]["computed"] and r1["teacher"]["predictions"] == str(pdir)
     preds = read_predictions(pdir, cache)
     scorer = load_iaa_model(teacher)
@@ -192,7 +211,7 @@ def test_run_teacher_predictions_are_written_once_reused_and_renewed(data, tmp_p
         run_distill(cfg(data, tmp_path / "c", teacher=f"run:{changed}", max_steps=2, stale_predictions="error"))
     assert not (tmp_path / "c" / "config.yaml").exists()
     r3 = run_distill(cfg(data, tmp_path / "d", teacher=f"run:{changed}", max_steps=2))
-    renewed = read_predictions(changed / "predictions" / cache.manifest["fingerprint"][:16], cache)
+    renewed = read_predictions(default_predictions_dir(changed, cache), cache)
     assert r3["teacher"]["computed"] and renewed.manifest["fingerprint"] != preds.manifest["fingerprint"]
     np.testing.assert_allclose(renewed.arrays["logits"], preds.arrays["logits"] + 1.0, atol=1e-4)
     assert not [p for p in (changed / "predictions").iterdir() if p.name.startswith(".")]  # no temp leftovers
