@@ -10,9 +10,12 @@
 Steps (each writes under --work and is skipped when its output is already there, so a rerun only evaluates):
 
 1. ``proxy``   (with --proxy-from) `cskd_cache.proxy_quality`: every source photo pristine + 4 degraded versions
-               (blur, noise, JPEG, exposure, colour; 5 levels), score = 10 - 1.8 x level, split by source photo.
+               (blur, noise, JPEG, exposure, colour; 5 levels), score = 10 - 1.8 x level, split by source photo;
+               each train photo also gets --unlabelled-per-image more versions that are never labels.
 2. ``cache``   `cskd extract` with the feature teacher (default: EfficientNet-Lite0, ImageNet-pretrained, the only
                real pretrained image backbone offline; stands in for CLIP), --views views, tokens at native grid.
+               With --proxy-from it holds the train photos' versions only (``pool.txt``): Stage I and Stage II never
+               see a val or test photo, not even unlabelled.
 3. ``labels-only`` `cskd finetune` of the student (random init) on --label-fraction of the train labels: the
                baseline.
 4. ``align``   `cskd align` of the student (random init) on the cache: Stage I.
@@ -21,6 +24,8 @@ Steps (each writes under --work and is skipped when its output is already there,
 6. ``cskd``    `cskd distill --teacher run:TEACHER --student run:ALIGN`: labelled EMD + EMD to the teacher's
                distribution on every unlabelled cached view (val/test images are never in that pool).
 7. ``distill-only`` (--ablation) `cskd distill` from a random-init student: what Stage I adds.
+8. ``all-labels`` (--all-labels-epochs N) `cskd finetune` of the student on *every* train label: not a CSKD
+               result but a reference, what this student reaches in this budget when labels are not scarce.
 
 Every model is evaluated on the test split with `cskd evaluate` (SRCC, PLCC, accuracy, bootstrap 95% intervals over
 test images). The last lines compare CSKD with the labels-only student: the SRCC difference with a paired bootstrap
@@ -64,34 +69,54 @@ def step_proxy(args, work: Path) -> str:
     from cskd_cache.sources import scan_images
 
     out = work / "proxy"
-    if not (out / "labels.csv").is_file():
+    if not (out / "labels.csv").is_file() or (args.unlabelled_per_image and not (out / "unlabelled.csv").is_file()):
         src = Path(args.proxy_from)
         if not src.is_dir():
             sys.exit(f"error: --proxy-from {src} is not a folder of photos (e.g. ../shared/data/photos)")
         files = [str(p) for p in scan_images(src)]
         log(f"proxy set: {len(files)} photos from {src} -> {out}")
-        build_proxy_set(files, out, per_image=args.per_image, seed=args.seed, workers=args.workers)
+        build_proxy_set(files, out, per_image=args.per_image, seed=args.seed, workers=args.workers,
+                        unlabelled_per_image=args.unlabelled_per_image)
     return f"csv:{out / 'labels.csv'}"
 
 
-def step_cache(args, work: Path, images: list[str]) -> str:
+def proxy_pool(work: Path, extras: bool) -> Path:
+    """pool.txt: the train photos' labelled versions (and, with ``extras``, their unlabelled extras): the only
+    images cached."""
+    import csv
+
+    proxy, pool = work / "proxy", work / "pool.txt"
+    with open(proxy / "labels.csv", newline="") as f:
+        paths = [r["path"] for r in csv.DictReader(f) if r["split"] == "train"]
+    if extras:
+        with open(proxy / "unlabelled.csv", newline="") as f:
+            paths += [r["path"] for r in csv.DictReader(f)]
+    text = "".join(f"{(proxy / p).resolve()}\n" for p in paths)
+    if not pool.is_file() or pool.read_text() != text:
+        pool.write_text(text)
+    return pool
+
+
+def step_cache(args, work: Path, images: list[str], lists: list[str]) -> str:
     from cskd_cache.extract import ExtractConfig, run_extract
 
     out = work / "cache"
     if not done(out, "manifest.json") or not json.loads((out / "manifest.json").read_text()).get("complete"):
-        log(f"extract: {args.teacher} over {', '.join(images)} -> {out}")
-        res = run_extract(ExtractConfig(teacher=args.teacher, out=str(out), images=images, views=args.views,
-                                        batch_size=32, num_workers=args.workers))
+        log(f"extract: {args.teacher} over {', '.join(images + lists)} -> {out}")
+        res = run_extract(ExtractConfig(teacher=args.teacher, out=str(out), images=images, lists=lists,
+                                        views=args.views, batch_size=32, num_workers=args.workers))
         log(f"extract: {res.rows} rows, {res.images_per_s:.1f} img/s")
     return str(out)
 
 
-def finetune(args, labels: str, model: str, out: Path, epochs: int, size: int | None, lr_encoder: float | None):
+def finetune(args, labels: str, model: str, out: Path, epochs: int, size: int | None, lr_encoder: float | None,
+             label_fraction: float | None = None):
     from cskd_cache.finetune import FinetuneConfig, run_finetune
 
     if not done(out, "loss_curve.png"):  # written last: the run is complete
         log(f"finetune {model} -> {out}")
-        s = run_finetune(FinetuneConfig(model=model, labels=labels, out=str(out), label_fraction=args.label_fraction,
+        s = run_finetune(FinetuneConfig(model=model, labels=labels, out=str(out),
+                                        label_fraction=label_fraction or args.label_fraction,
                                         epochs=epochs, batch_size=args.batch_size, size=size, lr=args.lr,
                                         lr_encoder=lr_encoder, seed=args.seed, num_workers=args.workers))
         log(f"finetune {out.name}: val SRCC {s['val']['srcc']:.3f} (epoch {s['best_epoch']})")
@@ -184,21 +209,26 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-model", default=LITE0_STUDENT,
                    help=f"encoder fine-tuned as the IAA teacher ({LITE0_STUDENT}; e.g. run:ALIGN_RUN)")
     p.add_argument("--student", default="timm:mobilenetv3_small_100", help="student spec (random init)")
-    p.add_argument("--size", type=int, default=160, help="student input size (default 160)")
+    p.add_argument("--size", type=int, default=224, help="student input size (default 224)")
     p.add_argument("--label-fraction", type=float, default=0.1, help="share of train labels used (default 0.1)")
     p.add_argument("--per-image", type=int, default=4, help="degraded versions per proxy photo (default 4)")
+    p.add_argument("--unlabelled-per-image", type=int, default=0,
+                   help="unlabelled extra versions per train photo (default 0: the train split is the pool)")
     p.add_argument("--views", type=int, default=2, help="cached views per image (default 2)")
     p.add_argument("--teacher-epochs", type=int, default=12)
     p.add_argument("--baseline-epochs", type=int, default=40,
                    help="labels-only epochs (more than distill: it sees far fewer images per epoch)")
-    p.add_argument("--align-epochs", type=int, default=6)
-    p.add_argument("--distill-epochs", type=int, default=6)
+    p.add_argument("--align-epochs", type=int, default=4)
+    p.add_argument("--distill-epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lambda-u", type=float, default=1.0, help="weight of the distillation loss (default 1)")
+    p.add_argument("--lambda-u", type=float, default=4.0,
+                   help="weight of the distillation loss (default 4: at 1 the 284 labels, seen ~10x per epoch, are memorised)")
     p.add_argument("--unlabelled-ratio", type=float, default=1.0,
                    help="unlabelled images per labelled image in a distill step (default 1)")
     p.add_argument("--ablation", action="store_true", help="also distil into a random-init student (no Stage I)")
+    p.add_argument("--all-labels-epochs", type=int, default=0,
+                   help="also train the student on all train labels for N epochs, as a reference (default 0: no)")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -210,12 +240,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.proxy_from:
         labels = step_proxy(args, work)
-        images = [str(work / "proxy" / "images")]
+        images, lists = [], [str(proxy_pool(work, args.unlabelled_per_image > 0))]
     else:
-        labels, images = args.labels, args.images
+        labels, images, lists = args.labels, args.images, []
         if not images:
             sys.exit("error: --labels needs --images (the unlabelled folders, labelled images included)")
-    cache = step_cache(args, work, images)
+    cache = step_cache(args, work, images, lists)
 
     runs = {}
     finetune(args, labels, args.student, work / "labels-only", args.baseline_epochs, args.size, None)
@@ -228,6 +258,9 @@ def main(argv=None) -> int:
     if args.ablation:
         distill(args, labels, cache, work / "teacher", args.student, work / "distill-only")
         runs["student, distill only (no Stage I)"] = work / "distill-only"
+    if args.all_labels_epochs:
+        finetune(args, labels, args.student, work / "all-labels", args.all_labels_epochs, args.size, None, 1.0)
+        runs["reference: student on all train labels"] = work / "all-labels"
 
     log("evaluating on the test split")
     res = {name: evaluate(args, labels, run) for name, run in runs.items()}
