@@ -21,8 +21,8 @@ Steps (each writes under --work and is skipped when its output is already there,
 4. ``align``   `cskd align` of the student (random init) on the cache: Stage I.
 5. ``teacher`` `cskd finetune` of --teacher-model (default: that same pretrained EfficientNet-Lite0 as a trainable
                py: student) on the same labels: the Stage II IAA teacher.
-6. ``cskd``    `cskd distill --teacher run:TEACHER --student run:ALIGN`: labelled EMD + EMD to the teacher's
-               distribution on every unlabelled cached view (val/test images are never in that pool).
+6. ``cskd``    `cskd distill --teacher run:TEACHER --student run:ALIGN`: labelled EMD + --lambda-u x EMD to the
+               teacher's distribution on every unlabelled cached view (val/test images are never in that pool).
 7. ``distill-only`` (--ablation) `cskd distill` from a random-init student: what Stage I adds.
 8. ``all-labels`` (--all-labels-epochs N) `cskd finetune` of the student on *every* train label: not a CSKD
                result but a reference, what this student reaches in this budget when labels are not scarce.
@@ -39,6 +39,7 @@ student through unlabelled images) with real photos and a real pretrained networ
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -83,8 +84,6 @@ def step_proxy(args, work: Path) -> str:
 def proxy_pool(work: Path, extras: bool) -> Path:
     """pool.txt: the train photos' labelled versions (and, with ``extras``, their unlabelled extras): the only
     images cached."""
-    import csv
-
     proxy, pool = work / "proxy", work / "pool.txt"
     with open(proxy / "labels.csv", newline="") as f:
         paths = [r["path"] for r in csv.DictReader(f) if r["split"] == "train"]
@@ -113,10 +112,10 @@ def finetune(args, labels: str, model: str, out: Path, epochs: int, size: int | 
              label_fraction: float | None = None):
     from cskd_cache.finetune import FinetuneConfig, run_finetune
 
+    fraction = args.label_fraction if label_fraction is None else label_fraction
     if not done(out, "loss_curve.png"):  # written last: the run is complete
         log(f"finetune {model} -> {out}")
-        s = run_finetune(FinetuneConfig(model=model, labels=labels, out=str(out),
-                                        label_fraction=label_fraction or args.label_fraction,
+        s = run_finetune(FinetuneConfig(model=model, labels=labels, out=str(out), label_fraction=fraction,
                                         epochs=epochs, batch_size=args.batch_size, size=size, lr=args.lr,
                                         lr_encoder=lr_encoder, seed=args.seed, num_workers=args.workers))
         log(f"finetune {out.name}: val SRCC {s['val']['srcc']:.3f} (epoch {s['best_epoch']})")
@@ -156,7 +155,6 @@ def evaluate(args, labels: str, run: Path) -> dict:
         run_evaluate(EvalConfig(model=str(run), labels=labels, out=str(out), split="test",
                                 num_workers=args.workers, bootstrap=args.bootstrap, seed=args.seed))
     m = json.loads((out / "metrics.json").read_text())
-    import csv
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     m["_pred"] = {r["key"]: float(r["pred"]) for r in rows}
@@ -178,7 +176,6 @@ def srcc_by_kind(labels_csv: Path, res: dict) -> tuple[dict[str, int], dict[str,
     """SRCC within each degradation kind of the proxy set: which distortions a model ranks, which it cannot see.
 
     Returns ({kind: test images}, {model: {kind: SRCC}}); pristine photos all score 10 and are left out."""
-    import csv
     with open(labels_csv, newline="") as f:
         kind = {r["path"]: r["kind"] for r in csv.DictReader(f)}
     counts: dict[str, int] = {}
@@ -223,7 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lambda-u", type=float, default=4.0,
-                   help="weight of the distillation loss (default 4: at 1 the 284 labels, seen ~10x per epoch, are memorised)")
+                   help="weight of the distillation loss (default 4: at 1 the 284 labels, seen ~10x per epoch, "
+                   "are memorised)")
     p.add_argument("--unlabelled-ratio", type=float, default=1.0,
                    help="unlabelled images per labelled image in a distill step (default 1)")
     p.add_argument("--ablation", action="store_true", help="also distil into a random-init student (no Stage I)")

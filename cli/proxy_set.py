@@ -51,6 +51,7 @@ def proxy_set(
         fail(str(e))
     console.print(summarise(labels), highlight=False)
     if unlabelled_per_image:
-        console.print(f"unlabelled: {sum(1 for _ in open(out / 'unlabelled.csv')) - 1} images in {out / 'unlabelled'} "
-                      "(listed in unlabelled.csv); extract them with the train images", highlight=False)
+        n_unl = len((out / "unlabelled.csv").read_text(encoding="utf-8").splitlines()) - 1  # minus the header
+        console.print(f"unlabelled: {n_unl} images in {out / 'unlabelled'} (listed in unlabelled.csv); extract them "
+                      "with the train images", highlight=False)
     console.print(f"built in {time.perf_counter() - t:.1f} s; train on it with --labels csv:{labels}", highlight=False)

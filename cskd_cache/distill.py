@@ -17,9 +17,10 @@ Teachers (``teacher``):
   embeddings of the linked train labels (`cache_head`), saved as RUN_DIR/teacher/cache_head.*; its predictions
   go to RUN_DIR/teacher/predictions. Needs no image decoding and fits in seconds;
 - ``run:TEACHER_RUN``: a `cskd finetune` (or distill) run; its predictions on every cached view are computed
-  once into TEACHER_RUN/predictions/<ID>/ (`predictions.default_predictions_dir`; or ``predictions``) and reused by later runs
-  whose teacher weights and feature cache match (`predictions` documents the fingerprint; a stale directory is
-  recomputed, or refused with ``stale_predictions="error"``). Under torchrun each rank computes a share.
+  once into TEACHER_RUN/predictions/<ID>/ (`predictions.default_predictions_dir`; or ``predictions``) and
+  reused by later runs whose teacher weights and feature cache match (`predictions` documents the fingerprint;
+  a stale directory is recomputed, or refused with ``stale_predictions="error"``). Under torchrun each rank
+  computes a share.
 
 Teacher and student heads agree: a distribution head on datasets with vote histograms (distillation loss EMD
 between the softmaxed outputs, or KL at ``temperature``), a scalar head otherwise (MSE to the teacher's 0..1

@@ -67,10 +67,7 @@ class StalePredictions(PredictionsError):
 
 
 def rows_sha256(cache: FeatureCache) -> str:
-    h = hashlib.sha256()
-    for s, k in zip(cache.sources, cache.keys):
-        h.update(f"{s}\0{k}\n".encode())
-    return h.hexdigest()
+    return cache.rows_sha256
 
 
 def describe_teacher(kind: str, spec: str, dir: str | os.PathLike, meta_name: str, weights_name: str) -> dict:

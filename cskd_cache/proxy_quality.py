@@ -173,20 +173,12 @@ def split_sources(names: Sequence[str], seed: int) -> dict[str, str]:
     return out
 
 
-def _draw_versions(name: str, seed: int, per_image: int, kinds: Sequence[str], levels: int) -> list[tuple[str, int]]:
-    grid = [(k, lv) for k in kinds for lv in range(1, levels + 1)]
-    pick = _rng(seed, name, "versions").choice(len(grid), size=per_image, replace=False)
+def _draw_versions(name: str, seed: int, n: int, kinds: Sequence[str], levels: int, tag: str = "versions",
+                   taken: Sequence[tuple[str, int]] = ()) -> list[tuple[str, int]]:
+    """n distinct (kind, level) pairs of the grid minus ``taken``, by an RNG seeded with (seed, name, tag)."""
+    grid = [(k, lv) for k in kinds for lv in range(1, levels + 1) if (k, lv) not in set(taken)]
+    pick = _rng(seed, name, tag).choice(len(grid), size=n, replace=False)
     return sorted((grid[j] for j in pick), key=lambda kl: (kinds.index(kl[0]), kl[1]))
-
-
-def _draw_extra(name: str, seed: int, taken: Sequence[tuple[str, int]], k: int, kinds: Sequence[str],
-                levels: int) -> list[tuple[str, int]]:
-    rest = [(kd, lv) for kd in kinds for lv in range(1, levels + 1) if (kd, lv) not in set(taken)]
-    if k > len(rest):
-        raise ValueError(f"unlabelled_per_image {k} + per_image {len(taken)} exceed the {len(kinds) * levels} "
-                         "(kind, level) pairs")
-    pick = _rng(seed, name, "unlabelled").choice(len(rest), size=k, replace=False)
-    return sorted((rest[j] for j in pick), key=lambda kl: (kinds.index(kl[0]), kl[1]))
 
 
 def _write_version(im: Image.Image, name: str, kind: str, level: int, seed: int, out_dir: Path,
@@ -230,7 +222,7 @@ def _process(src: Path, name: str, split: str, out_dir: Path, size: int, seed: i
         r.update(score=f"{score:.2f}", dist=_fmt_dist(score_dist(score)), split=split, source=name)
     extra = []
     if split == "train" and unlabelled_per_image:
-        for kind, level in _draw_extra(name, seed, versions, unlabelled_per_image, kinds, levels):
+        for kind, level in _draw_versions(name, seed, unlabelled_per_image, kinds, levels, "unlabelled", versions):
             path, param = _write_version(im, name, kind, level, seed, out_dir, "unlabelled")
             extra.append({"path": path, "source": name, "kind": kind, "level": level, "param": param})
     return rows, extra
@@ -373,8 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
     t = time.perf_counter()
     try:
-        labels = build_proxy_set(paths, a.out, levels=a.levels, kinds=kinds, per_image=a.per_image, seed=a.seed, size=a.size, workers=a.workers,
-                                 unlabelled_per_image=a.unlabelled_per_image)
+        labels = build_proxy_set(paths, a.out, levels=a.levels, kinds=kinds, per_image=a.per_image, seed=a.seed,
+                                 size=a.size, workers=a.workers, unlabelled_per_image=a.unlabelled_per_image)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@ fork), and a batch's reads are sorted per shard because h5py fancy indexing need
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,15 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return self.n
+
+    @functools.cached_property
+    def rows_sha256(self) -> str:
+        """sha256 over the ordered ``source \0 key \n`` list: which images the rows are, in order. Computed once
+        per opened cache (the fingerprint and the predictions directory both need it)."""
+        h = hashlib.sha256()
+        for s, k in zip(self.sources, self.keys):
+            h.update(f"{s}\0{k}\n".encode())
+        return h.hexdigest()
 
     @property
     def has_tokens(self) -> bool:

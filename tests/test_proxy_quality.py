@@ -160,7 +160,8 @@ def test_unlabelled_extras_are_train_only_new_pairs_and_leave_labels_unchanged(b
     labelled_pairs = {(r["source"], r["kind"], r["level"]) for r in rows}
     for e in extra:
         assert (e["source"], e["kind"], e["level"]) not in labelled_pairs
-        assert Image.open(out.parent / e["path"]).size == Image.open(out.parent / f"images/{e['source']}__pristine.png").size
+        pristine = out.parent / "images" / f"{e['source']}__pristine.png"
+        assert Image.open(out.parent / e["path"]).size == Image.open(pristine).size
     assert len({(e["source"], e["kind"], e["level"]) for e in extra}) == len(extra)
     with pytest.raises(ValueError, match="unlabelled_per_image"):
         build_proxy_set(srcs, tmp_path / "too-many", per_image=3, unlabelled_per_image=23)
