@@ -108,16 +108,32 @@ def step_cache(args, work: Path, images: list[str], lists: list[str]) -> str:
     return str(out)
 
 
+def finished(out: Path, **expected) -> bool:
+    """True when the run in ``out`` is complete (loss_curve.png is written last); a finished run made with other
+    settings than these is an error, not something to compare silently."""
+    if not done(out, "loss_curve.png"):
+        return False
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    diff = {k: (saved.get(k, 0.0 if k == "ema" else None), v) for k, v in expected.items()
+            if saved.get(k, 0.0 if k == "ema" else None) != v}
+    if diff:
+        sys.exit(f"error: {out} was trained with other settings ({diff}: saved, asked); remove it or use another "
+                 "--work")
+    return True
+
+
 def finetune(args, labels: str, model: str, out: Path, epochs: int, size: int | None, lr_encoder: float | None,
-             label_fraction: float | None = None):
+             label_fraction: float | None = None, ema: float = 0.0):
     from cskd_cache.finetune import FinetuneConfig, run_finetune
 
     fraction = args.label_fraction if label_fraction is None else label_fraction
-    if not done(out, "loss_curve.png"):  # written last: the run is complete
+    if not finished(out, ema=ema):
         log(f"finetune {model} -> {out}")
         s = run_finetune(FinetuneConfig(model=model, labels=labels, out=str(out), label_fraction=fraction,
                                         epochs=epochs, batch_size=args.batch_size, size=size, lr=args.lr,
-                                        lr_encoder=lr_encoder, seed=args.seed, num_workers=args.workers))
+                                        lr_encoder=lr_encoder, seed=args.seed, num_workers=args.workers, ema=ema))
         log(f"finetune {out.name}: val SRCC {s['val']['srcc']:.3f} (epoch {s['best_epoch']})")
 
 
@@ -136,13 +152,13 @@ def align(args, cache: str, out: Path):
 def distill(args, labels: str, cache: str, teacher_run: Path, student: str, out: Path):
     from cskd_cache.distill import DistillConfig, run_distill
 
-    if not done(out, "loss_curve.png"):  # written last: the run is complete
+    if not finished(out, ema=args.ema):
         log(f"distill {student} from run:{teacher_run} -> {out}")
         s = run_distill(DistillConfig(labels=labels, cache=cache, teacher=f"run:{teacher_run}", student=student,
                                       out=str(out), label_fraction=args.label_fraction, epochs=args.distill_epochs,
                                       batch_size=args.batch_size, size=args.size, lr=args.lr,
                                       lambda_u=args.lambda_u, unlabelled_ratio=args.unlabelled_ratio, seed=args.seed,
-                                      num_workers=args.workers))
+                                      num_workers=args.workers, ema=args.ema))
         log(f"distill {out.name}: val SRCC {s['val']['srcc']:.3f}; {s['unlabelled_rows']} unlabelled rows, "
             f"{s['heldout_rows']} held out")
 
@@ -224,6 +240,9 @@ def main(argv=None) -> int:
                    "are memorised)")
     p.add_argument("--unlabelled-ratio", type=float, default=1.0,
                    help="unlabelled images per labelled image in a distill step (default 1)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="weight EMA decay of every student run (labels-only, distill, all-labels); the teacher "
+                        "never (default 0 = off)")
     p.add_argument("--ablation", action="store_true", help="also distil into a random-init student (no Stage I)")
     p.add_argument("--all-labels-epochs", type=int, default=0,
                    help="also train the student on all train labels for N epochs, as a reference (default 0: no)")
@@ -246,7 +265,7 @@ def main(argv=None) -> int:
     cache = step_cache(args, work, images, lists)
 
     runs = {}
-    finetune(args, labels, args.student, work / "labels-only", args.baseline_epochs, args.size, None)
+    finetune(args, labels, args.student, work / "labels-only", args.baseline_epochs, args.size, None, ema=args.ema)
     align(args, cache, work / "align")
     finetune(args, labels, args.teacher_model, work / "teacher", args.teacher_epochs, None, 3e-4)
     runs["teacher (fine-tuned, labels only)"] = work / "teacher"
@@ -257,7 +276,8 @@ def main(argv=None) -> int:
         distill(args, labels, cache, work / "teacher", args.student, work / "distill-only")
         runs["student, distill only (no Stage I)"] = work / "distill-only"
     if args.all_labels_epochs:
-        finetune(args, labels, args.student, work / "all-labels", args.all_labels_epochs, args.size, None, 1.0)
+        finetune(args, labels, args.student, work / "all-labels", args.all_labels_epochs, args.size, None, 1.0,
+                 ema=args.ema)
         runs["reference: student on all train labels"] = work / "all-labels"
 
     log("evaluating on the test split")

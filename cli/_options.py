@@ -35,4 +35,7 @@ HeadOpt = Annotated[str, typer.Option(help="auto (distribution when the labels h
                                            "distribution or scalar.")]
 WPlccOpt = Annotated[float, typer.Option(min=0, help="Weight of the 1 - PLCC loss (scalar head only).")]
 KeepOpt = Annotated[str, typer.Option(help="iaa_model.* holds the best-by-val-SRCC epoch (best) or the last.")]
+EmaOpt = Annotated[float, typer.Option(min=0, max=0.999999, help="Validate and save an exponential moving average "
+                                                                  "of the weights with this decay (e.g. 0.998; 0 = "
+                                                                  "off).")]
 EvalBatchSizeOpt = Annotated[Optional[int], typer.Option(min=1, help="Validation batch (default: --batch-size).")]

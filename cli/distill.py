@@ -10,7 +10,7 @@ import typer
 from ._options import (
     OutOpt, ConfigOpt, WeightDecayOpt, WarmupPctOpt, MinLrPctOpt, ClipGradOpt, NumWorkersOpt, DeviceOpt, AmpOpt,
     ResumeOpt, KeepCheckpointsOpt, LogEveryOpt, MaxPixelsOpt, LabelsOpt, ValFractionOpt, SplitSeedOpt,
-    LabelFractionOpt, LabelSeedOpt, HeadOpt, WPlccOpt, KeepOpt, EvalBatchSizeOpt,
+    LabelFractionOpt, LabelSeedOpt, HeadOpt, WPlccOpt, KeepOpt, EmaOpt, EvalBatchSizeOpt,
 )
 from ._common import console, fail
 from ._iaa import (
@@ -75,6 +75,7 @@ def distill(
     clip_grad: ClipGradOpt = 1.0,
     w_plcc: WPlccOpt = 0.0,
     keep: KeepOpt = "best",
+    ema: EmaOpt = 0.0,
     eval_batch_size: EvalBatchSizeOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order, views and the cache-head fit.")]
     = 0,

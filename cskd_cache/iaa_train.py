@@ -26,7 +26,8 @@ test split is never read.
 
 Defaults: AdamW lr 1e-3 for the heads and the encoder (``lr_encoder`` overrides the encoder's: lower it, e.g.
 1e-4, when fine-tuning a pretrained or aligned encoder), weight decay 0.05 (not on biases/norms), 5 % linear
-warm-up then cosine to 1 %, gradient clipping at 1.0, AMP (bf16, else fp16 + scaler) on CUDA only, 10 epochs
+warm-up then cosine to 1 %, gradient clipping at 1.0, no weight EMA (``ema`` = DECAY > 0 validates and saves an
+exponential moving average of the weights instead, `ema`), AMP (bf16, else fp16 + scaler) on CUDA only, 10 epochs
 unless ``max_steps``, batch 32, seed 0. RUN_DIR holds config.yaml, metrics.jsonl, loss_curve.png (train loss and
 val SRCC), checkpoints/epoch-NNNN/ (the newest ``keep_checkpoints``) and iaa_model.json + iaa_model.safetensors
 (`iaa_model.load_iaa_model`).
@@ -49,6 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import dist
+from .ema import ModelEma
 from .iaa_data import load_labels
 from .iaa_data.labels import LabelSet, hash_unit
 from .iaa_data_sets import EVAL_VIEW, StepBatches, ViewImages, collate, mix_seed
@@ -104,6 +106,7 @@ class IAATrainConfig:
     clip_grad: float = 1.0
     w_plcc: float = 0.0
     keep: str = "best"
+    ema: float = 0.0
     eval_batch_size: int | None = None
     seed: int = 0
     num_workers: int = 2
@@ -169,6 +172,8 @@ class IAATrainConfig:
             raise err("--lr must be > 0 and --lr-encoder >= 0")
         if self.w_plcc < 0:
             raise err("--w-plcc must be >= 0")
+        if not 0 <= self.ema < 1:
+            raise err(f"--ema must be in [0, 1) (0 = off; e.g. 0.998), got {self.ema}")
 
 
 # ---------------------------------------------------------------------------------------------------- labels
@@ -378,6 +383,7 @@ def train_iaa(cfg: IAATrainConfig, *, run_dir: Path, ckpt: Path | None, encoder,
     head = build_head(kind, encoder.pooled_dim, bins)
     proj = nn.Linear(encoder.pooled_dim, embed_dim) if lambda_f > 0 else None
     model = IAANet(encoder, head, proj).to(device)
+    ema = ModelEma(model, cfg.ema) if cfg.ema else None
     lr_enc = cfg.lr if cfg.lr_encoder is None else cfg.lr_encoder
     heads = nn.ModuleList([m for m in (head, proj) if m is not None])
     optimizer = torch.optim.AdamW(param_groups([("encoder", model.encoder), ("heads", heads)], [lr_enc, cfg.lr],
@@ -393,6 +399,8 @@ def train_iaa(cfg: IAATrainConfig, *, run_dir: Path, ckpt: Path | None, encoder,
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scaler)
         step = int(state["step"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         metrics.truncate_after(step)
         done = [r for r in read_metrics(run_dir / METRICS_NAME) if r.get("type") == "eval" and r.get("epoch", 0) > 0]
         best = max(done, key=_srcc_key, default=None) if keep == "best" else None
@@ -418,15 +426,19 @@ def train_iaa(cfg: IAATrainConfig, *, run_dir: Path, ckpt: Path | None, encoder,
         if not main or eval_loader is None:
             return None
         t0 = time.perf_counter()
-        m = evaluate_val(unwrap(model), eval_loader, device, autocast, kind, val_labels)
+        m = evaluate_val(scored(), eval_loader, device, autocast, kind, val_labels)
         rec = {"type": "eval", "split": "val", "step": step, "epoch": epoch, **m, "eval_s": time.perf_counter() - t0}
         metrics.write(rec)
         srcc = "-" if m.get("srcc") is None else f"{m['srcc']:.4f}"
         status(f"epoch {epoch} step {step}: val SRCC {srcc}")
         return rec
 
+    def scored() -> IAANet:
+        """The weights that are validated and saved: the EMA when there is one."""
+        return ema.module if ema is not None else unwrap(model)
+
     def save_model(rec: dict | None, epoch: int) -> None:
-        save_iaa_model(run_dir, unwrap(model).encoder, unwrap(model).head, head_meta, labels_meta(labels),
+        save_iaa_model(run_dir, scored().encoder, scored().head, head_meta, labels_meta(labels),
                        extra={**meta_extra, "epoch": epoch, "step": step, "keep": keep,
                               "val": {k: v for k, v in (rec or {}).items() if k not in ("type", "eval_s")}})
 
@@ -465,6 +477,8 @@ def train_iaa(cfg: IAATrainConfig, *, run_dir: Path, ckpt: Path | None, encoder,
         else:
             optimizer.step()
         step += 1
+        if ema is not None:
+            ema.update(unwrap(model), step)
         n_log += x.shape[0] * world
         if main and (step % cfg.log_every == 0 or step == total):
             elapsed = time.perf_counter() - t_log
@@ -482,8 +496,9 @@ def train_iaa(cfg: IAATrainConfig, *, run_dir: Path, ckpt: Path | None, encoder,
                 best = rec
                 save_model(rec, done_epoch)
             if main:
-                save_checkpoint(run_dir / CKPT_DIR, done_epoch, model, optimizer, scaler, step,
-                                extra={"config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
+                extra = {"config": cfg.to_dict(), **({"ema": ema.state_dict()} if ema is not None else {})}
+                save_checkpoint(run_dir / CKPT_DIR, done_epoch, model, optimizer, scaler, step, extra=extra,
+                                keep=cfg.keep_checkpoints)
             dist.barrier()
 
     result = {"run_dir": str(run_dir), "command": cfg.command, "step": step, "epochs": n_epochs,

@@ -190,6 +190,62 @@ def test_resume_reaches_the_same_weights(data, tmp_path):
     assert ma == mb
 
 
+def test_model_ema_follows_its_formula():
+    from cskd_cache.ema import ModelEma
+
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = ModelEma(m, 0.5)
+    w0 = m[0].weight.detach().clone()
+    with torch.no_grad():
+        m[0].weight.add_(1.0)
+        m[1].running_mean.fill_(4.0)
+        m[1].num_batches_tracked += 3
+    ema.update(m, 1)  # warm-up: d = min(0.5, 2 / 11)
+    d = 2 / 11
+    assert torch.allclose(ema.module[0].weight, d * w0 + (1 - d) * (w0 + 1))
+    assert torch.allclose(ema.module[1].running_mean, torch.full((2,), (1 - d) * 4.0))
+    assert int(ema.module[1].num_batches_tracked) == 3 and not ema.module[0].weight.requires_grad
+    before = ema.module[0].weight.clone()
+    ema.update(m, 1000)  # past the warm-up: d = decay
+    assert torch.allclose(ema.module[0].weight, 0.5 * before + 0.5 * (w0 + 1))
+    with pytest.raises(ValueError, match="decay"):
+        ModelEma(m, 1.0)
+
+
+def test_ema_weights_are_the_ones_validated_saved_and_resumed(data, tmp_path):
+    base = dict(max_steps=None, epochs=3, keep_checkpoints=0, batch_size=8, ema=0.9, keep="last")
+    run_finetune(cfg(data, tmp_path / "full", **base))
+    last = tmp_path / "full" / "checkpoints" / "epoch-0003"
+    averaged = torch.load(last / "state.pt", weights_only=False)["ema"]["module"]
+    raw = load_file(last / "model.safetensors")
+    saved = load_file(tmp_path / "full" / "iaa_model.safetensors")
+    assert saved.keys() <= averaged.keys() and all(torch.equal(saved[k], averaged[k]) for k in saved)
+    assert any(not torch.equal(saved[k], raw[k]) for k in saved if raw[k].is_floating_point())
+    # the val line of the last epoch scores the saved (averaged) model, as evaluate will
+    scorer = load_iaa_model(tmp_path / "full")
+    last_val = [r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if r["type"] == "eval"][-1]
+    val = load_labels(f"csv:{data / 'dist.csv'}").split("val")
+    out = scorer.score(torch.stack([eval_tensor(load_rgb(p), scorer.input_cfg) for p in val.paths()]))
+    assert srcc(val.scores(), out["score"].numpy()) == pytest.approx(last_val["srcc"], abs=1e-9)
+
+    seen = []
+
+    def crash(p):
+        if p["epoch"] == 1:
+            seen.append(p["step"])
+            if len(seen) == 2:
+                raise Crash
+
+    part = cfg(data, tmp_path / "part", **base)
+    with pytest.raises(Crash):
+        run_finetune(part, on_progress=crash)
+    run_finetune(FinetuneConfig(**{**part.to_dict(), "resume": True}))
+    wa, wb = (load_file(tmp_path / x / "iaa_model.safetensors") for x in ("full", "part"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(FinetuneError, match="--ema"):
+        run_finetune(cfg(data, tmp_path / "bad", ema=1.0))
+
+
 def test_nan_guard_and_bad_inputs(data, tmp_path, monkeypatch):
     from cskd_cache.trainer import NonFiniteLoss
 
