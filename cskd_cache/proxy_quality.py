@@ -189,6 +189,19 @@ def _write_version(im: Image.Image, name: str, kind: str, level: int, seed: int,
     return rel.as_posix(), param
 
 
+def _prune(out_dir: Path, folder: str, keep: set[str]) -> None:
+    """Delete the files of ``out_dir/folder`` (this builder's own output folder) that ``keep`` does not list;
+    the folder itself when nothing is left."""
+    d = out_dir / folder
+    if not d.is_dir():
+        return
+    for f in d.iterdir():
+        if f.is_file() and f"{folder}/{f.name}" not in keep:
+            f.unlink()
+    if not any(d.iterdir()):
+        d.rmdir()
+
+
 def _fmt_dist(d: np.ndarray) -> str:
     return ";".join(f"{v:.6f}" for v in d)
 
@@ -299,6 +312,10 @@ def build_proxy_set(src_images: Sequence[str | os.PathLike], out_dir: str | os.P
         os.replace(tmp, unl)
     elif unl.exists():  # a rebuild without extras must not leave the last build's list behind
         unl.unlink()
+    # Nor its images: a folder scan (`cskd extract --images OUT/unlabelled`) would otherwise pick up versions no
+    # list names any more (another per_image, seed or source set).
+    _prune(out_dir, "images", {r["path"] for r in rows})
+    _prune(out_dir, "unlabelled", {r["path"] for r in extra})
     skip_file = out_dir / "skipped.txt"
     if skipped:
         skip_file.write_text("\n".join(skipped) + "\n", encoding="utf-8")

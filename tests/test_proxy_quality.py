@@ -165,9 +165,13 @@ def test_unlabelled_extras_are_train_only_new_pairs_and_leave_labels_unchanged(b
     assert len({(e["source"], e["kind"], e["level"]) for e in extra}) == len(extra)
     with pytest.raises(ValueError, match="unlabelled_per_image"):
         build_proxy_set(srcs, tmp_path / "too-many", per_image=3, unlabelled_per_image=23)
-    # a rebuild without extras does not leave the last build's list behind
+    # a rebuild without extras leaves neither the last build's list nor its images behind, and one with fewer
+    # versions per photo keeps exactly the files its labels name
     build_proxy_set(srcs, tmp_path / "extra", per_image=3, seed=7, size=48)
-    assert not (out.parent / "unlabelled.csv").exists()
+    assert not (out.parent / "unlabelled.csv").exists() and not (out.parent / "unlabelled").exists()
+    fewer = build_proxy_set(srcs, tmp_path / "extra", per_image=1, seed=7, size=48)
+    assert sorted(f"images/{p.name}" for p in (out.parent / "images").iterdir()) == sorted(
+        r["path"] for r in _rows(fewer))
 
 
 def test_labels_parse_through_load_labels(built):
