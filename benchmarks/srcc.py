@@ -7,7 +7,8 @@
     python benchmarks/srcc.py --labels ava:/data/AVA --images /data/AVA/images --images /data/unlabelled \
         --teacher open_clip:ViT-L-14@/models/vitl14.pt --teacher-model run:runs/align-vitl --work runs/ava
 
-Steps (each writes under --work and is skipped when its output is already there, so a rerun only evaluates):
+Steps (each writes under --work and is skipped when its output is already there, so a rerun only evaluates; a
+finished student run made with another --ema is refused, not compared):
 
 1. ``proxy``   (with --proxy-from) `cskd_cache.proxy_quality`: every source photo pristine + 4 degraded versions
                (blur, noise, JPEG, exposure, colour; 5 levels), score = 10 - 1.8 x level, split by source photo;
@@ -225,14 +226,15 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=224, help="student input size (default 224)")
     p.add_argument("--label-fraction", type=float, default=0.1, help="share of train labels used (default 0.1)")
     p.add_argument("--per-image", type=int, default=4, help="degraded versions per proxy photo (default 4)")
-    p.add_argument("--unlabelled-per-image", type=int, default=0,
-                   help="unlabelled extra versions per train photo (default 0: the train split is the pool)")
+    p.add_argument("--unlabelled-per-image", type=int, default=8,
+                   help="unlabelled extra versions per train photo, with --proxy-from (default 8; 0: the train "
+                        "split alone is the pool)")
     p.add_argument("--views", type=int, default=2, help="cached views per image (default 2)")
     p.add_argument("--teacher-epochs", type=int, default=12)
     p.add_argument("--baseline-epochs", type=int, default=40,
                    help="labels-only epochs (more than distill: it sees far fewer images per epoch)")
-    p.add_argument("--align-epochs", type=int, default=4)
-    p.add_argument("--distill-epochs", type=int, default=12)
+    p.add_argument("--align-epochs", type=int, default=6)
+    p.add_argument("--distill-epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lambda-u", type=float, default=4.0,
