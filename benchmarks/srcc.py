@@ -109,18 +109,16 @@ def step_cache(args, work: Path, images: list[str], lists: list[str]) -> str:
     return str(out)
 
 
-def finished(out: Path, **expected) -> bool:
-    """True when the run in ``out`` is complete (loss_curve.png is written last); a finished run made with other
-    settings than these is an error, not something to compare silently."""
+def finished(out: Path, ema: float) -> bool:
+    """True when the run in ``out`` is complete (loss_curve.png is written last). A finished run trained with
+    another --ema is an error, not something to compare silently (runs from before --ema existed had none)."""
     if not done(out, "loss_curve.png"):
         return False
     import yaml
 
-    saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
-    diff = {k: (saved.get(k, 0.0 if k == "ema" else None), v) for k, v in expected.items()
-            if saved.get(k, 0.0 if k == "ema" else None) != v}
-    if diff:
-        sys.exit(f"error: {out} was trained with other settings ({diff}: saved, asked); remove it or use another "
+    saved = float((yaml.safe_load((out / "config.yaml").read_text()) or {}).get("ema") or 0.0)
+    if saved != ema:
+        sys.exit(f"error: {out} was trained with --ema {saved}, this run asks for {ema}; remove it or use another "
                  "--work")
     return True
 
@@ -130,7 +128,7 @@ def finetune(args, labels: str, model: str, out: Path, epochs: int, size: int | 
     from cskd_cache.finetune import FinetuneConfig, run_finetune
 
     fraction = args.label_fraction if label_fraction is None else label_fraction
-    if not finished(out, ema=ema):
+    if not finished(out, ema):
         log(f"finetune {model} -> {out}")
         s = run_finetune(FinetuneConfig(model=model, labels=labels, out=str(out), label_fraction=fraction,
                                         epochs=epochs, batch_size=args.batch_size, size=size, lr=args.lr,
@@ -153,7 +151,7 @@ def align(args, cache: str, out: Path):
 def distill(args, labels: str, cache: str, teacher_run: Path, student: str, out: Path):
     from cskd_cache.distill import DistillConfig, run_distill
 
-    if not finished(out, ema=args.ema):
+    if not finished(out, args.ema):
         log(f"distill {student} from run:{teacher_run} -> {out}")
         s = run_distill(DistillConfig(labels=labels, cache=cache, teacher=f"run:{teacher_run}", student=student,
                                       out=str(out), label_fraction=args.label_fraction, epochs=args.distill_epochs,

@@ -46,7 +46,7 @@ class ModelEma:
         torch._foreach_lerp_(avg, cur, 1.0 - d)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "module": {k: v.detach().cpu() for k, v in self.module.state_dict().items()}}
+        return {"module": {k: v.detach().cpu() for k, v in self.module.state_dict().items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _crash import Crash, crash_in_second_epoch
 from _imgs import make_images, photo
 from PIL import Image
 from safetensors.torch import load_file
@@ -236,27 +237,15 @@ def test_same_seed_same_run_any_worker_count(data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-class Crash(Exception):
-    pass
-
-
 def test_checkpoint_every_epoch_and_resume_reaches_the_same_weights(data, tmp_path):
     full = cfg(data, tmp_path / "full", max_steps=None, epochs=3, keep_checkpoints=0)
     run_align(full)
     assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == \
         ["epoch-0001", "epoch-0002", "epoch-0003"]
 
-    second_epoch_steps = []
-
-    def crash_in_second_epoch(p):
-        if p["epoch"] == 1:
-            second_epoch_steps.append(p["step"])
-            if len(second_epoch_steps) == 2:
-                raise Crash
-
     part = cfg(data, tmp_path / "part", max_steps=None, epochs=3, keep_checkpoints=0)
     with pytest.raises(Crash):
-        run_align(part, on_progress=crash_in_second_epoch)
+        run_align(part, on_progress=crash_in_second_epoch())
     assert [p.name for p in (tmp_path / "part" / "checkpoints").iterdir()] == ["epoch-0001"]
     with pytest.raises(AlignError, match="already holds an align run; pass --resume"):
         run_align(part)

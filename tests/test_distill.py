@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _crash import Crash, crash_in_second_epoch
 from _iaa_task import make_images, write_labels
 from typer.testing import CliRunner
 
@@ -232,10 +233,6 @@ def test_scalar_labels_and_teacher_mismatch(data, tmp_path):
         run_distill(cfg(data, tmp_path / "bad3", teacher="clip"))
 
 
-class Crash(Exception):
-    pass
-
-
 def test_resume_reaches_the_same_weights(data, tmp_path):
     from safetensors.torch import load_file
 
@@ -243,17 +240,10 @@ def test_resume_reaches_the_same_weights(data, tmp_path):
                 distill_loss="kl", temperature=2.0)
     full = run_distill(cfg(data, tmp_path / "full", **base))
     assert full["steps_per_epoch"] == 76 // 16
-    seen = []
-
-    def crash(p):
-        if p["epoch"] == 1:
-            seen.append(p["step"])
-            if len(seen) == 2:
-                raise Crash
 
     part = cfg(data, tmp_path / "part", **base)
     with pytest.raises(Crash):
-        run_distill(part, on_progress=crash)
+        run_distill(part, on_progress=crash_in_second_epoch())
     with pytest.raises(DistillError, match="already holds a run; pass --resume"):
         run_distill(part)
     run_distill(DistillConfig(**{**part.to_dict(), "resume": True}))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _crash import Crash, crash_in_second_epoch
 from _iaa_task import make_images, write_labels
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -157,24 +158,13 @@ def test_step_batches_are_a_function_of_the_step():
     assert ds.view_of(0, 0) == 0  # disk images have one (eval) view
 
 
-class Crash(Exception):
-    pass
-
-
 def test_resume_reaches_the_same_weights(data, tmp_path):
     base = dict(max_steps=None, epochs=3, keep_checkpoints=0, batch_size=8)
     run_finetune(cfg(data, tmp_path / "full", **base))
-    seen = []
-
-    def crash(p):
-        if p["epoch"] == 1:
-            seen.append(p["step"])
-            if len(seen) == 2:
-                raise Crash
 
     part = cfg(data, tmp_path / "part", **base)
     with pytest.raises(Crash):
-        run_finetune(part, on_progress=crash)
+        run_finetune(part, on_progress=crash_in_second_epoch())
     assert [p.name for p in (tmp_path / "part" / "checkpoints").iterdir()] == ["epoch-0001"]
     with pytest.raises(FinetuneError, match="already holds a run; pass --resume"):
         run_finetune(part)
@@ -228,17 +218,10 @@ def test_ema_weights_are_the_ones_validated_saved_and_resumed(data, tmp_path):
     out = scorer.score(torch.stack([eval_tensor(load_rgb(p), scorer.input_cfg) for p in val.paths()]))
     assert srcc(val.scores(), out["score"].numpy()) == pytest.approx(last_val["srcc"], abs=1e-9)
 
-    seen = []
-
-    def crash(p):
-        if p["epoch"] == 1:
-            seen.append(p["step"])
-            if len(seen) == 2:
-                raise Crash
 
     part = cfg(data, tmp_path / "part", **base)
     with pytest.raises(Crash):
-        run_finetune(part, on_progress=crash)
+        run_finetune(part, on_progress=crash_in_second_epoch())
     run_finetune(FinetuneConfig(**{**part.to_dict(), "resume": True}))
     wa, wb = (load_file(tmp_path / x / "iaa_model.safetensors") for x in ("full", "part"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
