@@ -109,17 +109,21 @@ def step_cache(args, work: Path, images: list[str], lists: list[str]) -> str:
     return str(out)
 
 
-def finished(out: Path, ema: float) -> bool:
+def finished(out: Path, **settings) -> bool:
     """True when the run in ``out`` is complete (loss_curve.png is written last). A finished run trained with
-    another --ema is an error, not something to compare silently (runs from before --ema existed had none)."""
+    other ``settings`` (config keys: ema, jitter_views) is an error, not something to compare silently; a key
+    its config lacks (runs from before it existed) counts as off."""
     if not done(out, "loss_curve.png"):
         return False
     import yaml
 
-    saved = float((yaml.safe_load((out / "config.yaml").read_text()) or {}).get("ema") or 0.0)
-    if saved != ema:
-        sys.exit(f"error: {out} was trained with --ema {saved}, this run asks for {ema}; remove it or use another "
-                 "--work")
+    saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    for key, want in settings.items():
+        have = type(want)(saved.get(key) or 0)
+        if have != want:
+            flag = "--" + key.replace("_", "-")
+            sys.exit(f"error: {out} was trained with {flag} {have}, this run asks for {want}; remove it or use "
+                     "another --work")
     return True
 
 
@@ -128,7 +132,7 @@ def finetune(args, labels: str, model: str, out: Path, epochs: int, size: int | 
     from cskd_cache.finetune import FinetuneConfig, run_finetune
 
     fraction = args.label_fraction if label_fraction is None else label_fraction
-    if not finished(out, ema):
+    if not finished(out, ema=ema):
         log(f"finetune {model} -> {out}")
         s = run_finetune(FinetuneConfig(model=model, labels=labels, out=str(out), label_fraction=fraction,
                                         epochs=epochs, batch_size=args.batch_size, size=size, lr=args.lr,
@@ -151,13 +155,14 @@ def align(args, cache: str, out: Path):
 def distill(args, labels: str, cache: str, teacher_run: Path, student: str, out: Path):
     from cskd_cache.distill import DistillConfig, run_distill
 
-    if not finished(out, args.ema):
+    if not finished(out, ema=args.ema, jitter_views=args.jitter_views):
         log(f"distill {student} from run:{teacher_run} -> {out}")
         s = run_distill(DistillConfig(labels=labels, cache=cache, teacher=f"run:{teacher_run}", student=student,
                                       out=str(out), label_fraction=args.label_fraction, epochs=args.distill_epochs,
                                       batch_size=args.batch_size, size=args.size, lr=args.lr,
                                       lambda_u=args.lambda_u, unlabelled_ratio=args.unlabelled_ratio, seed=args.seed,
-                                      num_workers=args.workers, ema=args.ema))
+                                      num_workers=args.workers, ema=args.ema,
+                                      jitter_views=args.jitter_views))
         log(f"distill {out.name}: val SRCC {s['val']['srcc']:.3f}; {s['unlabelled_rows']} unlabelled rows, "
             f"{s['heldout_rows']} held out")
 
@@ -240,6 +245,8 @@ def main(argv=None) -> int:
                    "are memorised)")
     p.add_argument("--unlabelled-ratio", type=float, default=1.0,
                    help="unlabelled images per labelled image in a distill step (default 1)")
+    p.add_argument("--jitter-views", action="store_true",
+                   help="distil with a mild crop + flip inside each cached view (`cskd distill --jitter-views`)")
     p.add_argument("--ema", type=float, default=0.0,
                    help="weight EMA decay of every student run (labels-only, distill, all-labels); the teacher "
                         "never (default 0 = off)")

@@ -6,7 +6,9 @@ Data:
   val/test image must never be trained on, not even without its label, or the val/test numbers leak. Each item
   is one cached view (box + flip from the cache) rebuilt at the student's size; its target is the teacher's
   prediction on exactly that view (a predictions cache, `predictions`) and, with ``lambda_f`` > 0, the cached
-  CLIP embedding of that view;
+  CLIP embedding of that view. With ``jitter_views`` the student sees a mild crop + flip inside the cached view
+  instead, against the same targets (`iaa_data_sets`): a consistency augmentation against memorising the V
+  fixed inputs of each row;
 - **labelled** = the train-split labels (after ``label_fraction``). A label linked to a cache row shows that
   row's cached views (and carries its cached embedding); an unlinked one is read from disk with the eval view
   (+ the mild augmentation when ``augment``). The val split is the validation set, the test split is untouched.
@@ -83,6 +85,7 @@ class DistillConfig(IAATrainConfig):
     teacher_lr: float = 3e-3
     teacher_batch_size: int = 64
     augment: bool = False
+    jitter_views: bool = False
 
     error = DistillError
     command = "distill"
@@ -235,10 +238,11 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     embed = cache.embed if cfg.lambda_f > 0 else None
     name = "logits" if kind == "distribution" else "score"
     lab_ds = ViewImages(train.paths(), icfg, rows=train_rows, boxes=cache.boxes, embed=embed,
-                        targets=label_targets(train, kind), augment=cfg.augment, seed=cfg.seed,
-                        max_pixels=cfg.max_pixels)
+                        targets=label_targets(train, kind), augment=cfg.augment, jitter=cfg.jitter_views,
+                        seed=cfg.seed, max_pixels=cfg.max_pixels)
     unl_ds = ViewImages([paths[r] for r in pool], icfg, rows=pool, boxes=cache.boxes, embed=embed,
-                        teacher={name: preds.arrays[name]}, seed=cfg.seed, max_pixels=cfg.max_pixels)
+                        teacher={name: preds.arrays[name]}, jitter=cfg.jitter_views, seed=cfg.seed,
+                        max_pixels=cfg.max_pixels)
     val_ds = ViewImages(val.paths(), icfg, max_pixels=cfg.max_pixels) if len(val) else None
     ub = max(1, round(cfg.batch_size * cfg.unlabelled_ratio))
     link_info = {"by_path": link.by_path, "by_content": link.by_content, "unlinked": len(link.unlinked),

@@ -5,7 +5,11 @@
 - a **cached view** (item linked to feature-cache row ``r``): view ``v`` of ``r`` (crop box + flip from the
   cache) rebuilt from the image file at the model's own input size, as `align_data` does. With V cached views
   one is drawn per item and cycle (a hash of seed, cycle and row), so the targets attached to ``(r, v)`` (the
-  cached embedding, the teacher's prediction on that exact view) always belong to the pixels shown;
+  cached embedding, the teacher's prediction on that exact view) always belong to the pixels shown. With
+  ``jitter`` the shown pixels are instead the mild augmentation below applied inside that view's box (a fresh
+  crop and flip per item and cycle) while the targets stay those of ``(r, v)``: a consistency augmentation. The
+  targets then describe nearly, not exactly, the pixels shown, and the student cannot memorise V fixed inputs
+  per row;
 - a **disk image** (no cache row): the eval view below, optionally with a mild augmentation (a random resized
   crop keeping 80-100 % of the eval view's area, then a horizontal flip with p = 0.5);
 - per-item **label targets**: ``unit`` (score on 0..1 over the dataset's scale) and ``dist`` (K bins).
@@ -83,7 +87,7 @@ class ViewImages(Dataset):
     def __init__(self, paths: Sequence[str], input_cfg: dict, *, rows: np.ndarray | None = None,
                  boxes: np.ndarray | None = None, embed: np.ndarray | None = None,
                  targets: dict[str, np.ndarray] | None = None, teacher: dict[str, np.ndarray] | None = None,
-                 view: str | int = "random", augment: bool = False, seed: int = 0,
+                 view: str | int = "random", augment: bool = False, jitter: bool = False, seed: int = 0,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
         self.paths = list(paths)
         self.n = len(self.paths)
@@ -98,7 +102,7 @@ class ViewImages(Dataset):
         self.teacher = teacher or {}
         if self.teacher and (self.rows < 0).any():
             raise ValueError("teacher targets exist only for cached views; every item needs a cache row")
-        self.cfg, self.view, self.augment, self.seed = input_cfg, view, augment, seed
+        self.cfg, self.view, self.augment, self.jitter, self.seed = input_cfg, view, augment, jitter, seed
         self.max_pixels = max_pixels
 
     def __len__(self) -> int:
@@ -131,6 +135,8 @@ class ViewImages(Dataset):
             v = self.view_of(row, cycle)
             box = self.boxes[row, v]
             it["view"] = v
+            if self.jitter:
+                box = _augment(box, *img.size, np.random.default_rng(mix_seed("jitter", self.seed, cycle, i)))
         else:
             box = eval_view_box(c, *img.size)
             if self.augment:

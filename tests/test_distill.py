@@ -173,6 +173,41 @@ def test_distill_learns_without_touching_val_or_test_images(data, tmp_path, monk
     assert out["score"].shape == (4,) and ((out["score"] >= 1) & (out["score"] <= 10)).all()
 
 
+def test_jitter_views_shows_a_crop_inside_the_cached_view_against_its_targets(data, tmp_path, monkeypatch):
+    from cskd_cache.iaa_data_sets import _augment
+
+    seen = []  # (dataset, item) of every unlabelled item made
+    orig = ViewImages._item
+
+    def spy(self, index):
+        it = orig(self, index)
+        if self.teacher:
+            seen.append((self, index, it))
+        return it
+
+    monkeypatch.setattr(ViewImages, "_item", spy)
+    run_distill(cfg(data, tmp_path / "run", jitter_views=True, max_steps=3))
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["jitter_views"] is True
+    cache = open_cache(data / "cache")
+    logits = read_predictions(tmp_path / "run" / "teacher" / "predictions", cache).arrays["logits"]
+    assert len(seen) == 3 * 8
+    moved = 0
+    for ds, index, it in seen:
+        row, v = it["row"], it["view"]
+        assert ds.jitter and row >= 0 and v == ds.view_of(row, index // ds.n)
+        np.testing.assert_array_equal(it["logits"].numpy(), logits[row, v])  # the targets of the cached view
+        exact = orig(ViewImages(ds.paths, ds.cfg, rows=ds.rows, boxes=ds.boxes, seed=ds.seed), index)["image"]
+        assert torch.equal(orig(ds, index)["image"], it["image"])  # a pure function of (seed, cycle, item)
+        moved += not torch.equal(exact, it["image"])
+    assert moved >= 0.9 * len(seen)
+    rng, box = np.random.default_rng(0), np.array([0.1, 0.2, 0.7, 0.9, 0.0], np.float32)
+    for _ in range(200):  # the jittered box: inside the view, 80-100% of its area
+        x0, y0, x1, y1, flip = _augment(box, 300, 200, rng)
+        assert box[0] - 1e-6 <= x0 < x1 <= box[2] + 1e-6 and box[1] - 1e-6 <= y0 < y1 <= box[3] + 1e-6
+        area = (x1 - x0) * (y1 - y0) / ((box[2] - box[0]) * (box[3] - box[1]))
+        assert 0.78 <= area <= 1.0 + 1e-6 and flip in (0.0, 1.0)
+
+
 def test_run_teacher_predictions_are_written_once_reused_and_renewed(data, tmp_path, monkeypatch):
     teacher = data / "teacher"
     r1 = run_distill(cfg(data, tmp_path / "a", teacher=f"run:{teacher}", max_steps=2))
@@ -266,8 +301,9 @@ def test_cli_exit_codes_and_summary(data, tmp_path):
         return runner.invoke(app, ["distill", *map(str, args)], env={"COLUMNS": "220"})
 
     base = ["--student", TINY, "--labels", f"csv:{data / 'dist.csv'}", "--batch-size", "8", "--num-workers", "0"]
-    r = ds(*base, "--cache", data / "cache", "--out", tmp_path / "run", "--max-steps", "2")
+    r = ds(*base, "--cache", data / "cache", "--out", tmp_path / "run", "--max-steps", "2", "--jitter-views")
     assert r.exit_code == 0, r.output + r.stderr
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["jitter_views"] is True
     for text in ("cskd distill", "val/test rows left out", "24 (never trained on)", "labels not in the cache",
                  "4 (first:", "48 by path, 12 by content", "predictions computed"):
         assert text in r.output, text
