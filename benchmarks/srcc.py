@@ -143,11 +143,11 @@ def finetune(args, labels: str, model: str, out: Path, epochs: int, size: int | 
 def align(args, cache: str, out: Path):
     from cskd_cache.align import AlignConfig, run_align
 
-    if not done(out, "loss_curve.png"):  # written last: the run is complete
+    if not finished(out, standardize_global=args.standardize_global):
         log(f"align {args.student} on {cache} -> {out}")
         s = run_align(AlignConfig(cache=cache, student=args.student, out=str(out), epochs=args.align_epochs,
                                   batch_size=args.batch_size, student_size=args.size, lr=args.lr, seed=args.seed,
-                                  num_workers=args.workers))
+                                  num_workers=args.workers, standardize_global=args.standardize_global))
         log(f"align: held-out global cos {s['initial']['global_cos']:.3f} -> {s['global_cos']:.3f}, "
             f"kNN agreement {s['initial']['knn_agreement']:.3f} -> {s['knn_agreement']:.3f}")
 
@@ -245,6 +245,8 @@ def main(argv=None) -> int:
                    "are memorised)")
     p.add_argument("--unlabelled-ratio", type=float, default=1.0,
                    help="unlabelled images per labelled image in a distill step (default 1)")
+    p.add_argument("--standardize-global", action="store_true",
+                   help="Stage I aligns to per-dimension standardised embeddings (`cskd align --standardize-global`)")
     p.add_argument("--jitter-views", action="store_true",
                    help="distil with a mild crop + flip inside each cached view (`cskd distill --jitter-views`)")
     p.add_argument("--ema", type=float, default=0.0,

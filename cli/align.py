@@ -49,6 +49,10 @@ def align(
                                                                  "tokens, else 0).")] = None,
     w_mse: Annotated[float, typer.Option(min=0, help="Weight of the MSE loss on the global embedding.")] = 0.0,
     token_beta: Annotated[float, typer.Option(min=0, help="Smooth-L1 beta of the token loss.")] = 2.0,
+    standardize_global: Annotated[bool, typer.Option(help="Align to the global embedding standardised per dimension "
+                                                          "(training rows' mean/std), not the raw one: the cosine "
+                                                          "then rewards what tells images apart, not the mean "
+                                                          "direction all embeddings share.")] = False,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate of the heads (and student).")] = 1e-3,
     lr_student: Annotated[Optional[float], typer.Option(help="Peak learning rate of the student (default: --lr).")]
     = None,

@@ -7,7 +7,8 @@ width and a 1x1 token head from the student's grid (resampled to the cached grid
 
 Defaults (every one is an `AlignConfig` field, settable from a YAML ``--config`` and overridden by flags):
 
-- losses: global cosine weight 1.0; token smooth-L1 on LayerNorm-whitened tokens 1.0 when the cache holds
+- losses: global cosine weight 1.0 (to the raw cached embedding; with ``standardize_global`` to the embedding
+  standardised per dimension by the training rows' mean and std, `align_data`); token smooth-L1 on LayerNorm-whitened tokens 1.0 when the cache holds
   tokens, else 0 (asking for it on a cache without tokens is an error); MSE 0; token smooth-L1 beta 2.0.
 - optimiser: AdamW, lr 1e-3 for the heads and the student (``lr_student`` overrides the student's), weight decay
   0.05 (not on biases/norms), linear warm-up over 5% of the steps then cosine to 1% of the lr, gradient clipping
@@ -38,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import dist
-from .align_data import AlignDataset, check_images, collate, parse_image_root, resolve_paths
+from .align_data import AlignDataset, check_images, collate, embed_stats, parse_image_root, resolve_paths
 from .align_eval import evaluate, split_rows
 from .encoders import save_encoder
 from .heads import AlignHeads, AlignModel
@@ -82,6 +83,7 @@ class AlignConfig:
     w_token: float | None = None  # None: 1.0 when the cache holds tokens, else 0
     w_mse: float = 0.0
     token_beta: float = 2.0
+    standardize_global: bool = False
     lr: float = 1e-3
     lr_student: float | None = None  # None: same as lr
     weight_decay: float = 0.05
@@ -262,10 +264,13 @@ def run_align(cfg: AlignConfig, on_progress: Callable[[dict], None] | None = Non
     if cfg.shuffle_targets:  # control: each training image is shown with another training image's targets
         image_rows = np.arange(len(cache))
         image_rows[train_rows] = train_rows[np.random.default_rng(cfg.seed).permutation(len(train_rows))]
+    # From the training rows only, so the held-out metrics stay held out; recomputed on resume (same rows, same
+    # numbers).
+    stats = embed_stats(cache, train_rows) if cfg.standardize_global else None
     train_ds = AlignDataset(cache, train_rows, student.input_cfg, paths, tokens=loss_fn.uses_tokens, view=cfg.view,
-                            seed=cfg.seed, image_rows=image_rows, max_pixels=cfg.max_pixels)
+                            seed=cfg.seed, image_rows=image_rows, max_pixels=cfg.max_pixels, embed_stats=stats)
     eval_ds = AlignDataset(cache, eval_rows, student.input_cfg, paths, tokens=loss_fn.uses_tokens, view=0,
-                           max_pixels=cfg.max_pixels)
+                           max_pixels=cfg.max_pixels, embed_stats=stats)
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
                                  drop_last=world > 1)
     # Full batches only: BatchNorm cannot train on a batch of one, and equal batches keep DDP ranks in step.
@@ -298,6 +303,7 @@ def run_align(cfg: AlignConfig, on_progress: Callable[[dict], None] | None = Non
         resolved = {"w_token": w_token, "lr_student": lr_student, "steps_per_epoch": steps_per_epoch,
                     "total_steps": total, "epochs": n_epochs, "warmup_steps": warmup, "world_size": world,
                     "train_rows": len(train_rows), "eval_rows": len(eval_rows), "student": student.describe(),
+                    "global_target": "standardized" if stats is not None else "raw",
                     "heads": {"embed_dim": cache.embed_dim, "token_dim": token_dim,
                               "token_grid": list(cache.token_grid) if token_dim else None},
                     "cache": {"fingerprint": cache.manifest.get("fingerprint"),

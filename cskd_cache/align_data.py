@@ -7,6 +7,12 @@ a hash of seed, epoch and row, so every DataLoader worker and DDP rank agrees wi
 
 Decoding the image is the cost here, so it happens in DataLoader workers; the targets ride along from the
 cache reader, which batches its HDF5 reads.
+
+With ``embed_stats`` (`embed_stats`: per-dimension mean and std of the training rows' embeddings) the global
+target is standardised, ``(e - mean) / std``. A teacher's embeddings share a large common direction (CLIP's
+cone; a CNN's non-negative pooled features: predicting the mean embedding alone reaches cosine 0.45 on the
+proxy cache), so a cosine to the raw target rewards that direction first; on the standardised target the mean
+scores 0 and only what tells images apart counts.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from .manifest import CacheError
 from .reader import FeatureCache
 from .views import render_tensor
 
-__all__ = ["AlignDataset", "ImagesMissing", "parse_image_root", "resolve_paths", "check_images", "collate"]
+__all__ = ["AlignDataset", "ImagesMissing", "parse_image_root", "resolve_paths", "check_images", "collate",
+           "embed_stats"]
 
 
 class ImagesMissing(CacheError):
@@ -76,22 +83,46 @@ def check_images(cache: FeatureCache, paths: list[str], rows: Sequence[int], sho
         "(repeatable), e.g. --image-root /old/root=/new/root")
 
 
+def embed_stats(cache: FeatureCache, rows: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std), float32 (D,) each, over every view of ``rows``; accumulated in float64 chunks so a large
+    cache is not copied whole. A constant dimension (a dead ReLU channel) gets std 1: its standardised target
+    is 0, not 0/0."""
+    d = cache.embed_dim
+    total, sq, n = np.zeros(d), np.zeros(d), 0
+    rows = np.asarray(rows, np.int64)
+    for i in range(0, len(rows), chunk):
+        e = cache.embed[np.sort(rows[i:i + chunk])].reshape(-1, d).astype(np.float64)
+        total += e.sum(0)
+        sq += (e * e).sum(0)
+        n += len(e)
+    if n == 0:
+        raise ValueError("no rows to compute embedding statistics on")
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean * mean, 0))
+    std[std < 1e-6 * max(float(std.max()), 1e-12)] = 1.0
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
 class AlignDataset(Dataset):
     """Yields dicts: row, view, key, image (3, H, W) at the student's input_cfg, embed (D,), tokens (T, C).
 
     ``image_rows`` maps a row to the row whose image is shown instead (None = itself): the shuffled-target
     control permutes it, so the targets stop belonging to the image while everything else stays equal.
+    ``embed_stats`` (mean, std) standardises ``embed`` (module docstring).
     """
 
     def __init__(self, cache: FeatureCache, rows: np.ndarray, input_cfg: dict, paths: list[str],
                  tokens: bool = True, view: str | int = "random", seed: int = 0,
-                 image_rows: np.ndarray | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 image_rows: np.ndarray | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 embed_stats: tuple[np.ndarray, np.ndarray] | None = None):
         self.features = cache.dataset(view=view, tokens=tokens, rows=rows, seed=seed)
         self.boxes = cache.boxes
         self.paths = paths
         self.cfg = input_cfg
         self.image_rows = image_rows
         self.max_pixels = max_pixels
+        self.embed_stats = None if embed_stats is None else tuple(torch.from_numpy(np.asarray(a, np.float32))
+                                                                  for a in embed_stats)
 
     def __len__(self) -> int:
         return len(self.features)
@@ -115,6 +146,8 @@ class AlignDataset(Dataset):
                                  "cache was extracted - was the file replaced or removed?") from None
             it["image"] = render_tensor(img, self.boxes[src, it["view"]], c["size"], c["interpolation"],
                                         c["mean"], c["std"])
+            if self.embed_stats is not None:
+                it["embed"] = (it["embed"] - self.embed_stats[0]) / self.embed_stats[1]
         return items
 
 

@@ -4,7 +4,8 @@ The slice is chosen by hashing each row's ``source/key`` (``sha256 % 100 < eval_
 on every run, machine and rank, survives re-extraction and never depends on row order.
 
 Metrics, all on the eval view (view 0) of the held-out rows:
-- ``global_cos``: mean cosine between the projected student embedding and the cached embedding.
+- ``global_cos``: mean cosine between the projected student embedding and the cached embedding (the
+  standardised one when the run trains on it: then predicting the mean scores 0).
 - ``token_cos``: mean per-token cosine between the token head and the LayerNorm-whitened cached tokens (what
   the token loss regresses to); only when the model has a token head.
 - ``knn_agreement``: for each held-out row, the overlap of its top-k neighbours (cosine, self excluded) among

@@ -26,7 +26,9 @@ from safetensors.torch import load_file
 
 import cskd_cache
 from cskd_cache.align import AlignConfig, AlignError, run_align
-from cskd_cache.align_data import AlignDataset, ImagesMissing, collate, parse_image_root, resolve_paths
+from cskd_cache.align_data import (
+    AlignDataset, ImagesMissing, collate, embed_stats, parse_image_root, resolve_paths,
+)
 from cskd_cache.align_eval import heldout_mask, knn_agreement, knn_indices, split_rows
 from cskd_cache.extract import ExtractConfig, run_extract
 from cskd_cache.heads import AlignHeads, resample_grid
@@ -146,6 +148,38 @@ def test_alignment_learns_without_constructing_the_teacher(data, tmp_path, monke
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["lr"] == 3e-3 and saved["resolved"]["w_token"] == 1.0 and saved["resolved"]["total_steps"] == 200
     assert saved["resolved"]["cache"]["teacher"] == TEACHER
+
+
+def test_standardized_global_target_scores_the_mean_at_zero_and_still_learns(data, tmp_path):
+    """On the raw toy teacher (embeddings at cosine 0.99 to their mean) a shuffled-target control scores as high as
+    real alignment; against the standardised target it scores ~0 and real alignment stays far above it."""
+    run_extract(ExtractConfig(teacher="py:toy_teacher:make", out=str(tmp_path / "raw"), images=[str(data / "imgs")],
+                              views=2, num_workers=0, tokens=False))
+    cache = open_cache(tmp_path / "raw")
+    train_rows, _ = split_rows(cache, 30)
+    mean, std = embed_stats(cache, train_rows, chunk=7)  # several chunks
+    e = cache.embed[train_rows].reshape(-1, cache.embed_dim).astype(np.float64)
+    np.testing.assert_allclose(mean, e.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std, e.std(0), rtol=1e-4, atol=1e-6)
+    ds = AlignDataset(cache, train_rows[:3], {"size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3,
+                                              "interpolation": "bilinear"}, resolve_paths(cache), tokens=False,
+                      view=0, embed_stats=(mean, std))
+    it = ds[0]
+    want = (cache.embed[train_rows[0], 0].astype(np.float32) - mean) / std
+    np.testing.assert_allclose(it["embed"].numpy(), want, rtol=1e-5, atol=1e-5)
+
+    kw = dict(cache=str(tmp_path / "raw"), max_steps=120, batch_size=16, lr=3e-3, log_every=20)
+    res = {(std_, shuf): run_align(cfg(data, tmp_path / f"{std_}-{shuf}", standardize_global=std_,
+                                       shuffle_targets=shuf, **kw))["global_cos"]
+           for std_ in (False, True) for shuf in (False, True)}
+    print(f"\nheld-out global cos, raw target: real {res[False, False]:.3f} control {res[False, True]:.3f}; "
+          f"standardised: real {res[True, False]:.3f} control {res[True, True]:.3f}")
+    assert res[False, True] > 0.9 and res[False, False] - res[False, True] < 0.1  # raw: the constant wins
+    assert abs(res[True, True]) < 0.25 and res[True, False] > res[True, True] + 0.4
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "True-False" / "config.yaml").read_text())
+    assert saved["standardize_global"] is True and saved["resolved"]["global_target"] == "standardized"
 
 
 def test_each_image_is_rebuilt_as_exactly_its_cached_view(data):
