@@ -19,11 +19,14 @@ finished student run made with another --ema is refused, not compared):
                see a val or test photo, not even unlabelled.
 3. ``labels-only`` `cskd finetune` of the student (random init) on --label-fraction of the train labels: the
                baseline.
-4. ``align``   `cskd align` of the student (random init) on the cache: Stage I.
+4. ``align``   `cskd align` of the student (random init) on the cache: Stage I (--standardize-global: to
+               per-dimension standardised embeddings).
 5. ``teacher`` `cskd finetune` of --teacher-model (default: that same pretrained EfficientNet-Lite0 as a trainable
                py: student) on the same labels: the Stage II IAA teacher.
 6. ``cskd``    `cskd distill --teacher run:TEACHER --student run:ALIGN`: labelled EMD + --lambda-u x EMD to the
-               teacher's distribution on every unlabelled cached view (val/test images are never in that pool).
+               teacher's distribution on every unlabelled cached view (val/test images are never in that pool),
+               shown with a mild crop + flip inside the view (--jitter-views, the default; labels-only trains with
+               the same augmentation).
 7. ``distill-only`` (--ablation) `cskd distill` from a random-init student: what Stage I adds.
 8. ``all-labels`` (--all-labels-epochs N) `cskd finetune` of the student on *every* train label: not a CSKD
                result but a reference, what this student reaches in this budget when labels are not scarce.
@@ -247,8 +250,9 @@ def main(argv=None) -> int:
                    help="unlabelled images per labelled image in a distill step (default 1)")
     p.add_argument("--standardize-global", action="store_true",
                    help="Stage I aligns to per-dimension standardised embeddings (`cskd align --standardize-global`)")
-    p.add_argument("--jitter-views", action="store_true",
-                   help="distil with a mild crop + flip inside each cached view (`cskd distill --jitter-views`)")
+    p.add_argument("--jitter-views", action=argparse.BooleanOptionalAction, default=True,
+                   help="distil with a mild crop + flip inside each cached view (`cskd distill --jitter-views`, "
+                        "the default)")
     p.add_argument("--ema", type=float, default=0.0,
                    help="weight EMA decay of every student run (labels-only, distill, all-labels); the teacher "
                         "never (default 0 = off)")

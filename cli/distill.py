@@ -87,10 +87,11 @@ def distill(
     log_every: LogEveryOpt = 10,
     max_pixels: MaxPixelsOpt = 89_478_485,
     augment: Annotated[bool, typer.Option(help="Mild crop + flip for labelled images read from disk (those not in "
-                                               "the cache).")] = False,
-    jitter_views: Annotated[bool, typer.Option(help="Show a mild crop + flip inside each cached view instead of "
-                                                    "the exact view, against the same teacher targets (against "
-                                                    "memorising a few fixed inputs per image).")] = False,
+                                               "the cache).")] = True,
+    jitter_views: Annotated[bool, typer.Option(help="Show a mild crop + flip inside each cached view, against that "
+                                                    "view's teacher targets; --no-jitter-views shows the exact "
+                                                    "cached views (a student then memorises those few fixed "
+                                                    "inputs per image).")] = True,
 ) -> None:
     """Distil a teacher's scores on the cached views into a student, with the labelled train split alongside.
     Writes config.yaml, metrics.jsonl (val SRCC/PLCC per epoch), checkpoints, loss_curve.png and iaa_model.*."""

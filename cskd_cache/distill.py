@@ -6,12 +6,14 @@ Data:
   val/test image must never be trained on, not even without its label, or the val/test numbers leak. Each item
   is one cached view (box + flip from the cache) rebuilt at the student's size; its target is the teacher's
   prediction on exactly that view (a predictions cache, `predictions`) and, with ``lambda_f`` > 0, the cached
-  CLIP embedding of that view. With ``jitter_views`` the student sees a mild crop + flip inside the cached view
-  instead, against the same targets (`iaa_data_sets`): a consistency augmentation against memorising the V
-  fixed inputs of each row;
+  CLIP embedding of that view. With ``jitter_views`` (the default) the student sees a mild crop + flip inside
+  the cached view instead, against the same targets (`iaa_data_sets`): a consistency augmentation. Without it
+  the student memorises the V fixed inputs of each row (proxy benchmark: val SRCC peaked at epoch 4 and fell;
+  with it, it kept rising and test SRCC went from 0.528 to 0.627);
 - **labelled** = the train-split labels (after ``label_fraction``). A label linked to a cache row shows that
   row's cached views (and carries its cached embedding); an unlinked one is read from disk with the eval view
-  (+ the mild augmentation when ``augment``). The val split is the validation set, the test split is untouched.
+  (+ the mild augmentation unless ``augment`` is off, as in finetune). The val split is the validation set, the
+  test split is untouched.
 
 Teachers (``teacher``):
 
@@ -84,8 +86,8 @@ class DistillConfig(IAATrainConfig):
     teacher_steps: int = 1000
     teacher_lr: float = 3e-3
     teacher_batch_size: int = 64
-    augment: bool = False
-    jitter_views: bool = False
+    augment: bool = True
+    jitter_views: bool = True
 
     error = DistillError
     command = "distill"

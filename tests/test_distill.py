@@ -186,7 +186,16 @@ def test_jitter_views_shows_a_crop_inside_the_cached_view_against_its_targets(da
         return it
 
     monkeypatch.setattr(ViewImages, "_item", spy)
-    run_distill(cfg(data, tmp_path / "run", jitter_views=True, max_steps=3))
+    run_distill(cfg(data, tmp_path / "exact", jitter_views=False, max_steps=1))
+    exact_items, seen[:] = list(seen), []
+    assert exact_items and all(not ds.jitter for ds, _, _ in exact_items)
+    for ds, index, it in exact_items:  # off: exactly the cached view
+        row, v = it["row"], it["view"]
+        c = ds.cfg
+        want = render_tensor(load_rgb(ds.paths[it["index"]]), ds.boxes[row, v], c["size"], c["interpolation"],
+                             c["mean"], c["std"])
+        assert torch.equal(it["image"], want)
+    run_distill(cfg(data, tmp_path / "run", max_steps=3))  # on by default
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["jitter_views"] is True
     cache = open_cache(data / "cache")
     logits = read_predictions(tmp_path / "run" / "teacher" / "predictions", cache).arrays["logits"]
@@ -301,9 +310,9 @@ def test_cli_exit_codes_and_summary(data, tmp_path):
         return runner.invoke(app, ["distill", *map(str, args)], env={"COLUMNS": "220"})
 
     base = ["--student", TINY, "--labels", f"csv:{data / 'dist.csv'}", "--batch-size", "8", "--num-workers", "0"]
-    r = ds(*base, "--cache", data / "cache", "--out", tmp_path / "run", "--max-steps", "2", "--jitter-views")
+    r = ds(*base, "--cache", data / "cache", "--out", tmp_path / "run", "--max-steps", "2", "--no-jitter-views")
     assert r.exit_code == 0, r.output + r.stderr
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["jitter_views"] is True
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["jitter_views"] is False
     for text in ("cskd distill", "val/test rows left out", "24 (never trained on)", "labels not in the cache",
                  "4 (first:", "48 by path, 12 by content", "predictions computed"):
         assert text in r.output, text
