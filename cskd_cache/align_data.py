@@ -91,7 +91,7 @@ def embed_stats(cache: FeatureCache, rows: np.ndarray, chunk: int = 4096) -> tup
     total, sq, n = np.zeros(d), np.zeros(d), 0
     rows = np.asarray(rows, np.int64)
     for i in range(0, len(rows), chunk):
-        e = cache.embed[np.sort(rows[i:i + chunk])].reshape(-1, d).astype(np.float64)
+        e = cache.embed[rows[i:i + chunk]].reshape(-1, d).astype(np.float64)
         total += e.sum(0)
         sq += (e * e).sum(0)
         n += len(e)

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -21,6 +23,27 @@ import torch
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+# Offline by construction, not by convention: hub clients are told so (subprocesses inherit it), and any
+# connection from the test process to a non-loopback address fails the test that made it. A spec that merely
+# names a hub tag (tests/test_teachers.py parses "@openai") is thereby shown to download nothing.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_network():
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if self.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
+            raise AssertionError(f"a test tried to reach {address!r}; tests must run offline")
+        return real_connect(self, address)
+
+    socket.socket.connect = connect
+    yield
+    socket.socket.connect = real_connect
 
 TINY_CLIP_NAME = "cskd-test-vit"
 TINY_CLIP_CONFIG = {

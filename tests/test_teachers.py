@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -47,6 +48,15 @@ def test_parse_good_specs(tiny_clip_name, tmp_path):
     assert parse_spec("timm:test_vit@true").pretrained == "true"
     assert parse_spec(f"timm:test_resnet@{ckpt}").weights_path == str(ckpt)
     assert parse_spec("py:pkg.mod:make") == EncoderSpec("py", "pkg.mod:make", None, "py:pkg.mod:make")
+
+
+def test_the_suite_cannot_reach_the_network():
+    """conftest's guard: the hub tags named above are parsed, never fetched (a fetch would fail here)."""
+    import socket
+
+    with pytest.raises(AssertionError, match="tests must run offline"):
+        socket.create_connection(("93.184.216.34", 80), timeout=1)
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
 @pytest.mark.parametrize("spec, needle", [
