@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .manifest import default_file_mode, write_json
+from .trust import check_spec_from_file
 
 STUDENT_JSON = "student.json"
 STUDENT_WEIGHTS = "student.safetensors"
@@ -35,8 +36,9 @@ def save_encoder(encoder, run_dir: str | os.PathLike, extra: dict | None = None)
                                             **(extra or {})})
 
 
-def load_encoder(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
-    """The trained student of a `cskd align` run (a StudentEncoder in eval mode, without the heads)."""
+def load_encoder(run_dir: str | os.PathLike, device: str | torch.device = "cpu", trust_code: bool = False):
+    """The trained student of a `cskd align` run (a StudentEncoder in eval mode, without the heads). A ``py:``
+    spec in its student.json is imported only with ``trust_code`` (`trust`)."""
     from safetensors.torch import load_model
 
     from .students import build_student
@@ -47,7 +49,8 @@ def load_encoder(run_dir: str | os.PathLike, device: str | torch.device = "cpu")
         raise FileNotFoundError(f"{run_dir}: no {STUDENT_JSON} + {STUDENT_WEIGHTS} here; point at the --out of a "
                                 "finished `cskd align` run")
     meta = json.loads(meta_path.read_text())
-    encoder = build_student(meta["spec"], pretrained_ok=False, size=meta.get("size_override"))
+    check_spec_from_file(meta.get("spec"), meta_path, trust_code)
+    encoder = build_student(meta["spec"], pretrained_ok=False, size=meta.get("size_override"), trust_code=trust_code)
     load_model(encoder.model, str(weights), strict=True)
     if list(encoder.input_cfg["size"]) != list(meta["input_cfg"]["size"]):
         raise ValueError(f"{run_dir}: rebuilt student expects input {encoder.input_cfg['size']}, the run trained "

@@ -25,6 +25,7 @@ from torch import nn
 from .deploy import IAAModel
 from .iaa_head import DistributionHead, ScalarHead
 from .manifest import default_file_mode, write_json
+from .trust import check_spec_from_file
 
 __all__ = ["IAA_JSON", "IAA_WEIGHTS", "IAAScorer", "build_head", "load_iaa_model", "save_iaa_model", "to_unit",
            "from_unit"]
@@ -126,8 +127,10 @@ class _Enc(nn.Module):
         return self._encoder[0](x)
 
 
-def load_iaa_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> IAAScorer:
-    """The scorer a `cskd finetune` / `cskd distill` run wrote to RUN_DIR, in eval mode."""
+def load_iaa_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                   trust_code: bool = False) -> IAAScorer:
+    """The scorer a `cskd finetune` / `cskd distill` run wrote to RUN_DIR, in eval mode. A ``py:`` encoder spec in
+    its iaa_model.json is imported only with ``trust_code`` (`trust`)."""
     from safetensors.torch import load_model
 
     from .students import build_student
@@ -142,7 +145,9 @@ def load_iaa_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu
         raise ValueError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('version')} is not "
                          f"{FORMAT!r} v{VERSION}; re-run the training with this cskd version")
     enc_meta = meta["encoder"]
-    encoder = build_student(enc_meta["spec"], pretrained_ok=False, size=enc_meta.get("size_override"))
+    check_spec_from_file(enc_meta.get("spec"), meta_path, trust_code)
+    encoder = build_student(enc_meta["spec"], pretrained_ok=False, size=enc_meta.get("size_override"),
+                            trust_code=trust_code)
     encoder.input_cfg = dict(enc_meta["input_cfg"])
     encoder.size_override = enc_meta.get("size_override")
     h = meta["head"]

@@ -167,6 +167,9 @@ def _build_timm(spec, pretrained_ok: bool, size, raw: str) -> StudentEncoder:
     if pretrained_ok and spec.weights_path:
         kwargs["checkpoint_path"] = spec.weights_path
     elif pretrained_ok and spec.pretrained:
+        from .hub import require_weights_reachable
+
+        require_weights_reachable(spec)  # offline: one line now, not a minute of hub retries
         name = name if spec.pretrained.lower() == "true" else f"{name}.{spec.pretrained}"
         kwargs["pretrained"] = True
     try:
@@ -207,19 +210,21 @@ def _build_py(spec, size) -> StudentEncoder:
     return StudentEncoder(model, _py_features, cfg, spec.raw)
 
 
-def build_student(spec: str, pretrained_ok: bool = True, size: int | list[int] | None = None) -> StudentEncoder:
+def build_student(spec: str, pretrained_ok: bool = True, size: int | list[int] | None = None,
+                  trust_code: bool = False) -> StudentEncoder:
     """Build a StudentEncoder (train mode, trainable) from a spec string (see module docstring).
 
     ``pretrained_ok=False`` builds the architecture with random weights, ignoring ``@PRETRAINED``: for callers
     that load trained weights next (``run:``, resuming) and must not fetch anything. ``size`` (int or [H, W])
-    overrides the model's own input size.
+    overrides the model's own input size. ``trust_code`` allows a ``py:`` spec found inside a ``run:`` directory
+    (a ``py:`` spec passed here directly is the caller's own choice).
     """
     raw = spec.strip() if isinstance(spec, str) else ""
     kind = raw.split(":", 1)[0] if ":" in raw else ""
     if kind == "run":
         from .encoders import load_encoder
 
-        encoder = load_encoder(raw.split(":", 1)[1])
+        encoder = load_encoder(raw.split(":", 1)[1], trust_code=trust_code)
         # Its weights learnt one input size; a matching request is a no-op, a different one would silently
         # change what the aligned features mean.
         trained = list(encoder.input_cfg["size"])

@@ -2,14 +2,18 @@
 
 Spec strings
 ------------
-``open_clip:MODEL[@PRETRAINED]``
+``open_clip:MODEL@PRETRAINED``
     MODEL is any name in ``open_clip.list_models()``. PRETRAINED is an open_clip
     pretrained tag (downloaded when online), a local checkpoint file, or ``none``
-    (random init - the default when ``@...`` is omitted; a warning is emitted).
-``timm:MODEL[@PRETRAINED]``
+    (random init; a warning is emitted).
+``timm:MODEL@PRETRAINED``
     ``true`` or a pretrained tag (``timm.create_model(MODEL[.TAG], pretrained=True)``),
     a local state_dict file (.pth/.pt/.bin/.safetensors, loaded via ``checkpoint_path``)
-    or ``none`` (random init, the default).
+    or ``none`` (random init).
+
+A teacher's ``@PRETRAINED`` part is required (`check_teacher_spec`): a spec without it would silently mean random
+weights. Random-init teachers are seeded from the spec (`init_seed`, recorded in ``describe()`` and so in the cache
+fingerprint), so two runs, or a killed run and its resume, build the same network.
 ``py:package.module:factory``
     ``factory()`` is called with no arguments and must return a *user teacher*.
 
@@ -42,6 +46,7 @@ cskd calls ``extract`` under ``torch.no_grad()`` with the module in eval mode.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib
@@ -106,6 +111,32 @@ def parse_spec(spec: str) -> EncoderSpec:
         raise ValueError(f"checkpoint file {pretrained!r} in spec {raw!r} does not exist; fix the path or use @none")
     (_check_open_clip if kind == "open_clip" else _check_timm)(name, pretrained, raw)
     return EncoderSpec(kind, name, pretrained, raw)
+
+
+def init_seed(spec: EncoderSpec) -> int:
+    """The torch seed a random-init teacher is built under: a function of the spec alone."""
+    return int(hashlib.sha256(f"cskd-random-init:{spec.kind}:{spec.name}".encode()).hexdigest()[:8], 16)
+
+
+def is_random_init(spec: EncoderSpec) -> bool:
+    return spec.kind in ("open_clip", "timm") and spec.pretrained is None \
+        and not spec.name.startswith(("hf-hub:", "local-dir:"))
+
+
+def check_teacher_spec(spec: str) -> EncoderSpec:
+    """Everything about a teacher spec that can be refused before any work: syntax, model name, tag, that random
+    weights were asked for explicitly (``@none``), and that pretrained weights are in the local cache or the hub
+    can be reached (so an offline machine fails in one line, not after minutes of download retries)."""
+    parsed = parse_spec(spec)
+    if parsed.kind in ("open_clip", "timm") and "@" not in parsed.raw \
+            and not parsed.name.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(f"teacher spec {parsed.raw!r} names no weights; add @TAG (a pretrained tag), @/path/to/"
+                         f"checkpoint, or @none to really mean random weights (e.g. {parsed.raw}@none)")
+    if parsed.kind in ("open_clip", "timm") and parsed.pretrained and not parsed.weights_path:
+        from .hub import require_weights_reachable
+
+        require_weights_reachable(parsed)
+    return parsed
 
 
 def _check_open_clip(name: str, pretrained: str | None, raw: str) -> None:
@@ -243,6 +274,7 @@ class Teacher(nn.Module):
         self.preprocess = preprocess
         self.preprocess_cfg = {**preprocess_cfg, "repr": repr(preprocess)}
         self.weights_sha256 = _sha256(spec.weights_path) if spec.weights_path else None
+        self.init_seed = init_seed(spec) if is_random_init(spec) else None
         # One dummy pass tells every shape; requesting all blocks also counts them.
         h, w = self.preprocess_cfg["size"]
         with torch.no_grad():
@@ -293,7 +325,7 @@ class Teacher(nn.Module):
                 versions[key] = None
         return {
             "spec": self.spec.raw, "kind": self.spec.kind, "name": self.spec.name,
-            "pretrained": self.spec.pretrained, "weights_sha256": self.weights_sha256,
+            "pretrained": self.spec.pretrained, "weights_sha256": self.weights_sha256, "init_seed": self.init_seed,
             "embed_dim": self.embed_dim, "token_dim": self.token_dim, "grid": list(self.grid),
             "num_prefix_tokens": self.num_prefix_tokens, "num_blocks": self.num_blocks,
             "preprocess": dict(self.preprocess_cfg), "versions": versions,
@@ -313,6 +345,22 @@ def _creation_error(spec: EncoderSpec, e: Exception, example: str) -> Exception:
                         f"pass a local file instead: {example}")
 
 
+@contextlib.contextmanager
+def _quiet_root_log(prefix: str):
+    """Drop root-logger records starting with ``prefix`` for the duration of the block."""
+    import logging
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(prefix)
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def _build_open_clip(spec: EncoderSpec, device):
     import open_clip
     from open_clip.modified_resnet import ModifiedResNet
@@ -323,8 +371,9 @@ def _build_open_clip(spec: EncoderSpec, device):
         warnings.warn(f"{spec.raw}: open_clip model with RANDOM weights (@none) - its features are meaningless "
                       f"for real use; pass a pretrained tag or checkpoint path", UserWarning, stacklevel=3)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained,
-                                                                     device=device)
+        with _quiet_root_log("No pretrained weights loaded"):  # open_clip's own notice repeats the warning above
+            model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained,
+                                                                         device=device)
     except Exception as e:  # noqa: BLE001 - open_clip raises RuntimeError/KeyError/... for bad weights
         raise _creation_error(spec, e, f"open_clip:{spec.name}@/path/to/ckpt.pt") from e
     visual = model.visual  # keep only the image tower; the text tower is freed with `model`
@@ -406,11 +455,13 @@ def _build_py(spec: EncoderSpec, device):
 
 def build_teacher(spec: str | EncoderSpec, device: str | torch.device = "cpu", role: str = "teacher") -> Teacher:
     """Build a frozen (eval, requires_grad=False) Teacher from a spec string or parsed EncoderSpec."""
-    spec = spec if isinstance(spec, EncoderSpec) else parse_spec(spec)
-    if spec.kind == "open_clip":
-        parts = _build_open_clip(spec, device)
-    elif spec.kind == "timm":
-        parts = _build_timm(spec, device, role)
-    else:
-        parts = _build_py(spec, device)
-    return Teacher(spec, *parts, device=device)
+    spec = spec if isinstance(spec, EncoderSpec) else (check_teacher_spec(spec) if role == "teacher" else parse_spec(spec))
+    if spec.kind == "py":
+        return Teacher(spec, *_build_py(spec, device), device=device)
+    build = _build_open_clip if spec.kind == "open_clip" else (lambda s, d: _build_timm(s, d, role))
+    if not is_random_init(spec):
+        return Teacher(spec, *build(spec, device), device=device)
+    # Random weights are drawn under a seed of the spec, inside a forked RNG so the caller's stream is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed(spec))
+        return Teacher(spec, *build(spec, device), device=device)

@@ -153,8 +153,9 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike, me
     plt.close(fig)
 
 
-# Checkpoints: RUN_DIR/checkpoints/epoch-NNNN/{model.safetensors, state.pt}. Written to a temporary folder and
-# renamed, so a folder with the final name is always complete and resume never sees half a checkpoint.
+# Checkpoints: RUN_DIR/checkpoints/epoch-NNNN/{model.safetensors, state.safetensors, state.json}. Written to a
+# temporary folder and renamed, so a folder with the final name is always complete and resume never sees half a
+# checkpoint. The trainer state holds no pickle (state_io), so resuming a downloaded run cannot run its code.
 
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -173,8 +174,10 @@ def _set_rng_state(state: dict) -> None:
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, epoch: int, model: nn.Module, optimizer, scaler, step: int,
                     extra: dict | None = None, keep: int = 0) -> Path:
-    """Save model weights (safetensors) and trainer state (torch.save); keep the newest ``keep`` (0 = all)."""
+    """Save model weights and trainer state (safetensors + JSON); keep the newest ``keep`` (0 = all)."""
     from safetensors.torch import save_model
+
+    from .state_io import save_state
 
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"epoch-{epoch:04d}"
@@ -182,9 +185,9 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, epoch: int, model: nn.Module, o
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(unwrap(model), str(tmp / "model.safetensors"))
-    torch.save({"epoch": epoch, "step": step, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state(),
-                **(extra or {})}, tmp / "state.pt")
+    save_state(tmp, {"epoch": epoch, "step": step, "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state(),
+                     **(extra or {})})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if keep > 0:
@@ -193,10 +196,25 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, epoch: int, model: nn.Module, o
     return final
 
 
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint whose trainer state is a pickle (older cskd): loading it could run code, so it is refused."""
+
+
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
-    found = sorted(p for p in Path(ckpt_dir).glob("epoch-*")
-                   if (p / "model.safetensors").is_file() and (p / "state.pt").is_file())
-    return found[-1] if found else None
+    from .state_io import STATE_JSON, STATE_TENSORS
+
+    ckpt_dir = Path(ckpt_dir)
+    found = sorted(p for p in ckpt_dir.glob("epoch-*")
+                   if (p / "model.safetensors").is_file() and (p / STATE_JSON).is_file()
+                   and (p / STATE_TENSORS).is_file())
+    if found:
+        return found[-1]
+    pickled = sorted(ckpt_dir.glob("epoch-*/state.pt"))
+    if pickled:
+        raise UnsafeCheckpoint(f"{pickled[-1]}: trainer state in pickle format (an older cskd, or planted), which "
+                               "cskd does not load because unpickling can run code; start a new --out, or resume "
+                               "with the release that wrote it")
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, scaler=None,
@@ -205,9 +223,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, s
     (epoch, step, extra keys)."""
     from safetensors.torch import load_model
 
+    from .state_io import load_state
+
     path = Path(path)
     load_model(unwrap(model), str(path / "model.safetensors"), strict=True)
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    state = load_state(path)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler") is not None:
