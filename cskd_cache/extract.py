@@ -8,9 +8,11 @@ from its last complete shard and lets torchrun ranks split the work without talk
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -27,9 +29,10 @@ from . import dist
 from .images import DEFAULT_MAX_PIXELS
 from .manifest import (
     DUPLICATES_NAME, MANIFEST_NAME, SCHEMA_VERSION, SKIPPED_NAME, CacheError, fingerprint, read_manifest,
-    shard_name, sidecar_name, write_json,
+    file_sha256, shard_name, sidecar_name, write_json,
 )
-from .shards import ShardWriter
+from .lock import DirLock, remove_dead_temporaries
+from .shards import DiskFull, ShardWriter, check_free_space, estimate_shard_bytes
 from .sources import Item, Plan, plan_sources, sources_to_json
 from .view_data import ImageViews, collate
 from .views import ViewPolicy
@@ -95,10 +98,8 @@ def _pool_grid(t: torch.Tensor, grid: int | None) -> torch.Tensor:
 def build_manifest(cfg: ExtractConfig, teacher, plan: Plan) -> dict:
     """Everything that defines the cache's rows; `fingerprint` hashes the meaning-bearing part."""
     desc = teacher.describe()
+    check_token_grid(cfg, teacher)
     native = list(teacher.grid)
-    if cfg.token_grid is not None and (cfg.token_grid > min(native) or cfg.token_grid < 1):
-        raise CacheError(f"--token-grid {cfg.token_grid} is invalid for {cfg.teacher}: its native grid is "
-                         f"{native[0]}x{native[1]}; pick 1..{min(native)} or omit it")
     grid = [cfg.token_grid] * 2 if cfg.token_grid else native
     v, d, c = cfg.views, teacher.embed_dim, teacher.token_dim
     arrays: dict[str, dict] = {
@@ -138,6 +139,13 @@ def build_manifest(cfg: ExtractConfig, teacher, plan: Plan) -> dict:
     return manifest
 
 
+def check_token_grid(cfg: ExtractConfig, teacher) -> None:
+    native = list(teacher.grid)
+    if cfg.token_grid is not None and (cfg.token_grid > min(native) or cfg.token_grid < 1):
+        raise CacheError(f"--token-grid {cfg.token_grid} is invalid for {cfg.teacher}: its native grid is "
+                         f"{native[0]}x{native[1]}; pick 1..{min(native)} or omit it")
+
+
 def normalise_layers(layers: Sequence[int], num_blocks: int) -> list[int]:
     out = []
     for i in layers:
@@ -175,12 +183,83 @@ def _describe_mismatch(old: dict, new: dict) -> str:
     return ", ".join(diffs) or "fingerprint"
 
 
-def check_existing(out: Path, manifest: dict) -> dict | None:
+# What a cache directory may hold: anything else there is someone's own file, and a folder holding only such
+# files is not a cache cskd may write into.
+_OWN_NAMES = re.compile(r"^(?:manifest\.json|skipped\.jsonl|duplicates\.jsonl|shard-\d{5}\.(?:h5|json|h5\.tmp)|"
+                        r"\.cskd\.lock|\.verified\.json|\..+\.tmp)$")
+
+
+def claim_out_dir(out: Path) -> None:
+    """Refuse an --out that exists and is not (the start of) a cskd cache: extract never writes over, or
+    deletes, files it did not create."""
+    if out.exists() and not out.is_dir():
+        raise CacheError(f"--out {out} is a file; give a folder for the cache")
+    if not out.is_dir():
+        return
+    names = [p.name for p in out.iterdir()]
+    if not names:
+        return
+    ours = [n for n in names if _OWN_NAMES.match(n)]
+    foreign = sorted(set(names) - set(ours))
+    if foreign and not any(n == MANIFEST_NAME or n.startswith("shard-") for n in ours):
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise CacheError(f"--out {out} is not empty ({shown}) and is not a cskd cache; extract into a new or empty "
+                         "folder")
+
+
+def shard_attrs(manifest: dict, index: int) -> dict:
+    """Stored in each shard file: which cache and which shard it is, checked cheaply every time it is opened."""
+    return {"cskd_fingerprint": manifest["fingerprint"], "cskd_inputs_sha256": manifest["inputs"]["inputs_sha256"],
+            "cskd_shard_index": index}
+
+
+def _identity(manifest: dict) -> dict:
+    """What every sidecar records of the command that wrote it, so a lost manifest can be rebuilt safely."""
+    return {"fingerprint": manifest["fingerprint"], "inputs_sha256": manifest["inputs"]["inputs_sha256"],
+            "layout": manifest["layout"]}
+
+
+def recover_manifest(out: Path, manifest: dict, why: str) -> None:
+    """Rebuild manifest.json of a partial cache from its sidecars, when every sidecar (and the shard it
+    describes) shows it was written by this very command; else refuse with the reason."""
+    ident = _identity(manifest)
+    sidecars = sorted(out.glob("shard-[0-9][0-9][0-9][0-9][0-9].json"))
+    shards = sorted(out.glob("shard-[0-9][0-9][0-9][0-9][0-9].h5"))
+    if not sidecars and not shards:
+        return
+    fix = "extract into a new --out (or restore manifest.json from a backup)"
+    for side in sidecars:
+        try:
+            rec = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise CacheError(f"{out / MANIFEST_NAME} is {why} and sidecar {side} is unreadable ({e}); {fix}") from e
+        got = {k: rec.get(k) for k in ident}
+        if got != ident:
+            differ = ", ".join(k for k in ident if got[k] != ident[k])
+            raise CacheError(f"{out / MANIFEST_NAME} is {why} and sidecar {side} was not written by this command "
+                             f"({differ} differ{'s' if ',' not in differ else ''}); {fix}")
+        shard = out / rec.get("file", "")
+        if shard.is_file() and (shard.stat().st_size != rec.get("bytes") or file_sha256(shard) != rec.get("sha256")):
+            raise CacheError(f"{out / MANIFEST_NAME} is {why} and {shard} does not match its sidecar; {fix}")
+    orphans = sorted({p.name for p in shards} - {json.loads(s.read_text())["file"] for s in sidecars})
+    if orphans:
+        raise CacheError(f"{out / MANIFEST_NAME} is {why} and {out / orphans[0]} has no sidecar; {fix}")
+
+
+def check_existing(out: Path, manifest: dict, status: Callable[[str], None] = lambda m: None) -> dict | None:
     """Refuse to mix rows: an existing cache must have the same fingerprint, inputs and layout."""
-    if not (out / MANIFEST_NAME).exists():
-        leftovers = [p.name for p in out.glob("shard-*.h5")] if out.exists() else []
-        if leftovers:
-            raise CacheError(f"{out}: holds shard files but no manifest.json; extract into an empty --out")
+    mpath = out / MANIFEST_NAME
+    if not mpath.exists():
+        recover_manifest(out, manifest, "missing")
+        if any(out.glob("shard-*.json")):
+            status(f"{mpath} was missing: rebuilt from the shard sidecars, which all match this command")
+        return None
+    try:
+        json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        recover_manifest(out, manifest, "unreadable")
+        status(f"{mpath} was unreadable: rebuilt from the shard sidecars, which all match this command")
+        os.replace(mpath, out / f".{MANIFEST_NAME}.{os.getpid()}-unreadable.tmp")
         return None
     old = read_manifest(out)
     if old.get("fingerprint") != manifest["fingerprint"]:
@@ -241,15 +320,51 @@ def run_extract(cfg: ExtractConfig, *, teacher=None,
                 on_plan_progress: Callable[[int, int], None] | None = None) -> ExtractResult:
     """Extract (or resume extracting) a cache. Under torchrun each rank writes a disjoint set of shards and
     rank 0 finalises the manifest."""
-    from .teachers import build_teacher
+    from .teachers import build_teacher, check_teacher_spec
 
     status = on_status or (lambda msg: None)
     t_start = time.perf_counter()
+    out = Path(cfg.out)
+    # Everything that can be refused is checked before the first image is hashed (hours on AVA).
+    check_teacher_spec(cfg.teacher)
+    if cfg.compression not in (None, "gzip"):
+        raise CacheError(f"--compression {cfg.compression!r}: use gzip or none")
+    cfg.policy()
     dist.init_if_needed()
     rank, world = dist.rank(), dist.world_size()
-    out = Path(cfg.out)
     device = resolve_device(cfg.device)
+    if rank == 0:
+        claim_out_dir(out)
+        for arg in cfg.images:
+            if not Path(arg).is_dir():
+                raise CacheError(f"{arg}: --images needs an existing folder")
+        for arg in cfg.lists:
+            if not Path(arg).is_file():
+                raise CacheError(f"{arg}: --list needs an existing .txt, .csv or .jsonl file")
 
+    # The lock comes before the teacher, so a second run is refused at once, not after loading a ViT-L.
+    created = not out.exists()
+    lock = DirLock(out, "cskd extract")
+    if rank == 0:
+        lock.acquire()
+    try:
+        status(f"loading teacher {cfg.teacher}")
+        teacher = teacher or build_teacher(cfg.teacher, device=device)
+        normalise_layers(cfg.layers, teacher.num_blocks)
+        check_token_grid(cfg, teacher)
+        return _run_locked(cfg, teacher, out, device, rank, world, t_start, status, on_progress, on_plan_progress)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a sidecar or the manifest hit the full disk
+            raise DiskFull(f"{out}: disk full ({e}); free space and re-run the same command: complete shards are "
+                           "kept") from None
+        raise
+    finally:
+        lock.release()
+        if rank == 0 and created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # refused before writing anything: leave no empty folder behind
+
+
+def _run_locked(cfg, teacher, out, device, rank, world, t_start, status, on_progress, on_plan_progress):
     plan = None
     if rank == 0:
         status("listing and hashing input images")
@@ -260,18 +375,20 @@ def run_extract(cfg: ExtractConfig, *, teacher=None,
         raise CacheError(f"no input images found in {where}; pass --images DIR or --list FILE with image files "
                          f"({len(plan.missing)} listed files missing)")
 
-    status(f"loading teacher {cfg.teacher}")
-    teacher = teacher or build_teacher(cfg.teacher, device=device)
     manifest = build_manifest(cfg, teacher, plan)
     n_shards = math.ceil(len(plan.items) / cfg.shard_size)
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        check_existing(out, manifest)
-        for tmp in out.glob("*.h5.tmp"):  # leftovers of a killed run; the shard is redone whole
-            tmp.unlink()
+        removed = remove_dead_temporaries(out, locked=True)
+        if removed:  # leftovers of a killed run; a half-written shard is redone whole
+            status(f"removed {len(removed)} temporary file(s) of an interrupted run")
+        check_existing(out, manifest, status)
         if not (out / MANIFEST_NAME).exists():
-            write_json(out / MANIFEST_NAME, manifest)
+            if any(out.glob("shard-*.json")):
+                refresh_manifest(out, manifest, n_shards)
+            else:
+                write_json(out / MANIFEST_NAME, manifest)
         _write_jsonl(out / DUPLICATES_NAME, plan.duplicates)
     dist.barrier()
 
@@ -341,11 +458,13 @@ def _extract_shards(cfg, teacher, plan, manifest, shards, out, device, timings, 
             s = int(owner[batch[0]["i"]])
             if s != cur:
                 if writer is not None:
-                    writer.finish(skipped)
+                    writer.finish(skipped, shard_attrs(manifest, cur_index), _identity(manifest))
                     if dist.rank() == 0 and dist.world_size() == 1:
                         refresh_manifest(out, manifest, math.ceil(len(plan.items) / size))
                 cur, skipped = s, []
-                writer = ShardWriter(out, shard_items[s][0], manifest["arrays"], cfg.compression,
+                cur_index = shard_items[s][0]
+                check_free_space(out, estimate_shard_bytes(manifest["arrays"], len(shard_items[s][1])), cur_index)
+                writer = ShardWriter(out, cur_index, manifest["arrays"], cfg.compression,
                                      planned_rows=len(shard_items[s][1]))
             good = [b for b in batch if b["ok"]]
             for b in batch:
@@ -366,7 +485,7 @@ def _extract_shards(cfg, teacher, plan, manifest, shards, out, device, timings, 
             count += len(batch)
             progress(count)
         if writer is not None:
-            writer.finish(skipped)
+            writer.finish(skipped, shard_attrs(manifest, cur_index), _identity(manifest))
             writer = None
     except BaseException:
         if writer is not None:

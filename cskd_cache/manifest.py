@@ -63,7 +63,8 @@ def default_file_mode() -> int:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write via a temporary file in the same directory and rename, so readers never see half a file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The pid in the name lets a later run tell a dead writer's leftover from a live one's (lock.py).
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes 0600 files; give the ordinary umask-derived mode so shared caches stay readable
         os.fchmod(fd, default_file_mode())

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__, dist
 from .images import DEFAULT_MAX_PIXELS, load_rgb
 from .manifest import MANIFEST_NAME, CacheError, canonical_json, file_sha256, sidecar_name, write_json
+from .lock import DirLock, remove_dead_temporaries
 from .reader import FeatureCache
 from .shards import ShardWriter
 from .views import render_tensor
@@ -195,18 +197,58 @@ def ensure_predictions(path: str | os.PathLike, cache: FeatureCache, teacher: di
     """
     if stale not in ("recompute", "error"):
         raise ValueError(f"stale must be 'recompute' or 'error', got {stale!r}")
-    status = on_status or (lambda m: None)
     path = Path(path)
+    lock = DirLock(path.parent, f"teacher predictions {path.name}", name=f".{path.name}.lock")
+    if dist.rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    try:
+        if dist.rank() == 0:
+            remove_dead_temporaries(path.parent)
+        return _ensure_locked(path, cache, teacher, make_compute, stale, on_status, on_progress, chunk_rows)
+    finally:
+        lock.release()
+
+
+# Everything a predictions cache directory may hold; anything else there is someone's own file.
+_OWN_NAMES = re.compile(r"^(?:manifest\.json|shard-\d{5}\.(?:h5|json)|\.cskd\.lock)$")
+
+
+def _foreign_files(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if not _OWN_NAMES.match(p.name))
+
+
+def _ensure_locked(path: Path, cache: FeatureCache, teacher: dict, make_compute, stale: str, on_status,
+                   on_progress, chunk_rows: int) -> tuple[Predictions, bool]:
+    status = on_status or (lambda m: None)
     fp = predictions_fingerprint(teacher, cache)
     mpath = path / MANIFEST_NAME
+    if path.exists() and not path.is_dir():
+        raise PredictionsError(f"{path} is a file, not a predictions cache directory; choose another --predictions")
     if mpath.is_file():
         try:
             old = json.loads(mpath.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
-            old = {}
+            old = None
+        # Recomputing replaces the whole directory, so only a directory that is provably cskd's own predictions
+        # cache may be replaced: its manifest says so and it holds nothing but a predictions cache's files.
+        if not isinstance(old, dict) or old.get("format") != FORMAT:
+            if old is None:
+                what = "an unreadable manifest.json"
+            elif isinstance(old, dict) and "arrays" in old and "format" not in old:
+                what = "a feature cache's manifest.json"
+            else:
+                what = "a manifest.json of another kind"
+            raise PredictionsError(f"{path} holds {what}, not a cskd predictions cache; refusing to replace it. "
+                                   "Choose another --predictions directory")
         if old.get("complete") and old.get("fingerprint") == fp:
             status(f"reusing teacher predictions {path}")
             return read_predictions(path, cache, fp), False
+        foreign = _foreign_files(path)
+        if foreign:
+            raise PredictionsError(f"{path}: stale predictions cache that also holds files cskd did not write "
+                                   f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); refusing to "
+                                   "replace it. Move those files out or choose another --predictions directory")
         reason = _describe_mismatch(old, _payload(teacher, cache), cache)
         if stale == "error":
             raise StalePredictions(f"{path}: stale teacher predictions ({reason}); delete the directory or allow "
@@ -225,7 +267,6 @@ def ensure_predictions(path: str | os.PathLike, cache: FeatureCache, teacher: di
     # once never write into each other's shards; the last complete one to be renamed wins.
     tmp = path.parent / dist.broadcast_object(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     dist.barrier()
     mine = [s for s in range(len(cache.shards)) if s % world == rank]
@@ -281,14 +322,17 @@ def ensure_predictions(path: str | os.PathLike, cache: FeatureCache, teacher: di
 class _RowViews(Dataset):
     """All V cached views of one cache row at the teacher's input size: (V, 3, H, W)."""
 
-    def __init__(self, paths: list[str], boxes: np.ndarray, input_cfg: dict, max_pixels: int):
+    def __init__(self, paths: list[str], boxes: np.ndarray, input_cfg: dict, max_pixels: int,
+                 digests: list[str] | None = None, first_row: int = 0):
         self.paths, self.boxes, self.cfg, self.max_pixels = paths, boxes, input_cfg, max_pixels
+        self.digests, self.first_row = digests, first_row
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        img = load_rgb(self.paths[i], self.max_pixels)
+        img = load_rgb(self.paths[i], self.max_pixels, digest=self.digests[i] if self.digests else None,
+                       row=self.first_row + i)
         c = self.cfg
         return torch.stack([render_tensor(img, b, c["size"], c["interpolation"], c["mean"], c["std"])
                             for b in self.boxes[i]])
@@ -306,7 +350,8 @@ def run_teacher_compute(scorer, cache: FeatureCache, paths: list[str], device: t
 
     @torch.inference_mode()
     def compute(start: int, stop: int) -> np.ndarray:
-        ds = _RowViews(paths[start:stop], cache.boxes[start:stop], scorer.input_cfg, max_pixels)
+        ds = _RowViews(paths[start:stop], cache.boxes[start:stop], scorer.input_cfg, max_pixels,
+                       cache.digests[start:stop], start)
         loader = DataLoader(ds, batch_size=max(1, batch_size // max(1, cache.n_views)), num_workers=num_workers)
         outs = []
         for x in loader:

@@ -68,14 +68,58 @@ def _unique_name(base: str, taken: set[str]) -> str:
     return name
 
 
-def scan_images(root: Path) -> list[Path]:
-    """Recursive, sorted, image extensions only; hidden files and folders are skipped."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in filenames:
-            if not fn.startswith(".") and Path(fn).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath) / fn)
+def _decodable(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.fsdecode kept undecodable bytes as lone surrogates
+        return False
+    return True
+
+
+def escaped_name(name: str) -> str:
+    """A file name whose bytes are not UTF-8, written readably: each bad byte as \\xNN."""
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
+
+
+def scan_images(root: Path, undecodable: list[Path] | None = None) -> list[Path]:
+    """Recursive, sorted, image extensions only; hidden files and folders are skipped.
+
+    A directory link is followed once and never into one of its own ancestors, so a link loop is not walked
+    40 levels deep. Files whose names are not valid UTF-8 (which the cache's UTF-8 keys cannot hold) are left
+    out and appended to ``undecodable``."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+
+    def walk(d: Path, ancestors: frozenset[tuple[int, int]]) -> None:
+        try:
+            st = d.stat()
+        except OSError:
+            return
+        ident = (st.st_dev, st.st_ino)
+        if ident in ancestors or ident in seen:
+            return
+        seen.add(ident)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            return
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir(follow_symlinks=True)
+            except OSError:
+                continue
+            if is_dir:
+                walk(Path(e.path), ancestors | {ident})
+            elif Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
+                if not _decodable(e.path):
+                    if undecodable is not None:
+                        undecodable.append(Path(e.path))
+                    continue
+                found.append(Path(e.path))
+
+    walk(Path(root), frozenset())
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -140,7 +184,12 @@ def plan_sources(
         if not root.is_dir():
             raise SourceError(f"{root}: --images needs an existing folder")
         src = Source(_unique_name(root.resolve().name, taken), "images", str(root.resolve()), str(arg))
-        files = scan_images(root)
+        bad_names: list[Path] = []
+        files = scan_images(root, bad_names)
+        for p in bad_names:
+            rel = escaped_name(p.relative_to(root).as_posix())
+            missing.append({"source": src.name, "key": rel, "path": escaped_name(str(p)), "reason": "undecodable-name",
+                            "detail": "file name is not valid UTF-8 (bad bytes shown as \\xNN); rename it to index it"})
         src.files = len(files)
         sources.append(src)
         candidates += [Item(src.name, f.relative_to(root).as_posix(), str(f.resolve())) for f in files]
