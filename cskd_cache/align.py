@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import dist
+from .outdir import claim_out_dir
 from .align_data import AlignDataset, check_images, collate, embed_stats, parse_image_root, resolve_paths
 from .align_eval import evaluate, split_rows
 from .encoders import save_encoder
@@ -61,7 +62,7 @@ CURVE_NAME = "loss_curve.png"
 CKPT_DIR = "checkpoints"
 
 # Settings a resumed run may change: they decide how, not what, is computed.
-_RESUMABLE = {"resume", "num_workers", "device", "log_every", "keep_checkpoints"}
+_RESUMABLE = {"resume", "num_workers", "device", "log_every", "keep_checkpoints", "trust_code", "no_verify"}
 
 
 class AlignError(ValueError):
@@ -98,6 +99,8 @@ class AlignConfig:
     device: str = "auto"
     amp: bool = True
     resume: bool = False
+    trust_code: bool = False  # allow a py: spec found inside a run: student's directory (`trust`)
+    no_verify: bool = False  # skip the one-time sha256 check of the cache's shards (`integrity`)
     keep_checkpoints: int = 2
     log_every: int = 10
     shuffle_targets: bool = False
@@ -166,6 +169,7 @@ def _prepare_run_dir(cfg: AlignConfig, run_dir: Path) -> Path | None:
     import yaml
 
     saved = run_dir / CONFIG_NAME
+    claim_out_dir(run_dir, CONFIG_NAME, "align run", AlignError)
     if not saved.exists():
         return None
     if not cfg.resume:
@@ -240,7 +244,7 @@ def run_align(cfg: AlignConfig, on_progress: Callable[[dict], None] | None = Non
     device = resolve_device(cfg.device)
     run_dir = Path(cfg.out)
 
-    cache = open_cache(cfg.cache)
+    cache = open_cache(cfg.cache, verify=not cfg.no_verify)
     w_token = _token_weight(cfg, cache)
     loss_fn = AlignLoss(cfg.w_global, w_token, cfg.w_mse, cfg.token_beta)
     paths = resolve_paths(cache, parse_image_root(cfg.image_root))
@@ -253,7 +257,8 @@ def run_align(cfg: AlignConfig, on_progress: Callable[[dict], None] | None = Non
 
     seed_everything(cfg.seed)
     try:
-        student = build_student(cfg.student, pretrained_ok=ckpt is None, size=cfg.student_size)
+        student = build_student(cfg.student, pretrained_ok=ckpt is None, size=cfg.student_size,
+                                trust_code=cfg.trust_code)
     except (ValueError, FileNotFoundError) as e:
         raise AlignError(f"--student {cfg.student}: {e}") from e
     token_dim = cache.token_shape[1] if loss_fn.uses_tokens else None

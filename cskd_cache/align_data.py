@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import DEFAULT_MAX_PIXELS, BadImage, load_rgb
+from .images import DEFAULT_MAX_PIXELS, BadImage, ImageChanged, file_digest, load_rgb
 from .manifest import CacheError
 from .reader import FeatureCache
 from .views import render_tensor
@@ -70,10 +70,20 @@ def resolve_paths(cache: FeatureCache, image_root: dict[str, str] | None = None)
     return out
 
 
-def check_images(cache: FeatureCache, paths: list[str], rows: Sequence[int], show: int = 5) -> None:
-    """Fail before training starts, not an hour in, when images have moved."""
+def check_images(cache: FeatureCache, paths: list[str], rows: Sequence[int], show: int = 5,
+                 sample: int = 16) -> None:
+    """Fail before training starts, not an hour in, when images have moved, or when a remapped root holds other
+    images under the same names: every file must exist, and ``sample`` of them (spread over the rows) must have
+    the content digest the cache stored. The loader then checks every file as it reads it (`images.load_rgb`)."""
     missing = [paths[r] for r in rows if not os.path.isfile(paths[r])]
     if not missing:
+        rows = list(rows)
+        for r in (rows[int(i)] for i in np.unique(np.linspace(0, len(rows) - 1, min(sample, len(rows))).astype(int))):
+            if file_digest(paths[r]) != cache.digests[r]:
+                raise ImageChanged(f"{paths[r]}: not the image cache row {r} was extracted from (its sha256 differs "
+                                   f"from the one {cache.path} stored); --image-root / --cache-image-root probably "
+                                   "maps to other images with the same names: fix the mapping, or re-extract the "
+                                   "cache from these images")
         return
     roots = "; ".join(f"{name}: {root}" for name, root in cache.roots.items())
     listed = "\n  ".join(missing[:show]) + (f"\n  ... and {len(missing) - show} more" if len(missing) > show else "")
@@ -117,6 +127,8 @@ class AlignDataset(Dataset):
                  embed_stats: tuple[np.ndarray, np.ndarray] | None = None):
         self.features = cache.dataset(view=view, tokens=tokens, rows=rows, seed=seed)
         self.boxes = cache.boxes
+        self.digests = cache.digests
+        self._checked: set[int] = set()  # rows whose file matched its stored digest, in this process
         self.paths = paths
         self.cfg = input_cfg
         self.image_rows = image_rows
@@ -139,8 +151,10 @@ class AlignDataset(Dataset):
         for it in items:
             src = int(self.image_rows[it["row"]]) if self.image_rows is not None else it["row"]
             path = self.paths[src]
+            digest = None if src in self._checked else self.digests[src]
             try:
-                img = load_rgb(path, self.max_pixels)
+                img = load_rgb(path, self.max_pixels, digest=digest, row=src)
+                self._checked.add(src)
             except (BadImage, OSError) as e:
                 raise CacheError(f"{path}: cannot read the image of cache row {src} ({e}); it decoded when the "
                                  "cache was extracted - was the file replaced or removed?") from None

@@ -52,10 +52,11 @@ def knn_indices(x: torch.Tensor, k: int, backend: str = "auto") -> np.ndarray:
 
 
 def knn_agreement(student: torch.Tensor, teacher: torch.Tensor, k: int = 10, backend: str = "auto") -> float | None:
-    """Mean overlap |N_s(i) & N_t(i)| / k of the two spaces' top-k neighbour sets; None below 2 rows."""
+    """Mean overlap |N_s(i) & N_t(i)| / k of the two spaces' top-k neighbour sets; None (n/a) unless there are
+    more than k + 1 rows: with k or fewer other rows every row's neighbours are all the others in both spaces,
+    and the agreement would be 1.0 whatever the spaces."""
     n = student.shape[0]
-    k = min(k, n - 1)
-    if k < 1:
+    if k < 1 or n <= k + 1:
         return None
     a, b = knn_indices(student, k, backend), knn_indices(teacher, k, backend)
     return float(np.mean([len(set(a[i]) & set(b[i])) / k for i in range(n)]))

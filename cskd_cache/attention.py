@@ -278,14 +278,15 @@ def from_module(module: nn.Module, transform: Callable, input_size: Sequence[int
                           prefix, sites)
 
 
-def load_attention_model(spec: str, device: str | torch.device = "cpu", label: str | None = None) -> AttentionModel:
+def load_attention_model(spec: str, device: str | torch.device = "cpu", label: str | None = None,
+                         trust_code: bool = False) -> AttentionModel:
     """Build the model of ``spec`` (see the module docstring) in eval mode, with its attention sites located."""
     spec = spec.strip()
     run_dir = _run_dir(spec)
     if run_dir is not None:
         from .neighbors import load_feature_encoder
 
-        encoder, _ = load_feature_encoder(run_dir, device=device)
+        encoder, _ = load_feature_encoder(run_dir, device=device, trust_code=trust_code)
         transform, size = _student_transform(encoder.input_cfg)
         return from_module(encoder.model, transform, size, spec, forward=encoder.__call__, label=label,
                            family_prefix="run/")
@@ -454,18 +455,22 @@ def select_images(folder: str | os.PathLike, max_images: int | None, seed: int =
 
 def run_attention(specs: Sequence[str], images: str | os.PathLike, out: str | os.PathLike,
                   max_images: int | None = 64, batch_size: int = 16, device: str = "cpu", seed: int = 0,
-                  max_pixels: int | None = None, on_progress: Callable[[str, int, int], None] | None = None) -> dict:
+                  max_pixels: int | None = None, on_progress: Callable[[str, int, int], None] | None = None,
+                  trust_code: bool = False) -> dict:
     """Measure every model over the same images; write OUT/attention.json, attention_distance.png and
     attention_entropy.png (temp names renamed at the end, so a failure leaves no partial output)."""
     from .manifest import write_json
 
     if not specs:
         raise ValueError("no model given")
+    from .outdir import claim_out_dir
+
+    claim_out_dir(out, "attention.json", "attention report")
     paths = select_images(images, max_images, seed)
     dev = torch.device(device)
     records = []
     for spec, label in zip(specs, _labels(specs)):
-        model = load_attention_model(spec, device=dev, label=label)
+        model = load_attention_model(spec, device=dev, label=label, trust_code=trust_code)
         cb = (lambda d, t, _l=label: on_progress(_l, d, t)) if on_progress else None
         records.append(measure(model, paths, batch_size, dev, max_pixels, cb))
         del model

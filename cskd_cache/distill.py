@@ -88,6 +88,8 @@ class DistillConfig(IAATrainConfig):
     teacher_batch_size: int = 64
     augment: bool = True
     jitter_views: bool = True
+    no_verify: bool = False  # skip the one-time sha256 check of the cache's shards (`integrity`)
+    labels_outside_cache: bool = False  # the labelled images are deliberately not in the cache: 0 links is fine
 
     error = DistillError
     command = "distill"
@@ -183,12 +185,22 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     kind, bins = resolve_head(cfg, labels)
     if labels.missing_summary():
         status(labels.missing_summary())
-    cache = open_cache(cfg.cache)
+    for part in (train, val):
+        if part.unreadable_summary():
+            status(part.unreadable_summary())
+    cache = open_cache(cfg.cache, verify=not cfg.no_verify)
     try:
         image_root = parse_image_root(cfg.cache_image_root)
     except ValueError as e:
         raise DistillError(str(e)) from e
     link = link_labels(labels, cache, image_root)
+    if link.linked == 0 and not cfg.labels_outside_cache:
+        roots = "; ".join(f"{n}: {r}" for n, r in cache.roots.items())
+        raise DistillError(f"none of the {len(labels.labels):,} labels of {cfg.labels} links to a row of cache "
+                           f"{cache.path}, by path or by content: the label paths probably do not match the cache's "
+                           f"images (its roots: {roots}). Extract the labelled images into the cache, map the "
+                           "cache's roots with --cache-image-root OLD=NEW, or pass --labels-outside-cache if the "
+                           "cache deliberately holds only other images")
     row_of = {lb.key: int(r) for lb, r in zip(labels.labels, link.rows)}
     pool, held = unlabelled_pool(labels, link, len(cache))
     if len(pool) == 0:
@@ -223,7 +235,7 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
             from .iaa_model import load_iaa_model
 
             check_images(cache, paths, range(len(cache)))
-            scorer = load_iaa_model(tdir, device)
+            scorer = load_iaa_model(tdir, device, trust_code=cfg.trust_code)
             status(f"computing teacher predictions on {len(cache)} rows x {cache.n_views} views")
             return run_teacher_compute(scorer, cache, paths, device, cfg.teacher_batch_size, cfg.num_workers,
                                        cfg.amp, cfg.max_pixels)
@@ -233,7 +245,7 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
 
     seed_everything(cfg.seed)
     try:
-        student = build_student(cfg.student, pretrained_ok=ckpt is None, size=cfg.size)
+        student = build_student(cfg.student, pretrained_ok=ckpt is None, size=cfg.size, trust_code=cfg.trust_code)
     except (ValueError, FileNotFoundError) as e:
         raise DistillError(f"--student {cfg.student}: {e}") from e
     icfg = student.input_cfg
@@ -241,8 +253,9 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     name = "logits" if kind == "distribution" else "score"
     lab_ds = ViewImages(train.paths(), icfg, rows=train_rows, boxes=cache.boxes, embed=embed,
                         targets=label_targets(train, kind), augment=cfg.augment, jitter=cfg.jitter_views,
-                        seed=cfg.seed, max_pixels=cfg.max_pixels)
+                        seed=cfg.seed, max_pixels=cfg.max_pixels, digests=cache.digests)
     unl_ds = ViewImages([paths[r] for r in pool], icfg, rows=pool, boxes=cache.boxes, embed=embed,
+                        digests=cache.digests,
                         teacher={name: preds.arrays[name]}, jitter=cfg.jitter_views, seed=cfg.seed,
                         max_pixels=cfg.max_pixels)
     val_ds = ViewImages(val.paths(), icfg, max_pixels=cfg.max_pixels) if len(val) else None
@@ -270,7 +283,7 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     result.update({"train_labels": len(train), "train_labels_linked": int((train_rows >= 0).sum()),
                    "train_labels_total": labels.counts()["train"], "val_labels": len(val), "link": link_info,
                    "unlabelled_rows": len(pool), "heldout_rows": len(held), "teacher": teacher_info,
-                   "seconds": time.perf_counter() - t0})
+                   "broken_images": len(train.unreadable) + len(val.unreadable), "seconds": time.perf_counter() - t0})
     return result
 
 

@@ -60,6 +60,7 @@ class EvalConfig:
     bootstrap: int = 1000
     seed: int = 0
     device: str = "auto"
+    trust_code: bool = False
 
 
 @dataclass
@@ -140,6 +141,9 @@ def run_evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None
         raise EvaluateError(f"bootstrap must be >= 0 resamples, got {cfg.bootstrap}")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise EvaluateError(f"--out {cfg.out} is a file; give a folder for metrics.json, predictions.csv, scatter.png")
+    from .outdir import claim_out_dir
+
+    claim_out_dir(cfg.out, "metrics.json", "evaluation", EvaluateError)
     # The disk check happens while scoring (a missing file is one more skip reason), so every skipped row keeps
     # its key, and the images are looked at once.
     labels = load_labels(cfg.labels, image_root=cfg.image_root, check_images=False)
@@ -148,7 +152,7 @@ def run_evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None
     if n_labels == 0:
         raise EvaluateError(f"{cfg.labels}: no {cfg.split!r} labels ({labels.summary()}); pick another --split")
     device = resolve_device(cfg.device)
-    scorer = load_iaa_model(cfg.model, device=device)
+    scorer = load_iaa_model(cfg.model, device=device, trust_code=cfg.trust_code)
     if on_status:
         on_status(f"{labels.name} {cfg.split}: {n_labels} images to score with {scorer.meta['encoder']['spec']} "
                   f"({scorer.head_kind} head) on {device}")

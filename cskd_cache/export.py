@@ -226,7 +226,7 @@ def _require_onnxruntime() -> None:
 
 def run_export(model: str | os.PathLike, fmt: str, out: str | os.PathLike, dynamic_batch: bool = True,
                batch_size: int = 1, opset: int = 17, atol: float = 1e-4, seed: int = 0,
-               on_status=None) -> ExportResult:
+               on_status=None, trust_code: bool = False) -> ExportResult:
     """Export the IAA model in RUN_DIR ``model`` to ``out`` and check it (see the module docstring).
 
     ``batch_size`` is the batch the graph is traced at, and the only one it accepts when ``dynamic_batch`` is
@@ -248,7 +248,7 @@ def run_export(model: str | os.PathLike, fmt: str, out: str | os.PathLike, dynam
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"--out {out} is a folder; name the file to write, e.g. {out / ('model.' + fmt)}")
-    scorer = load_iaa_model(model, device="cpu")
+    scorer = load_iaa_model(model, device="cpu", trust_code=trust_code)
     cfg = scorer.input_cfg
     reference = ScoreModule(scorer).eval()
     # the exported graph is traced from a copy whose ViT position embedding is fixed at the input size (see

@@ -60,12 +60,15 @@ def run_finetune(cfg: FinetuneConfig, on_progress: Callable[[dict], None] | None
     kind, bins = resolve_head(cfg, labels)
     if labels.missing_summary():
         status(labels.missing_summary())
+    for part in (train, val):
+        if part.unreadable_summary():
+            status(part.unreadable_summary())
     ckpt = prepare_run_dir(cfg, run_dir)
     dist.barrier()
 
     seed_everything(cfg.seed)
     try:
-        encoder = build_student(cfg.model, pretrained_ok=ckpt is None, size=cfg.size)
+        encoder = build_student(cfg.model, pretrained_ok=ckpt is None, size=cfg.size, trust_code=cfg.trust_code)
     except (ValueError, FileNotFoundError) as e:
         raise FinetuneError(f"--model {cfg.model}: {e}") from e
     icfg = encoder.input_cfg
@@ -73,11 +76,13 @@ def run_finetune(cfg: FinetuneConfig, on_progress: Callable[[dict], None] | None
                           seed=cfg.seed, max_pixels=cfg.max_pixels)
     val_ds = ViewImages(val.paths(), icfg, max_pixels=cfg.max_pixels) if len(val) else None
     counts = labels.counts()
-    resolved = {"label_counts": counts, "train_labels_used": len(train), "missing_images": len(labels.missing)}
+    resolved = {"label_counts": counts, "train_labels_used": len(train), "missing_images": len(labels.missing),
+                "broken_images": [p for p, _ in train.unreadable + val.unreadable]}
     result = train_iaa(cfg, run_dir=run_dir, ckpt=ckpt, encoder=encoder, kind=kind, bins=bins, labels=labels,
                        val_labels=val, streams=[Stream("labelled", train_ds, cfg.batch_size)], val=val_ds,
                        device=device, resolved=resolved, extra_meta={"labels_spec": cfg.labels},
                        on_progress=on_progress, on_status=status)
     result.update({"train_labels": len(train), "train_labels_total": counts["train"], "val_labels": len(val),
-                   "missing_images": len(labels.missing), "seconds": time.perf_counter() - t0})
+                   "missing_images": len(labels.missing),
+                   "broken_images": len(train.unreadable) + len(val.unreadable), "seconds": time.perf_counter() - t0})
     return result

@@ -82,13 +82,14 @@ class ViewImages(Dataset):
 
     paths: one image path per item. rows: cache row per item (-1 = disk image), or None for all disk images.
     boxes: the cache's (N, V, 5) views; embed: its (N, V, D) embeddings (only when the feature loss needs them).
+    digests: the cache's per-row sha256; each linked item's file is checked against its row's once per process.
     """
 
     def __init__(self, paths: Sequence[str], input_cfg: dict, *, rows: np.ndarray | None = None,
                  boxes: np.ndarray | None = None, embed: np.ndarray | None = None,
                  targets: dict[str, np.ndarray] | None = None, teacher: dict[str, np.ndarray] | None = None,
                  view: str | int = "random", augment: bool = False, jitter: bool = False, seed: int = 0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, digests: Sequence[str] | None = None):
         self.paths = list(paths)
         self.n = len(self.paths)
         self.rows = np.full(self.n, -1, np.int64) if rows is None else np.asarray(rows, np.int64)
@@ -97,6 +98,8 @@ class ViewImages(Dataset):
         if (self.rows >= 0).any() and boxes is None:
             raise ValueError("items linked to cache rows need the cache's boxes")
         self.boxes, self.embed = boxes, embed
+        self.digests = digests  # the cache's per-row sha256: a linked row's file is checked against it once
+        self._checked: set[int] = set()
         self.n_views = 1 if boxes is None else int(boxes.shape[1])
         self.targets = targets or {}
         self.teacher = teacher or {}
@@ -124,8 +127,11 @@ class ViewImages(Dataset):
     def _item(self, index: int) -> dict:
         cycle, i = divmod(index, self.n)
         path, row = self.paths[i], int(self.rows[i])
+        digest = self.digests[row] if self.digests is not None and row >= 0 and row not in self._checked else None
         try:
-            img = load_rgb(path, self.max_pixels)
+            img = load_rgb(path, self.max_pixels, digest=digest, row=row)
+            if digest is not None:
+                self._checked.add(row)
         except (BadImage, OSError) as e:
             raise ImageUnreadable(f"{path}: cannot read this image ({e}); was it replaced or removed since the "
                                   "labels / cache were made?") from None

@@ -56,6 +56,7 @@ from .iaa_data.labels import LabelSet, hash_unit
 from .iaa_data_sets import EVAL_VIEW, StepBatches, ViewImages, collate, mix_seed
 from .iaa_model import IAAScorer, build_head, save_iaa_model, to_unit
 from .images import DEFAULT_MAX_PIXELS
+from .outdir import claim_out_dir
 from .losses.cosine import CosineLoss
 from .losses.emd import EMDLoss
 from .losses.kl import DistillKLLoss
@@ -75,7 +76,8 @@ CURVE_NAME = "loss_curve.png"
 CKPT_DIR = "checkpoints"
 
 # Settings a resumed run may change: they decide how, not what, is computed.
-_RESUMABLE = {"resume", "num_workers", "device", "log_every", "keep_checkpoints", "eval_batch_size"}
+_RESUMABLE = {"resume", "num_workers", "device", "log_every", "keep_checkpoints", "eval_batch_size", "trust_code",
+              "no_verify"}
 
 
 class TrainError(ValueError):
@@ -113,6 +115,7 @@ class IAATrainConfig:
     device: str = "auto"
     amp: bool = True
     resume: bool = False
+    trust_code: bool = False  # allow py: specs found inside run: directories (`trust`)
     keep_checkpoints: int = 2
     log_every: int = 10
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -197,11 +200,12 @@ def prepare_labels(cfg: IAATrainConfig) -> tuple[LabelSet, LabelSet, LabelSet]:
         raise
     except ValueError as e:
         raise cfg.error(str(e)) from e
-    train = keep_fraction(labels.split("train"), cfg.label_fraction, cfg.label_seed)
+    # Broken files are dropped after the fraction is drawn, so a bad download never shifts which labels it keeps.
+    train = keep_fraction(labels.split("train"), cfg.label_fraction, cfg.label_seed).drop_unreadable()
     if not train.labels:
         raise cfg.error(f"{cfg.labels}: no train labels left ({labels.summary()}, --label-fraction "
                         f"{cfg.label_fraction}); check the split column or raise --label-fraction")
-    return labels, train, labels.split("val")
+    return labels, train, labels.split("val").drop_unreadable()
 
 
 def resolve_head(cfg: IAATrainConfig, labels: LabelSet) -> tuple[str, int | None]:
@@ -231,6 +235,7 @@ def prepare_run_dir(cfg: IAATrainConfig, run_dir: Path) -> Path | None:
     import yaml
 
     saved = run_dir / CONFIG_NAME
+    claim_out_dir(run_dir, CONFIG_NAME, f"{cfg.command} run", cfg.error)
     if not saved.exists():
         return None
     if not cfg.resume:

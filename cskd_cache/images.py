@@ -7,13 +7,16 @@ reason it was skipped has to be recorded in a form that can be counted (``BadIma
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["DEFAULT_MAX_PIXELS", "BadImage", "load_rgb", "file_digest"]
+from .manifest import CacheError
+
+__all__ = ["DEFAULT_MAX_PIXELS", "BadImage", "load_rgb", "file_digest", "quick_check", "ImageChanged"]
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit
 
@@ -97,43 +100,88 @@ def _classify(exc: BaseException) -> str:
     return "corrupt"
 
 
-def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+class ImageChanged(CacheError):
+    """A file's bytes are not those the cache row was extracted from (wrong --image-root, replaced file)."""
+
+
+def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, digest: str | None = None,
+             row: int | None = None) -> Image.Image:
     """Decode ``path`` to a fully loaded RGB image, EXIF-rotated, alpha composited over white.
 
     Raises BadImage for any undecodable file. A missing or unreadable path is not a bad image and
-    raises the usual OSError (FileNotFoundError, PermissionError).
+    raises the usual OSError (FileNotFoundError, PermissionError). With ``digest`` (the sha256 a cache stored
+    for cache row ``row``) the bytes are hashed as they are read and ImageChanged is raised when they differ:
+    the hash costs about 1% of the decode, and it is what stops a remapped image root from silently pairing
+    other photos with the cached targets.
     """
     if os.path.getsize(path) == 0:
         raise BadImage(path, "empty", "file has 0 bytes")
-    with open(path, "rb") as f:
-        head = f.read(16)
-        f.seek(0)
+    if digest is None:
+        with open(path, "rb") as f:
+            return _decode(f, path, max_pixels)
+    data = Path(path).read_bytes()
+    got = hashlib.sha256(data).hexdigest()
+    if got != digest:
+        raise ImageChanged(f"{path}: not the image cache row {row} was extracted from (sha256 {got[:12]}..., the "
+                           f"cache stored {digest[:12]}...); --image-root / --cache-image-root probably maps to other "
+                           "images with the same names: fix the mapping, or re-extract the cache from these images")
+    return _decode(io.BytesIO(data), path, max_pixels)
+
+
+def _decode(f, path, max_pixels: int) -> Image.Image:
+    """The body of load_rgb on an open binary file (a real file or the bytes already read and hashed)."""
+    head = f.read(16)
+    f.seek(0)
+    try:
+        im = Image.open(f)
+    except Image.UnidentifiedImageError:
+        if _looks_like_image(head):
+            raise BadImage(path, "corrupt", "starts like an image but its header cannot be parsed") from None
+        raise BadImage(path, "not-an-image", "format not recognised") from None
+    except Exception as e:  # noqa: BLE001 - any PIL failure is a property of the file
+        raise BadImage(path, _classify(e), f"{type(e).__name__}: {e}") from None
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:  # from the header alone, before any pixel is decoded
+            raise BadImage(path, "too-large", f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}")
+        if w <= 0 or h <= 0:
+            raise BadImage(path, "corrupt", f"invalid size {w}x{h}")
         try:
-            im = Image.open(f)
-        except Image.UnidentifiedImageError:
-            if _looks_like_image(head):
-                raise BadImage(path, "corrupt", "starts like an image but its header cannot be parsed") from None
-            raise BadImage(path, "not-an-image", "format not recognised") from None
-        except Exception as e:  # noqa: BLE001 - any PIL failure is a property of the file
+            im.load()
+        except Exception as e:  # noqa: BLE001
             raise BadImage(path, _classify(e), f"{type(e).__name__}: {e}") from None
-        with im:
-            w, h = im.size
-            if w * h > max_pixels:  # from the header alone, before any pixel is decoded
-                raise BadImage(path, "too-large", f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}")
-            if w <= 0 or h <= 0:
-                raise BadImage(path, "corrupt", f"invalid size {w}x{h}")
-            try:
-                im.load()
-            except Exception as e:  # noqa: BLE001
-                raise BadImage(path, _classify(e), f"{type(e).__name__}: {e}") from None
-            try:
-                oriented = ImageOps.exif_transpose(im)
-            except Exception:  # noqa: BLE001 - broken EXIF is ignored by viewers; pixels are fine
-                oriented = im
-            try:
-                return _to_rgb(oriented)
-            except Exception as e:  # noqa: BLE001 - e.g. an exotic mode PIL cannot convert
-                raise BadImage(path, "corrupt", f"cannot convert mode {oriented.mode}: {e}") from None
+        try:
+            oriented = ImageOps.exif_transpose(im)
+        except Exception:  # noqa: BLE001 - broken EXIF is ignored by viewers; pixels are fine
+            oriented = im
+        try:
+            return _to_rgb(oriented)
+        except Exception as e:  # noqa: BLE001 - e.g. an exotic mode PIL cannot convert
+            raise BadImage(path, "corrupt", f"cannot convert mode {oriented.mode}: {e}") from None
+
+
+def quick_check(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(reason, detail) for a file that is certainly no whole image, from its first and last bytes only (~50 us):
+    empty, not an image, or a JPEG/PNG cut short (no end-of-image marker near its end). None otherwise, which is
+    not a promise that it decodes. Training runs it over their labelled images before the first step, so that a
+    truncated download is skipped and counted instead of stopping a run mid-epoch."""
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty", "file has 0 bytes"
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, size - 4096))
+            tail = f.read()
+    except OSError as e:
+        return "unreadable", f"{type(e).__name__}: {e.strerror or e}"
+    if not _looks_like_image(head):
+        return None  # formats without a magic number we know are left to the decoder
+    if head.startswith(b"\xff\xd8\xff") and b"\xff\xd9" not in tail:
+        return "truncated", "JPEG without an end-of-image marker"
+    if head.startswith(b"\x89PNG") and b"IEND" not in tail[-64:]:
+        return "truncated", "PNG without an IEND chunk"
+    return None
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

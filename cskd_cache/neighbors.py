@@ -78,6 +78,8 @@ class NeighborsConfig:
     seed: int = 0
     batch_size: int = 64
     num_workers: int = 2
+    trust_code: bool = False
+    no_verify: bool = False
     device: str = "auto"
     thumb: int = 128
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -98,7 +100,7 @@ class NeighborsConfig:
 # --- features -----------------------------------------------------------------------------------------------
 
 
-def load_feature_encoder(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
+def load_feature_encoder(run_dir: str | os.PathLike, device: str | torch.device = "cpu", trust_code: bool = False):
     """(encoder, info): the image encoder of a finished run, called as ``encoder(x) -> (pooled, grid)`` with an
     ``input_cfg`` and ``model`` attribute. An align run (student.json) via `load_encoder`, a finetune/distill run
     (iaa_model.json) via `load_iaa_model`'s encoder. ``run:DIR`` is accepted for DIR."""
@@ -108,9 +110,9 @@ def load_feature_encoder(run_dir: str | os.PathLike, device: str | torch.device 
     text = str(run_dir)
     run_dir = Path(os.path.expanduser(text[4:] if text.startswith("run:") else text))
     if (run_dir / STUDENT_JSON).is_file():
-        return load_encoder(run_dir, device=device), {"model": str(run_dir), "run": "align"}
+        return load_encoder(run_dir, device=device, trust_code=trust_code), {"model": str(run_dir), "run": "align"}
     if (run_dir / IAA_JSON).is_file():
-        scorer = load_iaa_model(run_dir, device=device)
+        scorer = load_iaa_model(run_dir, device=device, trust_code=trust_code)
         return scorer.model.encoder, {"model": str(run_dir), "run": "iaa"}
     raise FileNotFoundError(f"{run_dir}: neither {STUDENT_JSON} (a `cskd align` run) nor {IAA_JSON} (a "
                             "`cskd finetune`/`cskd distill` run) here; point at a finished run directory")
@@ -341,8 +343,11 @@ def run_neighbors(cfg: NeighborsConfig, on_progress: Callable[[str, int, int], N
     from .trainer import resolve_device
 
     cfg.validate()
+    from .outdir import claim_out_dir
+
+    claim_out_dir(cfg.out, "neighbors.json", "neighbours page", NeighborsError)
     status = on_status or (lambda m: None)
-    cache = open_cache(cfg.cache)
+    cache = open_cache(cfg.cache, verify=not cfg.no_verify)
     if len(cache) < 2:
         raise NeighborsError(f"{cfg.cache}: {len(cache)} row(s); neighbours need at least 2")
     try:
@@ -356,7 +361,7 @@ def run_neighbors(cfg: NeighborsConfig, on_progress: Callable[[str, int, int], N
     device = resolve_device(cfg.device)
 
     if cfg.model:
-        encoder, info = load_feature_encoder(cfg.model, device=device)
+        encoder, info = load_feature_encoder(cfg.model, device=device, trust_code=cfg.trust_code)
         bar = (lambda d, t: on_progress("embed", d, t)) if on_progress else None
         feats = embed_rows(cache, encoder, paths, cfg.batch_size, cfg.num_workers, device, cfg.max_pixels, bar)
         features = {"source": "model", **info, "dim": int(feats.shape[1]), "view": 0,

@@ -117,7 +117,7 @@ def write_predictions(scores, scorer, out: str | os.PathLike, model: str = "") -
 
 def run_predict(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
                 batch_size: int = 32, num_workers: int = 2, device: str = "auto",
-                on_progress: Callable[[int, int], None] | None = None) -> PredictResult:
+                on_progress: Callable[[int, int], None] | None = None, trust_code: bool = False) -> PredictResult:
     """Score every image under ``inputs`` and write ``out``; unreadable files are listed, never raised.
 
     Raises ValueError for a bad ``out`` suffix or no inputs, FileNotFoundError for a missing model; the file is
@@ -134,7 +134,7 @@ def run_predict(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
         raise ValueError(f"no images found in {', '.join(map(str, inputs)) or '(no paths given)'}; pass image files "
                          f"or folders holding {', '.join(sorted(_exts()))} files")
     dev = resolve_device(device)
-    scorer = load_iaa_model(model, device=dev)
+    scorer = load_iaa_model(model, device=dev, trust_code=trust_code)
     scores = score_files(scorer, paths, batch_size, num_workers, dev, on_progress=on_progress)
     write_predictions(scores, scorer, out, str(model))
     return PredictResult(Path(out), fmt, len(paths), scores.n_ok, scores.n_failed, scores.failed())

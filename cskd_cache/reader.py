@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .integrity import CorruptCache, check_shard_fast, check_shard_size, ensure_verified
 from .manifest import CacheError, read_manifest
 
 
@@ -30,9 +31,12 @@ class CacheRow:
 
 
 class FeatureCache:
-    """A complete cache on disk. Global row i is row (i - offset[s]) of shard s, shards in index order."""
+    """A complete cache on disk. Global row i is row (i - offset[s]) of shard s, shards in index order.
 
-    def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False):
+    Opening checks every shard's size, sidecar and stored identity (`integrity`, fast); with ``verify`` (the
+    default) it also checks the sha256 of each shard not verified before, once, remembered beside the cache."""
+
+    def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False, verify: bool = True):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         if not self.manifest.get("complete") and not allow_incomplete:
@@ -42,6 +46,7 @@ class FeatureCache:
         for p in self.shards:
             if not p.is_file():
                 raise CacheError(f"{p}: shard listed in the manifest is missing; run `cskd cache verify {self.path}`")
+        self.verified = ensure_verified(self.path, self.manifest) if verify else None
         counts = [s["rows"] for s in self.manifest["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n = int(self.offsets[-1])
@@ -50,8 +55,14 @@ class FeatureCache:
         self.roots = {s["name"]: s["root"] for s in self.manifest["sources"]}
         self.keys, self.sources, self.digests = [], [], []
         boxes, embeds, sizes = [], [], []
-        for p in self.shards:
-            with h5py.File(p, "r") as f:
+        for p, entry in zip(self.shards, self.manifest["shards"]):
+            check_shard_size(self.path, entry)
+            try:
+                f = h5py.File(p, "r")
+            except OSError as e:
+                raise CorruptCache(f"{p}: not a readable HDF5 shard ({e}); run `cskd cache verify {self.path}`") from e
+            with f:
+                check_shard_fast(self.path, self.manifest, entry, f.attrs)
                 self.keys += [k.decode() if isinstance(k, bytes) else k for k in f["key"][:]]
                 self.sources += [k.decode() if isinstance(k, bytes) else k for k in f["source"][:]]
                 self.digests += [k.decode() if isinstance(k, bytes) else k for k in f["digest"][:]]
@@ -122,15 +133,17 @@ def _read_rows(ds: h5py.Dataset, rows: np.ndarray, view: int) -> np.ndarray:
     return out
 
 
-def open_cache(path: str | os.PathLike, allow_incomplete: bool = False) -> FeatureCache:
-    return FeatureCache(path, allow_incomplete=allow_incomplete)
+def open_cache(path: str | os.PathLike, allow_incomplete: bool = False, verify: bool = True) -> FeatureCache:
+    """Open a cache for reading; ``verify=False`` skips the one-time sha256 check (the fast checks still run)."""
+    return FeatureCache(path, allow_incomplete=allow_incomplete, verify=verify)
 
 
 class CachedFeatures(Dataset):
     """Yields dicts: key, source, row, view (index), box (5,), embed (D,), tokens (T, C) and any `extra` arrays
     (e.g. "prefix", "layer_11").
 
-    `view="random"` draws one of the V cached views per item and epoch (call `set_epoch`); an int fixes it.
+    `view="random"` draws one of the V cached views per item and epoch: call `set_epoch(epoch)` before each epoch,
+    as with DistributedSampler, or every epoch sees the same views; an int fixes the view; anything else is refused.
     Implements `__getitems__`, which DataLoader calls with a whole batch of indices, so token reads are
     grouped per shard and view and issued in increasing row order.
     """
@@ -143,7 +156,10 @@ class CachedFeatures(Dataset):
         for name in extra:
             if name not in cache.arrays:
                 raise CacheError(f"{cache.path}: no array {name!r} in this cache (has {', '.join(cache.arrays)})")
-        if isinstance(view, int) and not 0 <= view < cache.n_views:
+        if isinstance(view, bool) or not (view == "random" or isinstance(view, (int, np.integer))):
+            raise CacheError(f"view={view!r}: use \"random\" (one of the cached views per item and epoch; call "
+                             "set_epoch(epoch) each epoch) or a view index 0..V-1")
+        if isinstance(view, (int, np.integer)) and not 0 <= view < cache.n_views:
             raise CacheError(f"{cache.path}: view {view} out of range, the cache has {cache.n_views} views")
         self.path = str(cache.path)
         self.shard_files = [str(p) for p in cache.shards]

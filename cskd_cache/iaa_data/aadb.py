@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .labels import Label, LabelSet, finish, first_existing
+from .labels import number, Label, LabelSet, finish, first_existing
 
 SCALE = (0.0, 1.0)
 BINS = None
@@ -35,9 +35,8 @@ def read_aadb(root: str | Path, image_root: str | Path | None = None, val_fracti
             parts = line.split()
             if not parts:
                 continue
-            try:
-                key, score = parts[0], float(parts[1])
-            except (IndexError, ValueError):
-                raise ValueError(f"{path}:{n}: expected 'image_name score', got {line!r}") from None
+            if len(parts) < 2:
+                raise ValueError(f"{path}:{n}: expected 'image_name score', got {line!r}")
+            key, score = parts[0], number(parts[1], f"{path}:{n}")
             labels.append(Label(key, str(images / key), split, score, None))
     return finish("aadb", labels, SCALE, BINS, THRESHOLD, check_images)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .labels import Label, LabelSet, column, finish, first_existing, read_csv, val_or_train
+from .labels import number, Label, LabelSet, column, finish, first_existing, read_csv, val_or_train
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _VALUES = np.arange(1, BINS + 1, dtype=np.float64)
 
 
 def _label(key: str, votes: list[str], where: str, images: Path, split: str) -> Label | None:
-    counts = np.array([float(v) for v in votes])
+    counts = np.array([number(v, where, "vote count") for v in votes])
     if counts.shape != (BINS,) or (counts < 0).any():
         raise ValueError(f"{where}: expected {BINS} non-negative vote counts, got {votes}")
     total = counts.sum()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .labels import Label, LabelSet, finish, norm_split, normalise_dist, read_csv, seeded_split
+from .labels import number, Label, LabelSet, finish, norm_split, normalise_dist, read_csv, seeded_split
 
 
 def _parse_dist(value, where: str) -> np.ndarray | None:
@@ -48,9 +48,9 @@ def _to_labels(records: list[tuple[str, dict]], base: Path, name: str, val_fract
         dcols = []
         while f"d{len(dcols) + 1}" in rec:
             dcols.append(rec[f"d{len(dcols) + 1}"])
-        dist = _parse_dist(rec.get("dist") if not dcols else [float(v) for v in dcols], where)
+        dist = _parse_dist(rec.get("dist") if not dcols else list(dcols), where)
         raw = rec.get("score")
-        score = None if raw is None or str(raw).strip() == "" else float(raw)
+        score = None if raw is None or str(raw).strip() == "" else number(raw, where)
         if dist is None and score is None:
             raise ValueError(f"{where}: needs a 'score' or a 'dist' (or d1..dK columns)")
         if dist is not None:

@@ -58,6 +58,8 @@ class LabelSet:
     missing: list[str] = field(default_factory=list)
     # split of each missing path, so split() can keep only its own missing rows
     _missing_split: dict[str, str] = field(default_factory=dict, repr=False)
+    # (path, reason) of rows dropped by `drop_unreadable`
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -104,6 +106,28 @@ class LabelSet:
         return (f"{self.name}: {len(self.missing)} of {total} label rows have no image on disk and were "
                 f"left out (first: {first}); check the image root")
 
+    def drop_unreadable(self, workers: int = 8) -> LabelSet:
+        """The same labels without rows whose image is certainly broken (`images.quick_check`: empty, truncated);
+        they are listed in ``unreadable`` and reported by `unreadable_summary`."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..images import quick_check
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            verdicts = list(pool.map(quick_check, self.paths(), chunksize=64))
+        bad = [(lb.path, v[0]) for lb, v in zip(self.labels, verdicts) if v is not None]
+        if not bad:
+            return self
+        return replace(self, labels=[lb for lb, v in zip(self.labels, verdicts) if v is None],
+                       unreadable=[*self.unreadable, *bad])
+
+    def unreadable_summary(self, show: int = 3) -> str:
+        if not self.unreadable:
+            return ""
+        first = ", ".join(f"{p} ({r})" for p, r in self.unreadable[:show])
+        return (f"{self.name}: {len(self.unreadable)} labelled images are broken and were skipped (first: {first}"
+                f"{', ...' if len(self.unreadable) > show else ''})")
+
     def summary(self) -> str:
         c = self.counts()
         s = (f"{self.name}: {len(self)} labels (train {c['train']}, val {c['val']}, test {c['test']}), "
@@ -136,8 +160,20 @@ def norm_split(value: str, where: str) -> str:
     return s
 
 
+def number(value, where: str, what: str = "score") -> float:
+    """A finite float from a label file's cell, or ValueError naming file:line: NaN and inf are refused here,
+    where the fix is obvious, not later as a "non-finite loss" that blames the learning rate."""
+    try:
+        x = float(str(value).strip()) if not isinstance(value, (int, float)) else float(value)
+    except ValueError:
+        raise ValueError(f"{where}: {what} {value!r} is not a number; fix or drop this row") from None
+    if not np.isfinite(x):
+        raise ValueError(f"{where}: {what} {value!r} is not finite; fix or drop this row")
+    return x
+
+
 def normalise_dist(values, where: str) -> np.ndarray:
-    d = np.asarray(values, dtype=np.float64)
+    d = np.asarray([number(v, where, "vote") for v in values], dtype=np.float64)
     total = d.sum()
     if d.ndim != 1 or not np.isfinite(total) or total <= 0 or (d < 0).any():
         raise ValueError(f"{where}: not a distribution (needs non-negative values with a positive sum): {values!r}")

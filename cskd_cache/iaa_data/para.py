@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .labels import Label, LabelSet, column, finish, first_existing, normalise_dist, read_csv, val_or_train
+from .labels import number, Label, LabelSet, column, finish, first_existing, normalise_dist, read_csv, val_or_train
 
 SCALE = (1.0, 5.0)
 THRESHOLD = 3.0
@@ -42,7 +42,7 @@ def read_para(root: str | Path, image_root: str | Path | None = None, val_fracti
         for n, row in enumerate(rows, 2):
             session, name = row[si].strip(), row[ni].strip()
             key = f"{session}/{name}"
-            dist = normalise_dist([float(row[i]) for i in vi], f"{path}:{n}") if vi else None
+            dist = normalise_dist([row[i] for i in vi], f"{path}:{n}") if vi else None
             split = official if official == "test" else val_or_train(key, val_fraction, seed)
-            labels.append(Label(key, str(images / session / name), split, float(row[mi]), dist))
+            labels.append(Label(key, str(images / session / name), split, number(row[mi], f"{path}:{n}"), dist))
     return finish("para", labels, SCALE, bins or None, THRESHOLD, check_images)

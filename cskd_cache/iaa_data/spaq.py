@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .labels import Label, LabelSet, column, finish, first_existing, read_csv, seeded_split
+from .labels import number, Label, LabelSet, column, finish, first_existing, read_csv, seeded_split
 
 SCALE = (0.0, 100.0)
 BINS = None
@@ -32,7 +32,8 @@ def read_spaq(root: str | Path, image_root: str | Path | None = None, val_fracti
     header, rows = read_csv(path)
     ki, mi = column(header, "Image name", path), column(header, "MOS", path)
     labels = []
-    for row in rows:
+    for n, row in enumerate(rows, 2):
         key = row[ki].strip()
-        labels.append(Label(key, str(images / key), seeded_split(key, val_fraction, seed), float(row[mi]), None))
+        labels.append(Label(key, str(images / key), seeded_split(key, val_fraction, seed),
+                            number(row[mi], f"{path}:{n}"), None))
     return finish("spaq", labels, SCALE, BINS, THRESHOLD, check_images)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .labels import Label, LabelSet, column, finish, first_existing, read_csv, val_or_train
+from .labels import number, Label, LabelSet, column, finish, first_existing, read_csv, val_or_train
 
 SCALE = (1.0, 10.0)
 BINS = None
@@ -33,10 +33,7 @@ def read_tad66k(root: str | Path, image_root: str | Path | None = None, val_frac
         ii, si = column(header, "image", path), column(header, "score", path)
         for n, row in enumerate(rows, 2):
             key = row[ii].strip()
-            try:
-                score = float(row[si])
-            except ValueError:
-                raise ValueError(f"{path}:{n}: score {row[si]!r} is not a number") from None
+            score = number(row[si], f"{path}:{n}")
             split = official if official == "test" else val_or_train(key, val_fraction, seed)
             labels.append(Label(key, str(images / key), split, score, None))
     return finish("tad66k", labels, SCALE, BINS, THRESHOLD, check_images)
