@@ -10,13 +10,42 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+def _console(stderr: bool) -> Console:
+    # Logs are what users keep: piped output must never be cut or wrapped at rich's default 80 columns, so a
+    # console that is not a terminal gets no width limit; in a terminal long lines still fold, never truncate.
+    stream = sys.stderr if stderr else sys.stdout
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return Console(stderr=stderr, width=None if tty else 100_000, soft_wrap=True)
+
+
+console = _console(stderr=False)
+err_console = _console(stderr=True)
+
+
+def show(table) -> None:
+    """Print a rich Table whose cells fold when the terminal is narrow instead of ending in an ellipsis."""
+    for column in table.columns:
+        column.overflow = "fold"
+        column.no_wrap = False
+    if table.title:  # rich fits a title to the table's width and cuts it; titles carry paths, so print it whole
+        console.print(f"[bold]{table.title}[/]", highlight=False, soft_wrap=True)
+        table.title = None
+    console.print(table, soft_wrap=False)
+
+
+def one_line(message: str) -> str:
+    """The error itself, not DataLoader's wrapping: an exception raised in a worker comes back as "Caught X in
+    DataLoader worker process N. Original Traceback ...", whose last line is the original message."""
+    if message.startswith("Caught ") and "Original Traceback" in message:
+        last = [ln for ln in message.strip().splitlines() if ln.strip()][-1]
+        head, sep, rest = last.partition(": ")
+        return rest if sep and "." in head and " " not in head else last
+    return message
 
 
 def fail(message: str, code: int = 1) -> None:
     """A one-line error on stderr and a non-zero exit: the contract for every bad input."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {one_line(str(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

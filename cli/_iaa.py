@@ -25,6 +25,7 @@ def explicit(ctx: typer.Context, name: str) -> bool:
 def build_config(ctx: typer.Context, cls, config: Path | None, encoder_field: str):
     """Defaults <- --config <- explicit flags; usage errors (bad options, malformed specs) exit 2."""
     from cskd_cache.iaa_data import parse_spec
+    from cskd_cache.trust import check_spec_from_file, written_by_cskd
 
     given = {name: value for name, value in ctx.params.items() if name != "config" and explicit(ctx, name)}
     if "epochs" in given and "max_steps" in given:
@@ -38,6 +39,8 @@ def build_config(ctx: typer.Context, cls, config: Path | None, encoder_field: st
             cfg.max_steps = None  # an explicit --epochs beats a max_steps from --config
         cfg.validate()
         parse_spec(cfg.labels)
+        if encoder_field not in given and written_by_cskd(config):  # a run's config.yaml names code: ask first
+            check_spec_from_file(getattr(cfg, encoder_field), config, cfg.trust_code)
     except ValueError as e:
         fail(str(e), code=2)
     spec = getattr(cfg, encoder_field)
@@ -91,6 +94,8 @@ def summary_table(result: dict, title: str) -> Table:
     table.add_row("steps", f"{result['step']:,} in {result['epochs']} epoch(s)")
     table.add_row("train labels", f"{result['train_labels']:,} used of {result['train_labels_total']:,}; "
                                   f"{result['val_labels']:,} val")
+    if result.get("broken_images"):
+        table.add_row("broken images skipped", f"{result['broken_images']:,} (truncated or empty; see config.yaml)")
     return table
 
 

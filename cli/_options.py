@@ -39,3 +39,11 @@ EmaOpt = Annotated[float, typer.Option(min=0, max=0.999999, help="Validate and s
                                                                   "of the weights with this decay (e.g. 0.998; 0 = "
                                                                   "off).")]
 EvalBatchSizeOpt = Annotated[Optional[int], typer.Option(min=1, help="Validation batch (default: --batch-size).")]
+
+# every command that loads a run directory
+TrustCodeOpt = Annotated[bool, typer.Option("--trust-code", help="Allow a py:package.module:factory model spec found "
+                                                                 "inside a run directory to be imported and run. "
+                                                                 "Only for runs from people you trust.")]
+NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="Skip the one-time sha256 check of cache shards not "
+                                                               "yet verified (sizes and shard identity are still "
+                                                               "checked).")]

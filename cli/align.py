@@ -12,10 +12,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ._options import (
+    TrustCodeOpt, NoVerifyOpt,
     OutOpt, ConfigOpt, WeightDecayOpt, WarmupPctOpt, MinLrPctOpt, ClipGradOpt, NumWorkersOpt, DeviceOpt, AmpOpt,
     ResumeOpt, KeepCheckpointsOpt, LogEveryOpt, MaxPixelsOpt,
 )
-from ._common import console, err_console, fail
+from ._common import console, err_console, fail, show
 
 
 def _explicit(ctx: typer.Context, name: str) -> bool:
@@ -75,12 +76,15 @@ def align(
     shuffle_targets: Annotated[bool, typer.Option(help="Control run: pair each image with another image's targets.")]
     = False,
     max_pixels: MaxPixelsOpt = 89_478_485,
+    trust_code: TrustCodeOpt = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Align a student encoder to the cached teacher features (Stage I). Writes config.yaml, metrics.jsonl,
     checkpoints, student.safetensors and loss_curve.png to --out."""
     from cskd_cache.align import AlignConfig, AlignError, run_align
     from cskd_cache.manifest import CacheError
     from cskd_cache.trainer import NonFiniteLoss
+    from cskd_cache.trust import UntrustedCode, check_spec_from_file, written_by_cskd
 
     given = {name: value for name, value in ctx.params.items() if name != "config" and _explicit(ctx, name)}
     if "epochs" in given and "max_steps" in given:
@@ -93,7 +97,9 @@ def align(
         if "epochs" in given and "max_steps" not in given:
             cfg.max_steps = None  # an explicit --epochs beats a max_steps from --config
         cfg.validate()
-    except AlignError as e:
+        if "student" not in given and written_by_cskd(config):  # a run's config.yaml names code: ask first
+            check_spec_from_file(cfg.student, config, cfg.trust_code)
+    except (AlignError, UntrustedCode) as e:
         fail(str(e), code=2)
 
     rank0 = os.environ.get("RANK", "0") == "0"
@@ -122,8 +128,10 @@ def align(
         if result.get(key) is not None:
             start = f" (step 0: {init[key]:.4f})" if init.get(key) is not None else ""
             table.add_row(label, f"{result[key]:.4f}{start}")
+        elif key == "knn_agreement" and result.get("eval_rows"):
+            table.add_row(label, f"n/a ({result['eval_rows']} held-out rows; needs more than --knn-k + 1)")
     table.add_row("steps", f"{result['step']:,} in {result['epochs']} epoch(s)")
     table.add_row("rows", f"{result['train_rows']:,} train, {result['eval_rows']:,} held out")
     table.add_row("time", f"{result['seconds']:,.1f} s")
     table.add_row("student", str(Path(result["run_dir"]) / "student.safetensors") + " (load_encoder / run:)")
-    console.print(table)
+    show(table)

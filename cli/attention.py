@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import console, fail, progress_bar
+from ._options import TrustCodeOpt
+from ._common import console, fail, progress_bar, show
 
 
 def attention(
@@ -27,6 +28,7 @@ def attention(
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this (decompression bombs).")]
     = 89_478_485,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Per layer and head: mean attention distance (pixels) and attention entropy (nats) over patch tokens,
     averaged over images; optionally two models overlaid. Only ViT-family models have attention."""
@@ -48,7 +50,8 @@ def attention(
                 update(sum(d for d, _ in bars.values()), total * len(specs))
 
             result = run_attention(specs, images, out, max_images=max_images, batch_size=batch_size,
-                                   device=str(dev), seed=seed, max_pixels=max_pixels, on_progress=on_progress)
+                                   device=str(dev), seed=seed, max_pixels=max_pixels, on_progress=on_progress,
+                                   trust_code=trust_code)
     except (NotAttentionModel, UnsupportedAttention, FileNotFoundError, ValueError, RuntimeError) as e:
         fail(str(e))
     table = Table(title=f"cskd attention -> {out}")
@@ -65,5 +68,5 @@ def attention(
                       f"{mean(first['distance']):.1f} -> {mean(last['distance']):.1f}",
                       f"{mean(first['entropy']):.2f} -> {mean(last['entropy']):.2f}",
                       f"{m['uniform_distance']:.1f} px, {m['uniform_entropy']:.2f} nats")
-    console.print(table)
+    show(table)
     console.print(f"plots: {Path(out) / 'attention_distance.png'}, {Path(out) / 'attention_entropy.png'}")

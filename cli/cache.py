@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, fail
+from ._common import console, err_console, fail, show
 
 app = typer.Typer(help="Inspect and verify feature caches.", no_args_is_help=True)
 
@@ -42,4 +42,4 @@ def info(path: Annotated[Path, typer.Argument(help="Cache directory.")]) -> None
     table = Table(title=f"cache {path}", show_header=False)
     for k, v in summary.items():
         table.add_row(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
-    console.print(table)
+    show(table)

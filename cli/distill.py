@@ -8,11 +8,12 @@ from typing import Annotated, Optional
 import typer
 
 from ._options import (
+    TrustCodeOpt, NoVerifyOpt,
     OutOpt, ConfigOpt, WeightDecayOpt, WarmupPctOpt, MinLrPctOpt, ClipGradOpt, NumWorkersOpt, DeviceOpt, AmpOpt,
     ResumeOpt, KeepCheckpointsOpt, LogEveryOpt, MaxPixelsOpt, LabelsOpt, ValFractionOpt, SplitSeedOpt,
     LabelFractionOpt, LabelSeedOpt, HeadOpt, WPlccOpt, KeepOpt, EmaOpt, EvalBatchSizeOpt,
 )
-from ._common import console, fail
+from ._common import console, fail, show
 from ._iaa import (
     _fmt, add_time_and_model, build_config, progress_display, status_printer, summary_table, train_callbacks,
 )
@@ -92,6 +93,11 @@ def distill(
                                                     "view's teacher targets; --no-jitter-views shows the exact "
                                                     "cached views (a student then memorises those few fixed "
                                                     "inputs per image).")] = True,
+    labels_outside_cache: Annotated[bool, typer.Option(help="The labelled images are deliberately not in the cache "
+                                                            "(read from disk); without it, labels that link to no "
+                                                            "cache row stop the run.")] = False,
+    trust_code: TrustCodeOpt = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Distil a teacher's scores on the cached views into a student, with the labelled train split alongside.
     Writes config.yaml, metrics.jsonl (val SRCC/PLCC per epoch), checkpoints, loss_curve.png and iaa_model.*."""
@@ -132,4 +138,4 @@ def distill(
     table.add_row("teacher", f"{t['spec']}, predictions {'computed' if t['computed'] else 'reused'} "
                              f"({t['predictions']}); val SRCC on view 0 {_fmt(t_val)}")
     add_time_and_model(table, result)
-    console.print(table)
+    show(table)

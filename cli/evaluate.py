@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, fail, progress_bar
+from ._options import TrustCodeOpt
+from ._common import console, err_console, fail, progress_bar, show
 
 
 def evaluate(
@@ -28,6 +29,7 @@ def evaluate(
                                                        "(0 = no intervals).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap resampling.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Score one split of a labelled dataset with a trained IAA model. Writes OUT/metrics.json, OUT/predictions.csv
     (key, path, true, pred) and OUT/scatter.png; missing or unreadable images are left out and counted."""
@@ -37,7 +39,8 @@ def evaluate(
         raise typer.BadParameter(f"{split!r}: use train, val or test", param_hint="--split")
     cfg = EvalConfig(model=str(model), labels=labels, out=str(out), split=split,
                      image_root=str(image_root) if image_root else None, batch_size=batch_size,
-                     num_workers=num_workers, bootstrap=bootstrap, seed=seed, device=device)
+                     num_workers=num_workers, bootstrap=bootstrap, seed=seed, device=device,
+                     trust_code=trust_code)
     try:
         with progress_bar("score") as update:
             result = run_evaluate(cfg, on_progress=update, on_status=lambda m: err_console.print(f"[dim]{m}[/]"))
@@ -59,4 +62,4 @@ def evaluate(
             table.add_row(name, f"{m[key]:.4f}", f"{ci[0]:.4f} .. {ci[1]:.4f}" if ci else "")
     table.add_row("skipped", f"{m['n_missing']} missing, {m['n_unreadable']} unreadable", "")
     table.add_row("written", str(result.out), "metrics.json, predictions.csv, scatter.png")
-    console.print(table)
+    show(table)

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, fail
+from ._options import TrustCodeOpt
+from ._common import console, err_console, fail, show
 
 
 def export(
@@ -26,6 +27,7 @@ def export(
                                                     "parity check; above it the file is removed and the exit is 1.")]
     = 1e-4,
     seed: Annotated[int, typer.Option(help="Seed of the parity-check inputs.")] = 0,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Export a trained IAA model for deployment and check it against PyTorch.
 
@@ -43,7 +45,7 @@ def export(
         raise typer.BadParameter(f"{format_!r}: use {' or '.join(EXPORT_FORMATS)}", param_hint="--format")
     try:
         result = run_export(model, format_, out, dynamic_batch=batch_size_dynamic, batch_size=batch_size,
-                            opset=opset, atol=atol, seed=seed,
+                            opset=opset, atol=atol, seed=seed, trust_code=trust_code,
                             on_status=lambda m: err_console.print(f"[dim]{m}[/]"))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
@@ -56,4 +58,4 @@ def export(
                  ("size", f"{result.bytes / 2**20:,.1f} MiB"), ("sidecar", str(result.sidecar)),
                  ("time", f"{result.seconds:.1f} s")):
         table.add_row(k, v)
-    console.print(table)
+    show(table)

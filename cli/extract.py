@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, fail, progress_bars
+from ._common import console, err_console, fail, progress_bars, show
 
 
 def _pair(text: str, name: str) -> tuple[float, float]:
@@ -93,4 +93,4 @@ def extract(
         ("resumed shards", str(result.resumed_shards)), ("fingerprint", result.fingerprint[:16]),
     ]:
         table.add_row(k, v)
-    console.print(table)
+    show(table)

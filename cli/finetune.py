@@ -8,11 +8,12 @@ from typing import Annotated, Optional
 import typer
 
 from ._options import (
+    TrustCodeOpt,
     OutOpt, ConfigOpt, WeightDecayOpt, WarmupPctOpt, MinLrPctOpt, ClipGradOpt, NumWorkersOpt, DeviceOpt, AmpOpt,
     ResumeOpt, KeepCheckpointsOpt, LogEveryOpt, MaxPixelsOpt, LabelsOpt, ValFractionOpt, SplitSeedOpt,
     LabelFractionOpt, LabelSeedOpt, HeadOpt, WPlccOpt, KeepOpt, EmaOpt, EvalBatchSizeOpt,
 )
-from ._common import console, fail
+from ._common import console, fail, show
 from ._iaa import add_time_and_model, build_config, progress_display, status_printer, summary_table, train_callbacks
 
 
@@ -58,6 +59,7 @@ def finetune(
     max_pixels: MaxPixelsOpt = 89_478_485,
     augment: Annotated[bool, typer.Option(help="Mild random resized crop (80-100% of the eval view) + flip.")]
     = True,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Fine-tune an encoder + score head on labelled images (labels-only baseline, or the Stage II teacher).
     Writes config.yaml, metrics.jsonl (val SRCC/PLCC per epoch), checkpoints, loss_curve.png and iaa_model.*."""
@@ -79,4 +81,4 @@ def finetune(
     if result.get("missing_images"):
         table.add_row("label rows without image", f"{result['missing_images']:,} (left out)")
     add_time_and_model(table, result)
-    console.print(table)
+    show(table)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import typer
 
 from . import cache as cache_cmd
@@ -25,6 +27,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+def _version(value: bool) -> None:
+    if value:
+        from cskd_cache import __version__
+
+        typer.echo(f"cskd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the cskd version and exit.")) -> None:
+    """CLIP-based semi-supervised knowledge distillation for image aesthetics, built on a feature cache."""
+
+
 app.command("sample-images")(sample_images)
 app.command("proxy-set")(proxy_set)
 app.command("extract")(extract)
@@ -40,7 +56,13 @@ app.command("report")(report)
 app.add_typer(cache_cmd.app, name="cache")
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    # A notice for a person, not a developer: no source line, no file name, one line.
+    return f"warning: {message}\n"
+
+
 def main() -> None:
+    warnings.formatwarning = _one_line_warning
     app()
 
 

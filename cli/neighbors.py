@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, fail, progress_bars
+from ._options import TrustCodeOpt, NoVerifyOpt
+from ._common import console, err_console, fail, progress_bars, show
 
 
 def neighbors(
@@ -42,6 +43,8 @@ def neighbors(
     thumb: Annotated[int, typer.Option(min=16, help="Thumbnail size in the contact sheets, pixels.")] = 128,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this (decompression bombs).")]
     = 89_478_485,
+    trust_code: TrustCodeOpt = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Nearest neighbours in a feature space: contact sheets and an HTML page, a training-free kNN-regression
     probe (with --labels) and a near-duplicate (leakage) report."""
@@ -52,7 +55,8 @@ def neighbors(
                           model=model, k=k, queries=queries, dup_threshold=dup_threshold, backend=backend,
                           ivf_threshold=ivf_threshold, nlist=nlist, nprobe=nprobe, gpu=gpu, n_boot=n_boot,
                           seed=seed, batch_size=batch_size, num_workers=num_workers, device=device, thumb=thumb,
-                          max_pixels=max_pixels)
+                          max_pixels=max_pixels, trust_code=trust_code,
+                          no_verify=no_verify)
     try:
         cfg.validate()
     except NeighborsError as e:
@@ -91,4 +95,4 @@ def neighbors(
                   f"{dup['pairs']:,} pairs, {dup['cross_split']:,} cross-split, {dup['cross_source']:,} cross-source"
                   + ("".join(f"; {name}: {n:,}" for name, n in dup["by_split_pair"].items())))
     table.add_row("page", str(Path(out) / "index.html"))
-    console.print(table)
+    show(table)

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, fail, progress_bar
+from ._options import TrustCodeOpt
+from ._common import console, err_console, fail, progress_bar, show
 
 
 def predict(
@@ -22,6 +23,7 @@ def predict(
     num_workers: Annotated[int, typer.Option(min=0, help="Decode worker processes (0 = decode in this process).")]
     = 2,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Score images with a trained IAA model: mean score on the training dataset's scale, and its std and
     K-bin distribution for a distribution head. Unreadable files are listed in the output with an error and
@@ -35,7 +37,7 @@ def predict(
     try:
         with progress_bar("predict") as update:
             result = run_predict(model, paths, out, batch_size=batch_size, num_workers=num_workers, device=device,
-                                 on_progress=update)
+                                 on_progress=update, trust_code=trust_code)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     if result.n_failed:
@@ -47,6 +49,6 @@ def predict(
     for k, v in (("inputs", f"{result.n_inputs:,}"), ("scored", f"{result.n_scored:,}"),
                  ("unreadable", f"{result.n_failed:,}"), ("format", result.format)):
         table.add_row(k, v)
-    console.print(table)
+    show(table)
     if result.n_scored == 0:
         fail(f"none of the {result.n_inputs} files could be scored (each is listed with its error in {result.out})")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import console, fail
+from ._common import console, fail, show
 
 
 def report(
@@ -46,4 +46,4 @@ def report(
     table.add_row("size", f"{result['bytes'] / 1024:,.1f} KiB")
     for path in result["generated"]:
         table.add_row("drawn", path)
-    console.print(table)
+    show(table)
