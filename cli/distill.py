@@ -13,7 +13,7 @@ from ._options import (
     ResumeOpt, KeepCheckpointsOpt, LogEveryOpt, MaxPixelsOpt, LabelsOpt, ValFractionOpt, SplitSeedOpt,
     LabelFractionOpt, LabelSeedOpt, HeadOpt, WPlccOpt, KeepOpt, EmaOpt, EvalBatchSizeOpt,
 )
-from ._common import console, fail, show
+from ._common import fail, show
 from ._iaa import (
     _fmt, add_time_and_model, build_config, progress_display, status_printer, summary_table, train_callbacks,
 )

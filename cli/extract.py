@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, fail, progress_bars, show
+from ._common import err_console, fail, progress_bars, show
 
 
 def _pair(text: str, name: str) -> tuple[float, float]:

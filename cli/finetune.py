@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -13,7 +12,7 @@ from ._options import (
     ResumeOpt, KeepCheckpointsOpt, LogEveryOpt, MaxPixelsOpt, LabelsOpt, ValFractionOpt, SplitSeedOpt,
     LabelFractionOpt, LabelSeedOpt, HeadOpt, WPlccOpt, KeepOpt, EmaOpt, EvalBatchSizeOpt,
 )
-from ._common import console, fail, show
+from ._common import fail, show
 from ._iaa import add_time_and_model, build_config, progress_display, status_printer, summary_table, train_callbacks
 
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ._options import TrustCodeOpt, NoVerifyOpt
-from ._common import console, err_console, fail, progress_bars, show
+from ._common import err_console, fail, progress_bars, show
 
 
 def neighbors(

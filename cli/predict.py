@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ._options import TrustCodeOpt
-from ._common import console, err_console, fail, progress_bar, show
+from ._common import err_console, fail, progress_bar, show
 
 
 def predict(

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import console, fail, show
+from ._common import fail, show
 
 
 def report(

@@ -444,7 +444,7 @@ def _extract_shards(cfg, teacher, plan, manifest, shards, out, device, timings, 
     amp = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
     owner = np.repeat(np.arange(len(shard_items)), [len(items) for _, items in shard_items])
 
-    cur, writer, skipped = -1, None, []
+    cur, cur_index, writer, skipped = -1, -1, None, []
     count = images_done
     it_loader = iter(loader)
     try:

@@ -189,6 +189,21 @@ def _write_version(im: Image.Image, name: str, kind: str, level: int, seed: int,
     return rel.as_posix(), param
 
 
+def _claim(out_dir: Path) -> None:
+    """A rebuild prunes images/ and unlabelled/, so it may only run in a folder this builder made: one holding its
+    labels.csv (with its own header), or an empty or new folder."""
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    labels = out_dir / "labels.csv"
+    try:
+        header = labels.read_text(encoding="utf-8").split("\n", 1)[0].strip().split(",")
+    except (OSError, UnicodeDecodeError):
+        header = []
+    if header != list(COLUMNS):
+        raise ValueError(f"--out {out_dir} is not empty and is not a proxy set made by `cskd proxy-set` (no labels.csv "
+                         "of its own); a rebuild deletes files there, so choose a new or empty folder")
+
+
 def _prune(out_dir: Path, folder: str, keep: set[str]) -> None:
     """Delete the files of ``out_dir/folder`` (this builder's own output folder) that ``keep`` does not list;
     the folder itself when nothing is left."""
@@ -270,6 +285,7 @@ def build_proxy_set(src_images: Sequence[str | os.PathLike], out_dir: str | os.P
     names = _source_names(srcs)
     splits = split_sources(names, seed)
     out_dir = Path(out_dir)
+    _claim(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     if unlabelled_per_image:
         (out_dir / "unlabelled").mkdir(exist_ok=True)
