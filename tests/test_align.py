@@ -303,7 +303,7 @@ def test_load_encoder_and_run_spec_give_the_trained_student(data, tmp_path):
     ckpt = load_file(tmp_path / "run" / "checkpoints" / "epoch-0001" / "model.safetensors")
     assert all(torch.equal(trained[k], ckpt["student.model." + k]) for k in trained)
 
-    enc = cskd_cache.load_encoder(tmp_path / "run")
+    enc = cskd_cache.load_encoder(tmp_path / "run", trust_code=True)
     enc2 = build_student(f"run:{tmp_path / 'run'}")
     fresh = build_student("timm:test_vit", size=32).eval()
     assert not enc.training and enc.spec == "timm:test_vit" and enc.input_cfg["size"] == [32, 32]
@@ -346,7 +346,7 @@ def test_students_cnn_vit_and_py():
 def test_py_student_aligns(data, tmp_path):
     r = run_align(cfg(data, tmp_path / "run", student="py:test_align:tiny_student", student_size=None, max_steps=4))
     assert r["step"] == 4
-    assert cskd_cache.load_encoder(tmp_path / "run").grid_size == (8, 8)
+    assert cskd_cache.load_encoder(tmp_path / "run", trust_code=True).grid_size == (8, 8)
 
 
 def test_heads_and_losses():
@@ -438,4 +438,4 @@ def test_torchrun_two_processes_write_one_run(data, tmp_path):
     assert [x["epoch"] for x in records if x["type"] == "eval"] == [0, 1, 2]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
     assert not list(run.glob("*.tmp")) and (run / "loss_curve.png").exists()
-    assert cskd_cache.load_encoder(run).grid_size == (1, 1)
+    assert cskd_cache.load_encoder(run, trust_code=True).grid_size == (1, 1)

@@ -79,7 +79,7 @@ def data(tmp_path_factory):
 
 def cfg(data, out, **kw) -> DistillConfig:
     base = dict(student=TINY, cache=str(data / "cache"), labels=f"csv:{data / 'dist.csv'}", out=str(out),
-                batch_size=8, num_workers=0, max_steps=4, log_every=2)
+                batch_size=8, num_workers=0, max_steps=4, log_every=2, trust_code=True)  # its own py: runs
     base.update(kw)
     return DistillConfig(**base)
 
@@ -97,7 +97,8 @@ def test_caches_made_alike_from_other_images_keep_their_own_predictions(data, tm
     assert default_predictions_dir(teacher, a) != default_predictions_dir(teacher, b)
     assert default_predictions_dir(teacher, a) == default_predictions_dir(teacher, open_cache(data / "cache"))
     r1 = run_distill(cfg(data, tmp_path / "a1", teacher=f"run:{teacher}", max_steps=1))
-    r2 = run_distill(cfg(data, tmp_path / "b1", teacher=f"run:{teacher}", cache=str(other), max_steps=1))
+    r2 = run_distill(cfg(data, tmp_path / "b1", teacher=f"run:{teacher}", cache=str(other), max_steps=1,
+                         labels_outside_cache=True))
     r3 = run_distill(cfg(data, tmp_path / "a2", teacher=f"run:{teacher}", max_steps=1))
     assert r1["teacher"]["computed"] and r2["teacher"]["computed"] and not r3["teacher"]["computed"]
     assert len(read_predictions(default_predictions_dir(teacher, b), b).arrays["logits"]) == len(b)
@@ -165,7 +166,7 @@ def test_distill_learns_without_touching_val_or_test_images(data, tmp_path, monk
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["resolved"]
     assert saved["heldout_rows"] == 24 and saved["streams"]["unlabelled"]["items"] == 76
 
-    scorer = load_iaa_model(tmp_path / "run")
+    scorer = load_iaa_model(tmp_path / "run", trust_code=True)
     meta = json.loads((tmp_path / "run" / "iaa_model.json").read_text())
     assert meta["trained_by"] == "cskd distill" and meta["teacher"] == "cache-head"
     x = torch.stack([eval_tensor(load_rgb(data / "lab" / f"im00{i}.png"), scorer.input_cfg) for i in range(4)])
@@ -224,7 +225,7 @@ def test_run_teacher_predictions_are_written_once_reused_and_renewed(data, tmp_p
     pdir = default_predictions_dir(teacher, cache)
     assert r1["teacher"]["computed"] and r1["teacher"]["predictions"] == str(pdir)
     preds = read_predictions(pdir, cache)
-    scorer = load_iaa_model(teacher)
+    scorer = load_iaa_model(teacher, trust_code=True)
     c = scorer.input_cfg
     for row, view in ((0, 0), (33, 1), (99, 1)):  # each prediction is the teacher on exactly that cached view
         x = render_tensor(load_rgb(cache.row(row).path), cache.boxes[row, view], c["size"], c["interpolation"],
@@ -246,7 +247,7 @@ def test_run_teacher_predictions_are_written_once_reused_and_renewed(data, tmp_p
     # The teacher changes (retrained into the same directory): its predictions are stale.
     changed = tmp_path / "teacher2"
     shutil.copytree(teacher, changed, ignore=shutil.ignore_patterns("checkpoints"))
-    s = load_iaa_model(changed)
+    s = load_iaa_model(changed, trust_code=True)
     with torch.no_grad():
         s.model.head.fc.bias += 1.0
     meta = json.loads((changed / "iaa_model.json").read_text())
@@ -264,7 +265,7 @@ def test_run_teacher_predictions_are_written_once_reused_and_renewed(data, tmp_p
 
 def test_scalar_labels_and_teacher_mismatch(data, tmp_path):
     r = run_distill(cfg(data, tmp_path / "run", labels=f"csv:{data / 'score.csv'}", max_steps=4, w_plcc=0.2))
-    assert r["head"] == "scalar" and load_iaa_model(tmp_path / "run").head_kind == "scalar"
+    assert r["head"] == "scalar" and load_iaa_model(tmp_path / "run", trust_code=True).head_kind == "scalar"
     preds = read_predictions(tmp_path / "run" / "teacher" / "predictions")
     assert preds.kind == "scalar" and preds.arrays["score"].shape == (100, 2)
     train = [x for x in read_metrics(tmp_path / "run" / "metrics.jsonl") if x["type"] == "train"]
@@ -351,4 +352,4 @@ def test_torchrun_two_processes_write_one_run(data, tmp_path):
     preds = read_predictions(run / "teacher" / "predictions", open_cache(data / "cache"))
     assert [s["rows"] for s in preds.manifest["shards"]] == [40, 40, 20] and preds.arrays["logits"].shape[0] == 100
     assert not [p for p in (run / "teacher").iterdir() if p.name.startswith(".")]
-    assert load_iaa_model(run).head_kind == "distribution"
+    assert load_iaa_model(run, trust_code=True).head_kind == "distribution"

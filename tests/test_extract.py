@@ -225,12 +225,12 @@ def test_interrupted_run_resumes_to_identical_cache(tmp_path, spec, teacher, mon
     import cskd_cache.shards as shards
     real_finish, calls = shards.ShardWriter.finish, {"n": 0}
 
-    def dying_finish(self, skipped, attrs=None):
+    def dying_finish(self, skipped, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:  # killed mid-shard: data written to the .tmp file, never renamed
             self.f.flush()
             raise KeyboardInterrupt
-        return real_finish(self, skipped, attrs)
+        return real_finish(self, skipped, *args, **kwargs)
 
     monkeypatch.setattr(shards.ShardWriter, "finish", dying_finish)
     with pytest.raises(KeyboardInterrupt):

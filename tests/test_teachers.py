@@ -115,7 +115,7 @@ def _block_outputs(visual, x):
 def test_open_clip_tiny_outputs(tiny_clip_checkpoint):
     name, _, model = tiny_clip_checkpoint
     with pytest.warns(UserWarning, match="meaningless"):
-        teacher = build_teacher(f"open_clip:{name}")
+        teacher = build_teacher(f"open_clip:{name}@none")
     teacher.model.load_state_dict(model.visual.state_dict())  # compare against the fixture's weights
     x = torch.randn(3, 3, 64, 64)
     out = teacher(x, layers=(0, -1))
@@ -167,7 +167,7 @@ def test_open_clip_preprocess_is_library_transform(tiny_clip_name):
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    teacher = _quiet_build(f"open_clip:{tiny_clip_name}")
+    teacher = _quiet_build(f"open_clip:{tiny_clip_name}@none")
     pp = teacher.model.preprocess_cfg
     ref = image_transform_v2(PreprocessCfg(**pp), is_train=False)
     assert repr(teacher.preprocess) == repr(ref) == teacher.preprocess_cfg["repr"]
@@ -190,7 +190,7 @@ def test_open_clip_timm_tower(tmp_path):
            "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
     (tmp_path / "cskd-test-timm-tower.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(tmp_path)
-    teacher = _quiet_build("open_clip:cskd-test-timm-tower")
+    teacher = _quiet_build("open_clip:cskd-test-timm-tower@none")
     model = open_clip.create_model("cskd-test-timm-tower").eval()
     model.visual.load_state_dict(teacher.model.state_dict())
     x = torch.randn(2, 3, 160, 160)
@@ -236,7 +236,7 @@ def test_timm_cnn(name):
     import timm
 
     with pytest.warns(UserWarning, match="RANDOM"):
-        teacher = build_teacher(f"timm:{name}")
+        teacher = build_teacher(f"timm:{name}@none")
     ref = timm.create_model(name).eval()
     ref.load_state_dict(teacher.model.state_dict())
     x = torch.randn(2, 3, 160, 160)
@@ -345,7 +345,7 @@ def test_py_teacher_errors(py_module, factory, needle):
 # ---------------------------------------------------------------- general
 
 def test_teacher_stays_frozen(tiny_clip_name):
-    teacher = _quiet_build(f"open_clip:{tiny_clip_name}")
+    teacher = _quiet_build(f"open_clip:{tiny_clip_name}@none")
     wrapper = torch.nn.Sequential(teacher)
     wrapper.train()
     assert not teacher.training and not teacher.model.training
