@@ -234,8 +234,7 @@ def main(argv=None) -> list[dict]:
         print(f"images: {len(files)} from {what}")
         print(f"torch {torch.__version__}: intra-op threads {torch.get_num_threads()}, inter-op "
               f"{torch.get_num_interop_threads()}, usable CPUs {_cpus()}, device {device}")
-        if args.teacher == DEFAULT_TEACHER or args.teacher.endswith("@none") or (
-                args.teacher.startswith(("open_clip:", "timm:")) and "@" not in args.teacher):
+        if args.teacher == DEFAULT_TEACHER or args.teacher.endswith("@none"):
             print(f"NOTE: {args.teacher} is RANDOMLY initialised (no pretrained weights can be downloaded offline); "
                   "throughput does not depend on weight values, the features are meaningless.")
         with warnings.catch_warnings():
