@@ -56,7 +56,8 @@ from .iaa_train import (
 from .label_link import LinkResult, link_labels
 from .metrics import evaluate_predictions
 from .predictions import (
-    Predictions, default_predictions_dir, describe_teacher, ensure_predictions, run_teacher_compute,
+    Predictions, check_predictions_dir, default_predictions_dir, describe_teacher, ensure_predictions,
+    run_teacher_compute,
 )
 from .reader import FeatureCache, open_cache
 from .students import build_student
@@ -175,6 +176,8 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     predictions, computed, val), label counts, seconds."""
     cfg = dataclasses.replace(cfg, cache_image_root=list(cfg.cache_image_root or []))
     cfg.validate()
+    if cfg.predictions:
+        check_predictions_dir(cfg.predictions)  # before any work: it may be the cache itself, or a user's folder
     status = on_status or (lambda m: None)
     t0 = time.perf_counter()
     dist.init_if_needed()

@@ -218,6 +218,29 @@ def _foreign_files(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if not _OWN_NAMES.match(p.name))
 
 
+def check_predictions_dir(path: str | os.PathLike) -> None:
+    """Refuse, before any work, a --predictions directory that cskd could not recompute without deleting
+    something it did not write: it must be absent, empty, or a predictions cache holding nothing else."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PredictionsError(f"{path} is a file, not a predictions cache directory; choose another --predictions")
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    try:
+        old = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict) or old.get("format") != FORMAT:
+        kind = "a feature cache" if isinstance(old, dict) and "arrays" in old else "not a cskd predictions cache"
+        raise PredictionsError(f"{path} is {kind}, not a cskd predictions cache; refusing to replace it. Choose "
+                               "another --predictions directory")
+    foreign = _foreign_files(path)
+    if foreign:
+        raise PredictionsError(f"{path}: predictions cache that also holds files cskd did not write "
+                               f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); move them out or "
+                               "choose another --predictions directory")
+
+
 def _ensure_locked(path: Path, cache: FeatureCache, teacher: dict, make_compute, stale: str, on_status,
                    on_progress, chunk_rows: int) -> tuple[Predictions, bool]:
     status = on_status or (lambda m: None)

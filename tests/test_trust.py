@@ -119,6 +119,21 @@ def test_predictions_dir_with_a_users_files_is_never_deleted(cache, tmp_path):
     assert (pred / "notes.txt").read_text() == "mine" and (pred / "manifest.json").is_file()
 
 
+def test_distill_predictions_pointed_at_its_own_feature_cache_leaves_it_intact(tmp_path):
+    from _iaa_task import make_images as noisy, write_labels
+
+    paths, scores = noisy(tmp_path / "imgs", 15)
+    write_labels(tmp_path / "l.csv", paths, scores)
+    extract(tmp_path, tmp_path / "imgs", tmp_path / "cache", teacher="py:_iaa_task:noise_teacher")
+    before = shard_bytes(tmp_path / "cache")
+    code, _, err = run_cli("distill", "--cache", tmp_path / "cache", "--labels", f"csv:{tmp_path / 'l.csv'}",
+                           "--student", "py:_iaa_task:tiny_student", "--out", tmp_path / "run", "--max-steps", "1",
+                           "--num-workers", "0", "--predictions", tmp_path / "cache")
+    assert code == 1 and "not a cskd predictions cache" in err and len(err.strip().splitlines()) == 1
+    assert shard_bytes(tmp_path / "cache") == before and verify_cache(tmp_path / "cache") == []
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
 def test_extract_into_a_non_empty_folder_that_is_not_a_cache_is_refused(tmp_path):
     make_images(tmp_path / "imgs", 3)
     out = tmp_path / "out"
