@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -137,7 +138,7 @@ def main() -> None:
         hashing = timed(lambda: [hashlib.sha256(p.read_bytes()).hexdigest() for p in photos], 5)
         tp, tc = statistics.median(plain) / len(photos), statistics.median(checked) / len(photos)
         th = statistics.median(hashing) / len(photos)
-        where = args.images.name if args.images.is_dir() else "generated"
+        where = os.path.relpath(args.images, ROOT) if args.images.is_dir() else "generated"
         rows["image decode (load_rgb)"] = f"{tp * 1e3:.2f} ms/image over {len(photos)} photos ({where})"
         rows["image decode with digest check"] = f"{tc * 1e3:.2f} ms/image ({(tc / tp - 1) * 100:+.1f}%: the file is read whole, hashed, then decoded)"
         rows["sha256 of the file alone"] = f"{th * 1e3:.3f} ms/image = {th / tp * 100:.1f}% of the decode"

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import DEFAULT_MAX_PIXELS, BadImage, ImageChanged, file_digest, load_rgb
+from .images import DEFAULT_MAX_PIXELS, BadImage, RowImages, file_digest, image_changed
 from .manifest import CacheError
 from .reader import FeatureCache
 from .views import render_tensor
@@ -79,11 +79,9 @@ def check_images(cache: FeatureCache, paths: list[str], rows: Sequence[int], sho
     if not missing:
         rows = list(rows)
         for r in (rows[int(i)] for i in np.unique(np.linspace(0, len(rows) - 1, min(sample, len(rows))).astype(int))):
-            if file_digest(paths[r]) != cache.digests[r]:
-                raise ImageChanged(f"{paths[r]}: not the image cache row {r} was extracted from (its sha256 differs "
-                                   f"from the one {cache.path} stored); --image-root / --cache-image-root probably "
-                                   "maps to other images with the same names: fix the mapping, or re-extract the "
-                                   "cache from these images")
+            got = file_digest(paths[r])
+            if got != cache.digests[r]:
+                raise image_changed(paths[r], r, got, cache.digests[r])
         return
     roots = "; ".join(f"{name}: {root}" for name, root in cache.roots.items())
     listed = "\n  ".join(missing[:show]) + (f"\n  ... and {len(missing) - show} more" if len(missing) > show else "")
@@ -127,12 +125,10 @@ class AlignDataset(Dataset):
                  embed_stats: tuple[np.ndarray, np.ndarray] | None = None):
         self.features = cache.dataset(view=view, tokens=tokens, rows=rows, seed=seed)
         self.boxes = cache.boxes
-        self.digests = cache.digests
-        self._checked: set[int] = set()  # rows whose file matched its stored digest, in this process
+        self.images = RowImages(cache.digests, max_pixels)
         self.paths = paths
         self.cfg = input_cfg
         self.image_rows = image_rows
-        self.max_pixels = max_pixels
         self.embed_stats = None if embed_stats is None else tuple(torch.from_numpy(np.asarray(a, np.float32))
                                                                   for a in embed_stats)
 
@@ -151,10 +147,8 @@ class AlignDataset(Dataset):
         for it in items:
             src = int(self.image_rows[it["row"]]) if self.image_rows is not None else it["row"]
             path = self.paths[src]
-            digest = None if src in self._checked else self.digests[src]
             try:
-                img = load_rgb(path, self.max_pixels, digest=digest, row=src)
-                self._checked.add(src)
+                img = self.images.load(path, src)
             except (BadImage, OSError) as e:
                 raise CacheError(f"{path}: cannot read the image of cache row {src} ({e}); it decoded when the "
                                  "cache was extracted - was the file replaced or removed?") from None

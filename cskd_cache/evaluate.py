@@ -139,10 +139,9 @@ def run_evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None
 
     if cfg.bootstrap < 0:
         raise EvaluateError(f"bootstrap must be >= 0 resamples, got {cfg.bootstrap}")
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise EvaluateError(f"--out {cfg.out} is a file; give a folder for metrics.json, predictions.csv, scatter.png")
     from .outdir import claim_out_dir
 
+    # refuses a file, or a folder of someone's files; the folder is for metrics.json, predictions.csv, scatter.png
     claim_out_dir(cfg.out, "metrics.json", "evaluation", EvaluateError)
     # The disk check happens while scoring (a missing file is one more skip reason), so every skipped row keeps
     # its key, and the images are looked at once.

@@ -32,6 +32,7 @@ from .manifest import (
     file_sha256, shard_name, sidecar_name, write_json,
 )
 from .lock import DirLock, remove_dead_temporaries
+from .outdir import claim_out_dir
 from .shards import DiskFull, ShardWriter, check_free_space, estimate_shard_bytes
 from .sources import Item, Plan, plan_sources, sources_to_json
 from .view_data import ImageViews, collate
@@ -183,28 +184,10 @@ def _describe_mismatch(old: dict, new: dict) -> str:
     return ", ".join(diffs) or "fingerprint"
 
 
-# What a cache directory may hold: anything else there is someone's own file, and a folder holding only such
-# files is not a cache cskd may write into.
-_OWN_NAMES = re.compile(r"^(?:manifest\.json|skipped\.jsonl|duplicates\.jsonl|shard-\d{5}\.(?:h5|json|h5\.tmp)|"
-                        r"\.cskd\.lock|\.verified\.json|\..+\.tmp)$")
-
-
-def claim_out_dir(out: Path) -> None:
-    """Refuse an --out that exists and is not (the start of) a cskd cache: extract never writes over, or
-    deletes, files it did not create."""
-    if out.exists() and not out.is_dir():
-        raise CacheError(f"--out {out} is a file; give a folder for the cache")
-    if not out.is_dir():
-        return
-    names = [p.name for p in out.iterdir()]
-    if not names:
-        return
-    ours = [n for n in names if _OWN_NAMES.match(n)]
-    foreign = sorted(set(names) - set(ours))
-    if foreign and not any(n == MANIFEST_NAME or n.startswith("shard-") for n in ours):
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise CacheError(f"--out {out} is not empty ({shown}) and is not a cskd cache; extract into a new or empty "
-                         "folder")
+# A cache folder is recognised by its manifest or a shard; it may also hold what a killed run leaves (lock,
+# temporaries, lists), and anything else in a folder without a manifest or shard is someone's own file.
+_MARKER = re.compile(r"manifest\.json|shard-\d{5}\.(?:h5|json)")
+_OWN_NAMES = re.compile(r"skipped\.jsonl|duplicates\.jsonl|shard-\d{5}\.h5\.tmp|\.cskd\.lock|\.verified\.json|\..+\.tmp")
 
 
 def shard_attrs(manifest: dict, index: int) -> dict:
@@ -228,6 +211,7 @@ def recover_manifest(out: Path, manifest: dict, why: str) -> None:
     if not sidecars and not shards:
         return
     fix = "extract into a new --out (or restore manifest.json from a backup)"
+    described = set()
     for side in sidecars:
         try:
             rec = json.loads(side.read_text(encoding="utf-8"))
@@ -238,10 +222,11 @@ def recover_manifest(out: Path, manifest: dict, why: str) -> None:
             differ = ", ".join(k for k in ident if got[k] != ident[k])
             raise CacheError(f"{out / MANIFEST_NAME} is {why} and sidecar {side} was not written by this command "
                              f"({differ} differ{'s' if ',' not in differ else ''}); {fix}")
+        described.add(rec.get("file"))
         shard = out / rec.get("file", "")
         if shard.is_file() and (shard.stat().st_size != rec.get("bytes") or file_sha256(shard) != rec.get("sha256")):
             raise CacheError(f"{out / MANIFEST_NAME} is {why} and {shard} does not match its sidecar; {fix}")
-    orphans = sorted({p.name for p in shards} - {json.loads(s.read_text())["file"] for s in sidecars})
+    orphans = sorted({p.name for p in shards} - described)
     if orphans:
         raise CacheError(f"{out / MANIFEST_NAME} is {why} and {out / orphans[0]} has no sidecar; {fix}")
 
@@ -334,7 +319,7 @@ def run_extract(cfg: ExtractConfig, *, teacher=None,
     rank, world = dist.rank(), dist.world_size()
     device = resolve_device(cfg.device)
     if rank == 0:
-        claim_out_dir(out)
+        claim_out_dir(out, _MARKER, "cache", CacheError, own=_OWN_NAMES)
         for arg in cfg.images:
             if not Path(arg).is_dir():
                 raise CacheError(f"{arg}: --images needs an existing folder")
@@ -384,11 +369,8 @@ def _run_locked(cfg, teacher, out, device, rank, world, t_start, status, on_prog
         if removed:  # leftovers of a killed run; a half-written shard is redone whole
             status(f"removed {len(removed)} temporary file(s) of an interrupted run")
         check_existing(out, manifest, status)
-        if not (out / MANIFEST_NAME).exists():
-            if any(out.glob("shard-*.json")):
-                refresh_manifest(out, manifest, n_shards)
-            else:
-                write_json(out / MANIFEST_NAME, manifest)
+        if not (out / MANIFEST_NAME).exists():  # new, or rebuilt from the sidecars that check_existing vetted
+            refresh_manifest(out, manifest, n_shards)
         _write_jsonl(out / DUPLICATES_NAME, plan.duplicates)
     dist.barrier()
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .images import DEFAULT_MAX_PIXELS, BadImage, load_rgb
+from .images import DEFAULT_MAX_PIXELS, BadImage, RowImages, load_rgb
 from .views import _random_resized_crop, eval_box, render_tensor
 
 __all__ = ["EVAL_VIEW", "AUG_SCALE", "eval_view_box", "eval_tensor", "ViewImages", "StepBatches", "collate",
@@ -98,8 +98,7 @@ class ViewImages(Dataset):
         if (self.rows >= 0).any() and boxes is None:
             raise ValueError("items linked to cache rows need the cache's boxes")
         self.boxes, self.embed = boxes, embed
-        self.digests = digests  # the cache's per-row sha256: a linked row's file is checked against it once
-        self._checked: set[int] = set()
+        self.row_images = RowImages(digests, max_pixels) if digests is not None else None
         self.n_views = 1 if boxes is None else int(boxes.shape[1])
         self.targets = targets or {}
         self.teacher = teacher or {}
@@ -127,11 +126,11 @@ class ViewImages(Dataset):
     def _item(self, index: int) -> dict:
         cycle, i = divmod(index, self.n)
         path, row = self.paths[i], int(self.rows[i])
-        digest = self.digests[row] if self.digests is not None and row >= 0 and row not in self._checked else None
         try:
-            img = load_rgb(path, self.max_pixels, digest=digest, row=row)
-            if digest is not None:
-                self._checked.add(row)
+            if row >= 0 and self.row_images is not None:
+                img = self.row_images.load(path, row)
+            else:
+                img = load_rgb(path, self.max_pixels)
         except (BadImage, OSError) as e:
             raise ImageUnreadable(f"{path}: cannot read this image ({e}); was it replaced or removed since the "
                                   "labels / cache were made?") from None

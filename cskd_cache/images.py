@@ -16,7 +16,8 @@ from PIL import Image, ImageOps
 
 from .manifest import CacheError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "BadImage", "load_rgb", "file_digest", "quick_check", "ImageChanged"]
+__all__ = ["DEFAULT_MAX_PIXELS", "BadImage", "load_rgb", "file_digest", "quick_check", "ImageChanged", "RowImages",
+           "image_changed"]
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit
 
@@ -111,8 +112,8 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, dige
     Raises BadImage for any undecodable file. A missing or unreadable path is not a bad image and
     raises the usual OSError (FileNotFoundError, PermissionError). With ``digest`` (the sha256 a cache stored
     for cache row ``row``) the bytes are hashed as they are read and ImageChanged is raised when they differ:
-    the hash costs about 1% of the decode, and it is what stops a remapped image root from silently pairing
-    other photos with the cached targets.
+    the hash costs 4-5% of an ImageNet-size decode (benchmarks/integrity.py), and it is what stops a remapped
+    image root from silently pairing other photos with the cached targets.
     """
     if os.path.getsize(path) == 0:
         raise BadImage(path, "empty", "file has 0 bytes")
@@ -122,10 +123,28 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, dige
     data = Path(path).read_bytes()
     got = hashlib.sha256(data).hexdigest()
     if got != digest:
-        raise ImageChanged(f"{path}: not the image cache row {row} was extracted from (sha256 {got[:12]}..., the "
-                           f"cache stored {digest[:12]}...); --image-root / --cache-image-root probably maps to other "
-                           "images with the same names: fix the mapping, or re-extract the cache from these images")
+        raise image_changed(path, row, got, digest)
     return _decode(io.BytesIO(data), path, max_pixels)
+
+
+def image_changed(path, row, got: str, want: str) -> ImageChanged:
+    return ImageChanged(f"{path}: not the image cache row {row} was extracted from (sha256 {got[:12]}..., the cache "
+                        f"stored {want[:12]}...); --image-root / --cache-image-root probably maps to other images "
+                        "with the same names: fix the mapping, or re-extract the cache from these images")
+
+
+class RowImages:
+    """`load_rgb` for cache rows: a row's file is checked against the digest the cache stored the first time this
+    process reads it (DataLoader workers each keep their own record)."""
+
+    def __init__(self, digests, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.digests, self.max_pixels = digests, max_pixels
+        self.checked: set[int] = set()
+
+    def load(self, path: str | os.PathLike, row: int) -> Image.Image:
+        img = load_rgb(path, self.max_pixels, digest=None if row in self.checked else self.digests[row], row=row)
+        self.checked.add(row)
+        return img
 
 
 def _decode(f, path, max_pixels: int) -> Image.Image:

@@ -41,9 +41,9 @@ def check_shard_size(cache_dir: Path, entry: dict) -> None:
 
 
 def check_shard_fast(cache_dir: Path, manifest: dict, entry: dict, attrs) -> None:
-    """The every-open checks of one shard; ``attrs`` is the open HDF5 file's attribute mapping."""
+    """The every-open checks of one shard beyond its size (`check_shard_size`, done before the file is opened);
+    ``attrs`` is the open HDF5 file's attribute mapping."""
     p = cache_dir / entry["file"]
-    check_shard_size(cache_dir, entry)
     side = cache_dir / sidecar_name(int(entry["index"]))
     if side.is_file():
         try:
@@ -78,7 +78,7 @@ def _stamp(p: Path, sha256: str) -> dict:
 
 
 def ensure_verified(cache_dir: str | os.PathLike, manifest: dict) -> dict:
-    """Full-check every listed shard not already verified in its current form; returns
+    """Full-check every listed shard (their sizes already checked) not already verified in its current form; returns
     ``{"checked": n, "skipped": n, "bytes": n, "memo": path}``. Raises CorruptCache on the first mismatch."""
     cache_dir = Path(cache_dir)
     memo_path = _memo_path(cache_dir)
@@ -88,25 +88,21 @@ def ensure_verified(cache_dir: str | os.PathLike, manifest: dict) -> dict:
     except (OSError, json.JSONDecodeError):
         memo = {}
     checked = skipped = nbytes = 0
-    changed = False
     for entry in manifest.get("shards", []):
         p = cache_dir / entry["file"]
-        check_shard_size(cache_dir, entry)
-        known = memo.get(entry["file"])
-        if known and known == _stamp(p, entry["sha256"]):
+        stamp = _stamp(p, entry["sha256"])
+        if memo.get(entry["file"]) == stamp:
             skipped += 1
             continue
-        digest = file_sha256(p)
-        checked += 1
-        nbytes += p.stat().st_size
-        if digest != entry["sha256"]:
+        if file_sha256(p) != entry["sha256"]:
             memo.pop(entry["file"], None)
             _save(memo_path, memo)
             raise CorruptCache(f"{p}: sha256 does not match the manifest (flipped bytes or a replaced file); "
                                f"{_fix(cache_dir)}")
-        memo[entry["file"]] = _stamp(p, digest)
-        changed = True
-    if changed:
+        checked += 1
+        nbytes += stamp["size"]
+        memo[entry["file"]] = stamp
+    if checked:
         _save(memo_path, memo)
     return {"checked": checked, "skipped": skipped, "bytes": nbytes, "memo": str(memo_path)}
 

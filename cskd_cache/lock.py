@@ -50,9 +50,7 @@ def pid_alive(pid: int) -> bool:
 
 
 class DirLock:
-    """``with DirLock(path, "extract"):`` holds ``path/.cskd.lock`` for the block (re-entrant per process)."""
-
-    _held: dict[str, int] = {}
+    """``with DirLock(path, "extract"):`` holds ``path/.cskd.lock`` for the block."""
 
     def __init__(self, directory: str | os.PathLike, what: str, stale_after: float = 24 * 3600,
                  name: str = LOCK_NAME):
@@ -60,7 +58,7 @@ class DirLock:
         self.path = self.dir / name
         self.what = what
         self.stale_after = stale_after
-        self._mine = False
+        self.held = False
 
     def _holder(self) -> dict | None:
         try:
@@ -81,11 +79,6 @@ class DirLock:
         return time.time() - float(holder.get("time", 0)) > self.stale_after
 
     def acquire(self) -> "DirLock":
-        key = str(self.path.resolve()) if self.dir.exists() else str(self.path)
-        if DirLock._held.get(key):
-            DirLock._held[key] += 1
-            self._key = key
-            return self
         self.dir.mkdir(parents=True, exist_ok=True)
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
                              "what": self.what})
@@ -107,21 +100,15 @@ class DirLock:
                     f"{holder.get('host')}); wait for it to finish, or delete {self.path} if that process is gone")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(record)
-            self._mine = True
-            key = str(self.path.resolve())
-            DirLock._held[key] = 1
-            self._key = key
+            self.held = True
             return self
         raise CacheLocked(f"{self.dir}: could not take {self.path} (another process keeps taking it)")
 
     def release(self) -> None:
-        key = getattr(self, "_key", None)
-        if key is None or key not in DirLock._held:
+        """Remove the lock file if this object took it (a no-op otherwise, e.g. on torchrun ranks > 0)."""
+        if not self.held:
             return
-        DirLock._held[key] -= 1
-        if DirLock._held[key] > 0:
-            return
-        del DirLock._held[key]
+        self.held = False
         holder = self._holder()
         if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             try:

@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__, dist
-from .images import DEFAULT_MAX_PIXELS, load_rgb
+from .images import DEFAULT_MAX_PIXELS, RowImages
 from .manifest import MANIFEST_NAME, CacheError, canonical_json, file_sha256, sidecar_name, write_json
 from .lock import DirLock, remove_dead_temporaries
 from .reader import FeatureCache
@@ -214,72 +214,60 @@ def ensure_predictions(path: str | os.PathLike, cache: FeatureCache, teacher: di
 _OWN_NAMES = re.compile(r"^(?:manifest\.json|shard-\d{5}\.(?:h5|json)|\.cskd\.lock)$")
 
 
-def _foreign_files(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if not _OWN_NAMES.match(p.name))
-
-
-def check_predictions_dir(path: str | os.PathLike) -> None:
-    """Refuse, before any work, a --predictions directory that cskd could not recompute without deleting
-    something it did not write: it must be absent, empty, or a predictions cache holding nothing else."""
-    path = Path(path)
+def _own_manifest(path: Path) -> dict | None:
+    """The manifest of the predictions cache at ``path``; None when ``path`` is absent or empty. Anything else (a
+    file, a feature cache, a folder of someone's files) is refused: recomputing replaces the whole directory, so
+    only a directory that is provably cskd's own predictions cache may be replaced."""
     if path.exists() and not path.is_dir():
         raise PredictionsError(f"{path} is a file, not a predictions cache directory; choose another --predictions")
     if not path.is_dir() or not any(path.iterdir()):
-        return
+        return None
     try:
         old = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         old = None
     if not isinstance(old, dict) or old.get("format") != FORMAT:
-        kind = "a feature cache" if isinstance(old, dict) and "arrays" in old else "not a cskd predictions cache"
-        raise PredictionsError(f"{path} is {kind}, not a cskd predictions cache; refusing to replace it. Choose "
+        if isinstance(old, dict) and "arrays" in old:
+            what = "a feature cache"
+        elif (path / MANIFEST_NAME).is_file():
+            what = "a folder whose manifest.json is unreadable or of another kind"
+        else:
+            what = "a folder of other files"
+        raise PredictionsError(f"{path} is {what}, not a cskd predictions cache; refusing to replace it. Choose "
                                "another --predictions directory")
-    foreign = _foreign_files(path)
+    return old
+
+
+def _refuse_foreign_files(path: Path) -> None:
+    foreign = sorted(p.name for p in path.iterdir() if not _OWN_NAMES.match(p.name))
     if foreign:
         raise PredictionsError(f"{path}: predictions cache that also holds files cskd did not write "
-                               f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); move them out or "
-                               "choose another --predictions directory")
+                               f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); refusing to "
+                               "replace it. Move those files out or choose another --predictions directory")
+
+
+def check_predictions_dir(path: str | os.PathLike) -> None:
+    """Refuse, before any work, a --predictions directory that cskd could not recompute without deleting
+    something it did not write: it must be absent, empty, or a predictions cache holding nothing else."""
+    if _own_manifest(Path(path)) is not None:
+        _refuse_foreign_files(Path(path))
 
 
 def _ensure_locked(path: Path, cache: FeatureCache, teacher: dict, make_compute, stale: str, on_status,
                    on_progress, chunk_rows: int) -> tuple[Predictions, bool]:
     status = on_status or (lambda m: None)
     fp = predictions_fingerprint(teacher, cache)
-    mpath = path / MANIFEST_NAME
-    if path.exists() and not path.is_dir():
-        raise PredictionsError(f"{path} is a file, not a predictions cache directory; choose another --predictions")
-    if mpath.is_file():
-        try:
-            old = json.loads(mpath.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            old = None
-        # Recomputing replaces the whole directory, so only a directory that is provably cskd's own predictions
-        # cache may be replaced: its manifest says so and it holds nothing but a predictions cache's files.
-        if not isinstance(old, dict) or old.get("format") != FORMAT:
-            if old is None:
-                what = "an unreadable manifest.json"
-            elif isinstance(old, dict) and "arrays" in old and "format" not in old:
-                what = "a feature cache's manifest.json"
-            else:
-                what = "a manifest.json of another kind"
-            raise PredictionsError(f"{path} holds {what}, not a cskd predictions cache; refusing to replace it. "
-                                   "Choose another --predictions directory")
+    old = _own_manifest(path)
+    if old is not None:
         if old.get("complete") and old.get("fingerprint") == fp:
             status(f"reusing teacher predictions {path}")
             return read_predictions(path, cache, fp), False
-        foreign = _foreign_files(path)
-        if foreign:
-            raise PredictionsError(f"{path}: stale predictions cache that also holds files cskd did not write "
-                                   f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); refusing to "
-                                   "replace it. Move those files out or choose another --predictions directory")
+        _refuse_foreign_files(path)
         reason = _describe_mismatch(old, _payload(teacher, cache), cache)
         if stale == "error":
             raise StalePredictions(f"{path}: stale teacher predictions ({reason}); delete the directory or allow "
                                    "recomputing (--stale-predictions recompute)")
         status(f"{path}: stale teacher predictions ({reason}); recomputing")
-    elif path.exists() and any(path.iterdir()):
-        raise PredictionsError(f"{path} exists and is not a predictions cache; choose another --predictions "
-                               "directory")
 
     compute = make_compute()
     specs = _array_specs(teacher, cache.n_views)
@@ -345,17 +333,14 @@ def _ensure_locked(path: Path, cache: FeatureCache, teacher: dict, make_compute,
 class _RowViews(Dataset):
     """All V cached views of one cache row at the teacher's input size: (V, 3, H, W)."""
 
-    def __init__(self, paths: list[str], boxes: np.ndarray, input_cfg: dict, max_pixels: int,
-                 digests: list[str] | None = None, first_row: int = 0):
-        self.paths, self.boxes, self.cfg, self.max_pixels = paths, boxes, input_cfg, max_pixels
-        self.digests, self.first_row = digests, first_row
+    def __init__(self, paths: list[str], boxes: np.ndarray, input_cfg: dict, images: RowImages, first_row: int):
+        self.paths, self.boxes, self.cfg, self.images, self.first_row = paths, boxes, input_cfg, images, first_row
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        img = load_rgb(self.paths[i], self.max_pixels, digest=self.digests[i] if self.digests else None,
-                       row=self.first_row + i)
+        img = self.images.load(self.paths[i], self.first_row + i)
         c = self.cfg
         return torch.stack([render_tensor(img, b, c["size"], c["interpolation"], c["mean"], c["std"])
                             for b in self.boxes[i]])
@@ -370,11 +355,11 @@ def run_teacher_compute(scorer, cache: FeatureCache, paths: list[str], device: t
 
     model = scorer.model.to(device).eval()
     autocast, _ = autocast_for(device, amp)
+    images = RowImages(cache.digests, max_pixels)
 
     @torch.inference_mode()
     def compute(start: int, stop: int) -> np.ndarray:
-        ds = _RowViews(paths[start:stop], cache.boxes[start:stop], scorer.input_cfg, max_pixels,
-                       cache.digests[start:stop], start)
+        ds = _RowViews(paths[start:stop], cache.boxes[start:stop], scorer.input_cfg, images, start)
         loader = DataLoader(ds, batch_size=max(1, batch_size // max(1, cache.n_views)), num_workers=num_workers)
         outs = []
         for x in loader:

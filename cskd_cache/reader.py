@@ -43,9 +43,10 @@ class FeatureCache:
             raise CacheError(f"{self.path}: cache is incomplete ({self.manifest.get('rows')} rows so far); "
                              "re-run the same `cskd extract` command to finish it")
         self.shards = [self.path / s["file"] for s in self.manifest["shards"]]
-        for p in self.shards:
+        for p, entry in zip(self.shards, self.manifest["shards"]):
             if not p.is_file():
                 raise CacheError(f"{p}: shard listed in the manifest is missing; run `cskd cache verify {self.path}`")
+            check_shard_size(self.path, entry)  # before any byte is hashed or read
         self.verified = ensure_verified(self.path, self.manifest) if verify else None
         counts = [s["rows"] for s in self.manifest["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -56,7 +57,6 @@ class FeatureCache:
         self.keys, self.sources, self.digests = [], [], []
         boxes, embeds, sizes = [], [], []
         for p, entry in zip(self.shards, self.manifest["shards"]):
-            check_shard_size(self.path, entry)
             try:
                 f = h5py.File(p, "r")
             except OSError as e:

@@ -70,7 +70,6 @@ class ShardWriter:
                 ds = self.f[name]
                 ds.resize(self.rows + n, axis=0)
                 ds[self.rows:self.rows + n] = arr
-                self.f.flush()  # so a full disk shows here, as an error, not later inside HDF5's own cleanup
         except (OSError, RuntimeError) as e:
             self.abort()
             raise_if_disk_full(self.dir, e, self.index)
