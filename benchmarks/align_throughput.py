@@ -6,7 +6,7 @@
 
 Set-up (not timed): N images (default 256) are picked evenly from the sorted, recursive list of
 ``../shared/data/photos`` (ImageNet-sample photos ~500x375 and a few multi-megapixel wallpapers; --images
-DIR for another folder; N procedural photos from `cskd_cache.samples` when neither exists). The teacher
+DIR for another folder; N procedural photos from `cskd_cache.inspect.samples` when neither exists). The teacher
 extracts them once with `run_extract` (--views 2: view 0 = its eval view, view 1 = a seeded random crop;
 tokens at its native grid) into a temporary cache (or into --work DIR, reused by later runs).
 
@@ -19,7 +19,7 @@ Two training loops, each --warmup W steps then --steps S timed steps (img/s = S 
 
 - ``cached``: what `cskd align` runs. The align DataLoader (`AlignDataset`: decode, the row's cached view
   rebuilt at the student's input size, cached embed + tokens read from the HDF5 cache) feeds
-  `cskd_cache.align.train_step` (forward, AlignLoss = global cosine + token smooth-L1, backward, clipping,
+  `cskd_cache.stages.align.train_step` (forward, AlignLoss = global cosine + token smooth-L1, backward, clipping,
   AdamW step). The time blocked on the DataLoader (``data wait``) and in train_step (``step``) are summed
   separately: the share of data wait shows whether data or compute limits the cached run.
 - ``live``: the same student, batches, views and train_step, but the targets come from the teacher at every
@@ -87,19 +87,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cskd_cache.align import train_step  # noqa: E402
-from cskd_cache.align_data import AlignDataset, collate, resolve_paths  # noqa: E402
-from cskd_cache.extract import ExtractConfig, resolve_device, run_extract  # noqa: E402
-from cskd_cache.heads import AlignHeads, AlignModel  # noqa: E402
-from cskd_cache.images import load_rgb  # noqa: E402
+from cskd_cache.stages.align import train_step  # noqa: E402
+from cskd_cache.cache.paths import AlignDataset, collate, resolve_paths  # noqa: E402
+from cskd_cache.stages.extract import ExtractConfig, resolve_device, run_extract  # noqa: E402
+from cskd_cache.models.align_heads import AlignHeads, AlignModel  # noqa: E402
+from cskd_cache.data.images import load_rgb  # noqa: E402
 from cskd_cache.losses import AlignLoss  # noqa: E402
-from cskd_cache.reader import open_cache  # noqa: E402
-from cskd_cache.samples import write_samples  # noqa: E402
-from cskd_cache.sources import scan_images  # noqa: E402
-from cskd_cache.students import build_student  # noqa: E402
-from cskd_cache.teachers import build_teacher  # noqa: E402
-from cskd_cache.trainer import param_groups, seed_everything  # noqa: E402
-from cskd_cache.views import render_tensor  # noqa: E402
+from cskd_cache.cache.reader import open_cache  # noqa: E402
+from cskd_cache.inspect.samples import write_samples  # noqa: E402
+from cskd_cache.data.sources import scan_images  # noqa: E402
+from cskd_cache.models.students import build_student  # noqa: E402
+from cskd_cache.models.teachers import build_teacher  # noqa: E402
+from cskd_cache.train.engine import param_groups, seed_everything  # noqa: E402
+from cskd_cache.data.views import render_tensor  # noqa: E402
 
 DEFAULT_TEACHER = "open_clip:ViT-B-32@none"
 BOUND_TEACHER = "open_clip:ViT-L-14@none"
@@ -181,7 +181,7 @@ def select_images(args, tmp: Path) -> tuple[list[Path], str]:
         pick = sorted({int(i * len(files) / args.n) for i in range(min(args.n, len(files)))})
         return [files[i] for i in pick], f"{len(pick)} of the {len(files)} images under {root}, evenly spaced"
     paths = write_samples(tmp / "samples", args.n, seed=args.seed)
-    return paths, f"{args.n} procedural sample photos (cskd_cache.samples; no --images and no {SHARED_PHOTOS})"
+    return paths, f"{args.n} procedural sample photos (cskd_cache.inspect.samples; no --images and no {SHARED_PHOTOS})"
 
 
 class LiveViews(Dataset):

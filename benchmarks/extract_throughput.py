@@ -2,7 +2,7 @@
 
     python benchmarks/extract_throughput.py                                    # ViT-B-32 (random init), 256 images
     python benchmarks/extract_throughput.py --num-workers 0,1,2 --markdown     # one row per worker count
-    python benchmarks/extract_throughput.py --teacher py:cskd_cache.zoo.efficientnet_lite0:teacher
+    python benchmarks/extract_throughput.py --teacher py:cskd_cache.models.zoo.efficientnet_lite0:teacher
     python benchmarks/extract_throughput.py --views 4 --csv extract.csv
 
 What is timed, per repeat (--repeat R, default 3; the median over repeats is reported):
@@ -55,11 +55,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cskd_cache.extract import ExtractConfig, resolve_device, run_extract  # noqa: E402
-from cskd_cache.images import DEFAULT_MAX_PIXELS, load_rgb  # noqa: E402
-from cskd_cache.sources import IMAGE_EXTENSIONS, Item, scan_images  # noqa: E402
-from cskd_cache.teachers import build_teacher  # noqa: E402
-from cskd_cache.view_data import ImageViews  # noqa: E402
+from cskd_cache.stages.extract import ExtractConfig, resolve_device, run_extract  # noqa: E402
+from cskd_cache.data.images import DEFAULT_MAX_PIXELS, load_rgb  # noqa: E402
+from cskd_cache.data.sources import IMAGE_EXTENSIONS, Item, scan_images  # noqa: E402
+from cskd_cache.models.teachers import build_teacher  # noqa: E402
+from cskd_cache.data.extract_views import ImageViews  # noqa: E402
 
 DEFAULT_TEACHER = "open_clip:ViT-B-32@none"
 SHARED_SAMPLE = ROOT.parent / "shared" / "data" / "photos" / "imagenet-sample"

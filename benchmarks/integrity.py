@@ -26,10 +26,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cskd_cache.images import file_digest, load_rgb  # noqa: E402
-from cskd_cache.manifest import SCHEMA_VERSION, fingerprint, write_json  # noqa: E402
-from cskd_cache.reader import open_cache  # noqa: E402
-from cskd_cache.shards import ShardWriter  # noqa: E402
+from cskd_cache.data.images import file_digest, load_rgb  # noqa: E402
+from cskd_cache.cache.manifest import SCHEMA_VERSION, fingerprint, write_json  # noqa: E402
+from cskd_cache.cache.reader import open_cache  # noqa: E402
+from cskd_cache.cache.shards import ShardWriter  # noqa: E402
 
 
 def synthetic_cache(out: Path, rows: int, shard_size: int, d: int = 512, t: int = 49, c: int = 768) -> dict:
@@ -101,7 +101,7 @@ def main() -> None:
         # The fast checks alone (what every open adds): size, sidecar, and the identity attributes of each shard.
         import h5py
 
-        from cskd_cache.integrity import check_shard_fast
+        from cskd_cache.cache.integrity import check_shard_fast
 
         files = [h5py.File(cache / s["file"], "r") for s in m["shards"]]
         t_fast = statistics.median(timed(lambda: [check_shard_fast(cache, m, s, f.attrs)
@@ -142,7 +142,7 @@ def main() -> None:
         rows["image decode (load_rgb)"] = f"{tp * 1e3:.2f} ms/image over {len(photos)} photos ({where})"
         rows["image decode with digest check"] = f"{tc * 1e3:.2f} ms/image ({(tc / tp - 1) * 100:+.1f}%: the file is read whole, hashed, then decoded)"
         rows["sha256 of the file alone"] = f"{th * 1e3:.3f} ms/image = {th / tp * 100:.1f}% of the decode"
-        from cskd_cache.images import quick_check
+        from cskd_cache.data.images import quick_check
 
         tq = statistics.median(timed(lambda: [quick_check(p) for p in photos], 5)) / len(photos)
         rows["truncation check of a labelled image (before training)"] = f"{tq * 1e3:.3f} ms/image"

@@ -10,7 +10,7 @@
 Steps (each writes under --work and is skipped when its output is already there, so a rerun only evaluates; a
 finished student run made with another --ema is refused, not compared):
 
-1. ``proxy``   (with --proxy-from) `cskd_cache.proxy_quality`: every source photo pristine + 4 degraded versions
+1. ``proxy``   (with --proxy-from) `cskd_cache.inspect.proxy_quality`: every source photo pristine + 4 degraded versions
                (blur, noise, JPEG, exposure, colour; 5 levels), score = 10 - 1.8 x level, split by source photo;
                each train photo also gets --unlabelled-per-image more versions that are never labels.
 2. ``cache``   `cskd extract` with the feature teacher (default: EfficientNet-Lite0, ImageNet-pretrained, the only
@@ -55,10 +55,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cskd_cache.metrics import bootstrap_ci, srcc  # noqa: E402
+from cskd_cache.evaluate.metrics import bootstrap_ci, srcc  # noqa: E402
 
-LITE0_TEACHER = "py:cskd_cache.zoo.efficientnet_lite0:teacher"
-LITE0_STUDENT = "py:cskd_cache.zoo.efficientnet_lite0:student"
+LITE0_TEACHER = "py:cskd_cache.models.zoo.efficientnet_lite0:teacher"
+LITE0_STUDENT = "py:cskd_cache.models.zoo.efficientnet_lite0:student"
 
 
 def log(msg: str) -> None:
@@ -70,8 +70,8 @@ def done(run: Path, marker: str) -> bool:
 
 
 def step_proxy(args, work: Path) -> str:
-    from cskd_cache.proxy_quality import build_proxy_set
-    from cskd_cache.sources import scan_images
+    from cskd_cache.inspect.proxy_quality import build_proxy_set
+    from cskd_cache.data.sources import scan_images
 
     out = work / "proxy"
     if not (out / "labels.csv").is_file() or (args.unlabelled_per_image and not (out / "unlabelled.csv").is_file()):
@@ -101,7 +101,7 @@ def proxy_pool(work: Path, extras: bool) -> Path:
 
 
 def step_cache(args, work: Path, images: list[str], lists: list[str]) -> str:
-    from cskd_cache.extract import ExtractConfig, run_extract
+    from cskd_cache.stages.extract import ExtractConfig, run_extract
 
     out = work / "cache"
     if not done(out, "manifest.json") or not json.loads((out / "manifest.json").read_text()).get("complete"):
@@ -132,7 +132,7 @@ def finished(out: Path, **settings) -> bool:
 
 def finetune(args, labels: str, model: str, out: Path, epochs: int, size: int | None, lr_encoder: float | None,
              label_fraction: float | None = None, ema: float = 0.0):
-    from cskd_cache.finetune import FinetuneConfig, run_finetune
+    from cskd_cache.stages.finetune import FinetuneConfig, run_finetune
 
     fraction = args.label_fraction if label_fraction is None else label_fraction
     if not finished(out, ema=ema):
@@ -144,7 +144,7 @@ def finetune(args, labels: str, model: str, out: Path, epochs: int, size: int | 
 
 
 def align(args, cache: str, out: Path):
-    from cskd_cache.align import AlignConfig, run_align
+    from cskd_cache.stages.align import AlignConfig, run_align
 
     if not finished(out, standardize_global=args.standardize_global):
         log(f"align {args.student} on {cache} -> {out}")
@@ -156,7 +156,7 @@ def align(args, cache: str, out: Path):
 
 
 def distill(args, labels: str, cache: str, teacher_run: Path, student: str, out: Path):
-    from cskd_cache.distill import DistillConfig, run_distill
+    from cskd_cache.stages.distill import DistillConfig, run_distill
 
     if not finished(out, ema=args.ema, jitter_views=args.jitter_views):
         log(f"distill {student} from run:{teacher_run} -> {out}")
@@ -171,7 +171,7 @@ def distill(args, labels: str, cache: str, teacher_run: Path, student: str, out:
 
 
 def evaluate(args, labels: str, run: Path) -> dict:
-    from cskd_cache.evaluate import EvalConfig, run_evaluate
+    from cskd_cache.evaluate.evaluate import EvalConfig, run_evaluate
 
     out = run / "eval-test"
     if not done(out, "metrics.json"):

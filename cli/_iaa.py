@@ -24,8 +24,8 @@ def explicit(ctx: typer.Context, name: str) -> bool:
 
 def build_config(ctx: typer.Context, cls, config: Path | None, encoder_field: str):
     """Defaults <- --config <- explicit flags; usage errors (bad options, malformed specs) exit 2."""
-    from cskd_cache.iaa_data import parse_spec
-    from cskd_cache.trust import check_spec_from_file, written_by_cskd
+    from cskd_cache.labels import parse_spec
+    from cskd_cache.models.trust import check_spec_from_file, written_by_cskd
 
     given = {name: value for name, value in ctx.params.items() if name != "config" and explicit(ctx, name)}
     if "epochs" in given and "max_steps" in given:

@@ -81,10 +81,10 @@ def align(
 ) -> None:
     """Align a student encoder to the cached teacher features (Stage I). Writes config.yaml, metrics.jsonl,
     checkpoints, student.safetensors and loss_curve.png to --out."""
-    from cskd_cache.align import AlignConfig, AlignError, run_align
-    from cskd_cache.manifest import CacheError
-    from cskd_cache.trainer import NonFiniteLoss
-    from cskd_cache.trust import UntrustedCode, check_spec_from_file, written_by_cskd
+    from cskd_cache.stages.align import AlignConfig, AlignError, run_align
+    from cskd_cache.cache.manifest import CacheError
+    from cskd_cache.train.engine import NonFiniteLoss
+    from cskd_cache.models.trust import UntrustedCode, check_spec_from_file, written_by_cskd
 
     given = {name: value for name, value in ctx.params.items() if name != "config" and _explicit(ctx, name)}
     if "epochs" in given and "max_steps" in given:

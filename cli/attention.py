@@ -32,8 +32,8 @@ def attention(
 ) -> None:
     """Per layer and head: mean attention distance (pixels) and attention entropy (nats) over patch tokens,
     averaged over images; optionally two models overlaid. Only ViT-family models have attention."""
-    from cskd_cache.attention import NotAttentionModel, UnsupportedAttention, run_attention
-    from cskd_cache.trainer import resolve_device
+    from cskd_cache.inspect.attention import NotAttentionModel, UnsupportedAttention, run_attention
+    from cskd_cache.train.engine import resolve_device
 
     specs = ([model] if model else []) + [s for s in (compare or ()) if s]
     if not specs:

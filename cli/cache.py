@@ -19,7 +19,7 @@ def verify(
     checksums: Annotated[bool, typer.Option(help="Recompute each shard's sha256 (slow on huge caches).")] = True,
 ) -> None:
     """Check every shard against the manifest: counts, shapes, dtypes, checksums, NaN/inf. Non-zero exit on faults."""
-    from cskd_cache.verify import verify_cache
+    from cskd_cache.cache.verify import verify_cache
 
     faults = verify_cache(path, checksums=checksums)
     if faults:
@@ -32,8 +32,8 @@ def verify(
 @app.command()
 def info(path: Annotated[Path, typer.Argument(help="Cache directory.")]) -> None:
     """Print a summary table of a cache."""
-    from cskd_cache.manifest import CacheError
-    from cskd_cache.verify import cache_info
+    from cskd_cache.cache.manifest import CacheError
+    from cskd_cache.cache.verify import cache_info
 
     try:
         summary = cache_info(path)

@@ -101,9 +101,9 @@ def distill(
 ) -> None:
     """Distil a teacher's scores on the cached views into a student, with the labelled train split alongside.
     Writes config.yaml, metrics.jsonl (val SRCC/PLCC per epoch), checkpoints, loss_curve.png and iaa_model.*."""
-    from cskd_cache.distill import DistillConfig, run_distill
-    from cskd_cache.manifest import CacheError
-    from cskd_cache.trainer import NonFiniteLoss
+    from cskd_cache.stages.distill import DistillConfig, run_distill
+    from cskd_cache.cache.manifest import CacheError
+    from cskd_cache.train.engine import NonFiniteLoss
 
     cfg = build_config(ctx, DistillConfig, config, "student")
     progress, rank0 = progress_display()

@@ -33,7 +33,7 @@ def evaluate(
 ) -> None:
     """Score one split of a labelled dataset with a trained IAA model. Writes OUT/metrics.json, OUT/predictions.csv
     (key, path, true, pred) and OUT/scatter.png; missing or unreadable images are left out and counted."""
-    from cskd_cache.evaluate import EvalConfig, run_evaluate
+    from cskd_cache.evaluate.evaluate import EvalConfig, run_evaluate
 
     if split not in ("train", "val", "test"):
         raise typer.BadParameter(f"{split!r}: use train, val or test", param_hint="--split")

@@ -39,7 +39,7 @@ def export(
     TorchScript forward(image) returns the tuple (score,) or (score, dist).
     Parity: random and photo-like inputs, at two batch sizes when dynamic; max |diff| printed, > --atol = exit 1.
     """
-    from cskd_cache.export import EXPORT_FORMATS, run_export
+    from cskd_cache.evaluate.export import EXPORT_FORMATS, run_export
 
     if format_ not in EXPORT_FORMATS:
         raise typer.BadParameter(f"{format_!r}: use {' or '.join(EXPORT_FORMATS)}", param_hint="--format")

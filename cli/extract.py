@@ -55,9 +55,9 @@ def extract(
     = 89_478_485,
 ) -> None:
     """Run a teacher once over images and store its embeddings and patch tokens in an HDF5 cache."""
-    from cskd_cache.extract import ExtractConfig, run_extract
-    from cskd_cache.manifest import CacheError
-    from cskd_cache.sources import SourceError
+    from cskd_cache.stages.extract import ExtractConfig, run_extract
+    from cskd_cache.cache.manifest import CacheError
+    from cskd_cache.data.sources import SourceError
 
     if compression not in (None, "none", "gzip"):
         raise typer.BadParameter("--compression takes gzip or none")

@@ -62,9 +62,9 @@ def finetune(
 ) -> None:
     """Fine-tune an encoder + score head on labelled images (labels-only baseline, or the Stage II teacher).
     Writes config.yaml, metrics.jsonl (val SRCC/PLCC per epoch), checkpoints, loss_curve.png and iaa_model.*."""
-    from cskd_cache.finetune import FinetuneConfig, run_finetune
-    from cskd_cache.manifest import CacheError
-    from cskd_cache.trainer import NonFiniteLoss
+    from cskd_cache.stages.finetune import FinetuneConfig, run_finetune
+    from cskd_cache.cache.manifest import CacheError
+    from cskd_cache.train.engine import NonFiniteLoss
 
     cfg = build_config(ctx, FinetuneConfig, config, "model")
     progress, rank0 = progress_display()

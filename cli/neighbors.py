@@ -48,8 +48,8 @@ def neighbors(
 ) -> None:
     """Nearest neighbours in a feature space: contact sheets and an HTML page, a training-free kNN-regression
     probe (with --labels) and a near-duplicate (leakage) report."""
-    from cskd_cache.manifest import CacheError
-    from cskd_cache.neighbors import NeighborsConfig, NeighborsError, run_neighbors
+    from cskd_cache.cache.manifest import CacheError
+    from cskd_cache.inspect.neighbors import NeighborsConfig, NeighborsError, run_neighbors
 
     cfg = NeighborsConfig(cache=str(cache), out=str(out), labels=labels, image_root=list(image_root or []),
                           model=model, k=k, queries=queries, dup_threshold=dup_threshold, backend=backend,

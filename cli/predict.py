@@ -28,7 +28,7 @@ def predict(
     """Score images with a trained IAA model: mean score on the training dataset's scale, and its std and
     K-bin distribution for a distribution head. Unreadable files are listed in the output with an error and
     counted on stderr, never fatal; exit 0 when at least one image was scored, 1 when none was."""
-    from cskd_cache.predict import output_format, run_predict
+    from cskd_cache.evaluate.predict import output_format, run_predict
 
     try:
         output_format(out)

@@ -31,8 +31,8 @@ def proxy_set(
     10-bin distributions, split 70/10/20 by source photo. A stand-in for human labels where none exist."""
     import numpy as np
 
-    from cskd_cache.proxy_quality import build_proxy_set, summarise
-    from cskd_cache.sources import scan_images
+    from cskd_cache.inspect.proxy_quality import build_proxy_set, summarise
+    from cskd_cache.data.sources import scan_images
 
     if not src.is_dir():
         fail(f"--src {src} is not a folder; point it at a folder of photos")

@@ -30,7 +30,7 @@ def report(
 ) -> None:
     """Write a static HTML report of a run: config, training curves, metrics with 95% intervals, scatter plot,
     neighbour sheets and attention plots, each where its files exist."""
-    from cskd_cache.report import ReportError, build_report
+    from cskd_cache.inspect.report import ReportError, build_report
 
     try:
         result = build_report(run_dir, out=out, include=include or [], embed=embed, last=last,

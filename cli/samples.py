@@ -16,7 +16,7 @@ def sample_images(
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same images.")] = 0,
 ) -> None:
     """Write procedural sample photos (no download), so the quickstart runs on a fresh offline machine."""
-    from cskd_cache.samples import write_samples
+    from cskd_cache.inspect.samples import write_samples
 
     paths = write_samples(out, n=n, seed=seed)
     console.print(f"wrote {len(paths)} sample images to {out}")

@@ -11,9 +11,9 @@ __all__ = ["open_cache", "load_encoder"]
 def __getattr__(name):
     # Lazy, so `import cskd_cache` stays cheap (no torch/h5py until a name is used).
     if name == "open_cache":
-        from .reader import open_cache
+        from .cache.reader import open_cache
         return open_cache
     if name == "load_encoder":
-        from .encoders import load_encoder
+        from .models.runs import load_encoder
         return load_encoder
     raise AttributeError(f"module 'cskd_cache' has no attribute {name!r}")

@@ -6,7 +6,7 @@ distribution around it (`proxy_quality.score_dist`). Brightness varies independe
 random network's features, so an untrained model ranks the images by a nuisance (val SRCC near 0), while noise is
 something a tiny CNN learns in a few hundred steps on CPU.
 
-`noise_teacher` is a py: feature-cache teacher (the user-teacher interface of cskd_cache.teachers): a seeded
+`noise_teacher` is a py: feature-cache teacher (the user-teacher interface of cskd_cache.models.teachers): a seeded
 random CNN whose embedding head is centred and scaled on unrelated calibration photos (as tests/test_align.py
 does), so cached embeddings differ per image and carry the noise level. `tiny_student` is a py: student.
 """
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cskd_cache.proxy_quality import score_dist
+from cskd_cache.inspect.proxy_quality import score_dist
 
 SIGMA_MAX = 40.0
 SPLIT_CYCLE = ("train", "train", "train", "val", "test")

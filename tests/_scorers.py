@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from cskd_cache.iaa_model import build_head, save_iaa_model
-from cskd_cache.students import build_student
+from cskd_cache.models.scorer import build_head, save_iaa_model
+from cskd_cache.models.students import build_student
 
 
 def make_model(run_dir: Path, spec: str = "timm:test_vit", kind: str = "distribution", bins: int | None = 10,

@@ -25,19 +25,19 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import cskd_cache
-from cskd_cache.align import AlignConfig, AlignError, run_align
-from cskd_cache.align_data import (
+from cskd_cache.stages.align import AlignConfig, AlignError, run_align
+from cskd_cache.cache.paths import (
     AlignDataset, ImagesMissing, collate, embed_stats, parse_image_root, resolve_paths,
 )
-from cskd_cache.align_eval import heldout_mask, knn_agreement, knn_indices, split_rows
-from cskd_cache.extract import ExtractConfig, run_extract
-from cskd_cache.heads import AlignHeads, resample_grid
-from cskd_cache.images import load_rgb
+from cskd_cache.stages.align_eval import heldout_mask, knn_agreement, knn_indices, split_rows
+from cskd_cache.stages.extract import ExtractConfig, run_extract
+from cskd_cache.models.align_heads import AlignHeads, resample_grid
+from cskd_cache.data.images import load_rgb
 from cskd_cache.losses import AlignLoss, CosineLoss, MSELoss, TokenSmoothL1Loss
-from cskd_cache.reader import open_cache
-from cskd_cache.students import build_student
-from cskd_cache.trainer import NonFiniteLoss, cosine_schedule, read_metrics
-from cskd_cache.views import render_tensor
+from cskd_cache.cache.reader import open_cache
+from cskd_cache.models.students import build_student
+from cskd_cache.train.engine import NonFiniteLoss, cosine_schedule, read_metrics
+from cskd_cache.data.views import render_tensor
 
 TESTS = Path(__file__).parent
 TEACHER = "py:test_align:centered_teacher"
@@ -61,7 +61,7 @@ def centered_teacher():
 
 
 class TinyStudent(torch.nn.Module):
-    """A py: student (the interface in the cskd_cache.students docstring)."""
+    """A py: student (the interface in the cskd_cache.models.students docstring)."""
 
     input_cfg = {"size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear"}
 
@@ -112,7 +112,7 @@ def no_timing(records):
 def test_alignment_learns_without_constructing_the_teacher(data, tmp_path, monkeypatch):
     import open_clip
 
-    import cskd_cache.teachers as teachers
+    import cskd_cache.models.teachers as teachers
 
     def boom(*a, **k):
         raise AssertionError("the teacher must never be constructed during align")
@@ -409,7 +409,7 @@ def test_config_yaml_round_trip(tmp_path):
 
 def test_library_imports_without_typer_or_rich():
     code = ("import sys; sys.modules['typer'] = None; sys.modules['rich'] = None\n"
-            "import cskd_cache, cskd_cache.align, cskd_cache.students, cskd_cache.trainer, cskd_cache.align_eval\n"
+            "import cskd_cache, cskd_cache.stages.align, cskd_cache.models.students, cskd_cache.train.engine, cskd_cache.stages.align_eval\n"
             "from cskd_cache import load_encoder, open_cache\n"
             "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -13,8 +13,8 @@ import yaml
 from _imgs import make_images
 from typer.testing import CliRunner
 
-from cskd_cache.align import AlignConfig
-from cskd_cache.extract import ExtractConfig, run_extract
+from cskd_cache.stages.align import AlignConfig
+from cskd_cache.stages.extract import ExtractConfig, run_extract
 from cskd_cli.main import app
 
 runner = CliRunner()

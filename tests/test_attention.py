@@ -15,10 +15,10 @@ import torch
 from _imgs import make_images
 from typer.testing import CliRunner
 
-from cskd_cache.attention import (NotAttentionModel, UnsupportedAttention, attention_probs, attention_stats,
+from cskd_cache.inspect.attention import (NotAttentionModel, UnsupportedAttention, attention_probs, attention_stats,
                                   distance_matrix, from_module, load_attention_model, measure, select_images)
-from cskd_cache.encoders import save_encoder
-from cskd_cache.students import build_student
+from cskd_cache.models.runs import save_encoder
+from cskd_cache.models.students import build_student
 from cskd_cli.main import app
 
 runner = CliRunner()
@@ -135,7 +135,7 @@ def test_identity_attention_has_distance_and_entropy_zero_after_dropping_prefix(
 def test_identity_attention_through_a_real_vit(images, monkeypatch):
     # Every token attends only to itself: the statistics of the whole pipeline (hooks, prefix removal,
     # averaging over images) must be exactly 0.
-    import cskd_cache.attention as attention
+    import cskd_cache.inspect.attention as attention
 
     def identity(module, x):
         return torch.eye(x.shape[1]).expand(x.shape[0], module.num_heads, -1, -1)
@@ -203,7 +203,7 @@ def test_register_tokens_are_prefix_tokens(images):
         for blk in vit.blocks:
             blk.attn.qkv.weight[:64] = 0
             blk.attn.qkv.bias[:64] = 0
-    from cskd_cache.teachers import _pp_cfg, _py_transform
+    from cskd_cache.models.teachers import _pp_cfg, _py_transform
 
     transform = _py_transform(_pp_cfg(64, "shortest", 1.0, "bicubic", [0.5] * 3, [0.25] * 3))
     model = from_module(vit, transform, 64, "test:reg4")

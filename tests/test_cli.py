@@ -95,7 +95,7 @@ def test_sigkill_mid_run_then_same_command_resumes_to_identical_cache(tmp_path):
 
 def test_library_imports_without_typer_or_rich():
     code = ("import sys; sys.modules['typer'] = None; sys.modules['rich'] = None\n"
-            "import cskd_cache, cskd_cache.extract, cskd_cache.reader, cskd_cache.verify, cskd_cache.teachers\n"
+            "import cskd_cache, cskd_cache.stages.extract, cskd_cache.cache.reader, cskd_cache.cache.verify, cskd_cache.models.teachers\n"
             "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -24,20 +24,20 @@ from _crash import Crash, crash_in_second_epoch
 from _iaa_task import make_images, write_labels
 from typer.testing import CliRunner
 
-import cskd_cache.iaa_model as iaa_model_mod
-import cskd_cache.predictions as predictions_mod
-from cskd_cache.cache_head import load_cache_head, predict_embeddings
-from cskd_cache.distill import DistillConfig, DistillError, run_distill
-from cskd_cache.extract import ExtractConfig, run_extract
-from cskd_cache.finetune import FinetuneConfig, run_finetune
-from cskd_cache.iaa_data import load_labels
-from cskd_cache.iaa_data_sets import ViewImages, eval_tensor
-from cskd_cache.iaa_model import load_iaa_model, save_iaa_model
-from cskd_cache.images import file_digest, load_rgb
-from cskd_cache.predictions import StalePredictions, default_predictions_dir, read_predictions
-from cskd_cache.reader import open_cache
-from cskd_cache.trainer import read_metrics
-from cskd_cache.views import render_tensor
+import cskd_cache.models.scorer as iaa_model_mod
+import cskd_cache.stages.teacher_predictions as predictions_mod
+from cskd_cache.models.cache_head import load_cache_head, predict_embeddings
+from cskd_cache.stages.distill import DistillConfig, DistillError, run_distill
+from cskd_cache.stages.extract import ExtractConfig, run_extract
+from cskd_cache.stages.finetune import FinetuneConfig, run_finetune
+from cskd_cache.labels import load_labels
+from cskd_cache.data.datasets import ViewImages, eval_tensor
+from cskd_cache.models.scorer import load_iaa_model, save_iaa_model
+from cskd_cache.data.images import file_digest, load_rgb
+from cskd_cache.stages.teacher_predictions import StalePredictions, default_predictions_dir, read_predictions
+from cskd_cache.cache.reader import open_cache
+from cskd_cache.train.engine import read_metrics
+from cskd_cache.data.views import render_tensor
 
 TESTS = Path(__file__).parent
 TINY = "py:_iaa_task:tiny_student"
@@ -175,7 +175,7 @@ def test_distill_learns_without_touching_val_or_test_images(data, tmp_path, monk
 
 
 def test_jitter_views_shows_a_crop_inside_the_cached_view_against_its_targets(data, tmp_path, monkeypatch):
-    from cskd_cache.iaa_data_sets import _augment
+    from cskd_cache.data.datasets import _augment
 
     seen = []  # (dataset, item) of every unlabelled item made
     orig = ViewImages._item

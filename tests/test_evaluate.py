@@ -1,4 +1,4 @@
-"""`cskd evaluate`: metrics equal a direct computation (the scorer on the same images + cskd_cache.metrics),
+"""`cskd evaluate`: metrics equal a direct computation (the scorer on the same images + cskd_cache.evaluate.metrics),
 bootstrap intervals bracket the estimate, the scatter plot is a real PNG, missing/unreadable images are counted
 and left out, never fatal; a model trained on another scale gets only the correlations."""
 
@@ -15,10 +15,10 @@ from _scorers import make_model
 from PIL import Image
 from typer.testing import CliRunner
 
-from cskd_cache import metrics as M
-from cskd_cache.evaluate import EvalConfig, run_evaluate
-from cskd_cache.iaa_model import load_iaa_model
-from cskd_cache.scoring import load_eval_tensor
+from cskd_cache.evaluate import metrics as M
+from cskd_cache.evaluate.evaluate import EvalConfig, run_evaluate
+from cskd_cache.models.scorer import load_iaa_model
+from cskd_cache.evaluate.scoring import load_eval_tensor
 from cskd_cli.main import app
 
 runner = CliRunner()
@@ -67,7 +67,7 @@ def test_metrics_equal_direct_computation(data, tmp_path):
     assert {s["key"]: s["reason"].split(":")[0] for s in m["skipped"]} == {"images/gone.jpg": "missing",
                                                                            "images/broken.png": "corrupt"}
 
-    # the same thing computed by hand: labels from the file, scores from the scorer, metrics from cskd_cache.metrics
+    # the same thing computed by hand: labels from the file, scores from the scorer, metrics from cskd_cache.evaluate.metrics
     with open(d / "labels.csv", newline="") as f:
         rows = [x for x in csv.DictReader(f) if x["split"] == "test" and "images/set" in x["path"]]
     votes = np.array([[float(v) for v in x["dist"].split(";")] for x in rows])
@@ -83,7 +83,7 @@ def test_metrics_equal_direct_computation(data, tmp_path):
     assert m["acc"] == pytest.approx(M.binary_accuracy(y_true, y_pred, m["threshold"]))
     assert m["emd"] == pytest.approx(M.emd(dist_true, out_ref["dist"].double().numpy()), abs=1e-6)
     assert m["threshold"] == 5.5 and m["bins"] == m["model_bins"] == 10 and m["notes"] == []
-    # intervals: the seeded bootstrap of cskd_cache.metrics, and they bracket the point estimate
+    # intervals: the seeded bootstrap of cskd_cache.evaluate.metrics, and they bracket the point estimate
     for key, fn in (("srcc", M.srcc), ("plcc", M.plcc)):
         lo, hi = m[f"{key}_ci"]
         assert lo <= m[key] <= hi and lo < hi

@@ -15,9 +15,9 @@ from _imgs import make_images
 from _scorers import make_model
 from typer.testing import CliRunner
 
-from cskd_cache.export import bake_pos_embed
-from cskd_cache.iaa_model import load_iaa_model
-from cskd_cache.scoring import load_eval_tensor
+from cskd_cache.evaluate.export import bake_pos_embed
+from cskd_cache.models.scorer import load_iaa_model
+from cskd_cache.evaluate.scoring import load_eval_tensor
 from cskd_cli.main import app
 
 runner = CliRunner()

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from _imgs import make_images, photo
 
-from cskd_cache.extract import ExtractConfig, run_extract
-from cskd_cache.images import load_rgb
-from cskd_cache.manifest import CacheError, read_manifest
-from cskd_cache.reader import open_cache
-from cskd_cache.teachers import build_teacher
-from cskd_cache.verify import verify_cache
-from cskd_cache.views import ViewPolicy, eval_box, render_tensor, sample_views
+from cskd_cache.stages.extract import ExtractConfig, run_extract
+from cskd_cache.data.images import load_rgb
+from cskd_cache.cache.manifest import CacheError, read_manifest
+from cskd_cache.cache.reader import open_cache
+from cskd_cache.models.teachers import build_teacher
+from cskd_cache.cache.verify import verify_cache
+from cskd_cache.data.views import ViewPolicy, eval_box, render_tensor, sample_views
 
 ARRAYS = ("key", "source", "digest", "size", "views", "embed", "tokens", "prefix")
 
@@ -222,7 +222,7 @@ def test_interrupted_run_resumes_to_identical_cache(tmp_path, spec, teacher, mon
     run_extract(cfg(tmp_path, spec, out=str(tmp_path / "ref")), teacher=teacher)
     ref = read_all(tmp_path / "ref")
 
-    import cskd_cache.shards as shards
+    import cskd_cache.cache.shards as shards
     real_finish, calls = shards.ShardWriter.finish, {"n": 0}
 
     def dying_finish(self, skipped, *args, **kwargs):
@@ -280,7 +280,7 @@ def test_verify_names_each_fault(tmp_path, spec, teacher):
     with h5py.File(c / "shard-00001.h5", "r+") as f:
         f["embed"][0, 0, 0] = np.nan
     m = json.loads((c / "manifest.json").read_text())
-    from cskd_cache.manifest import file_sha256
+    from cskd_cache.cache.manifest import file_sha256
     m["shards"][1]["sha256"] = file_sha256(c / "shard-00001.h5")
     m["shards"][1]["bytes"] = (c / "shard-00001.h5").stat().st_size
     (c / "manifest.json").write_text(json.dumps(m))
@@ -299,7 +299,7 @@ def test_verify_names_each_fault(tmp_path, spec, teacher):
 def test_manifest_is_readable_by_others_under_the_usual_umask(tmp_path):
     import stat
 
-    from cskd_cache.manifest import write_json
+    from cskd_cache.cache.manifest import write_json
 
     old = os.umask(0o022)
     try:

@@ -19,15 +19,15 @@ from _iaa_task import make_images, write_labels
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cskd_cache.finetune import FinetuneConfig, FinetuneError, run_finetune
-from cskd_cache.iaa_data import load_labels
-from cskd_cache.iaa_data_sets import StepBatches, ViewImages, eval_tensor
-from cskd_cache.iaa_model import load_iaa_model
-from cskd_cache.iaa_train import keep_fraction
-from cskd_cache.images import load_rgb
-from cskd_cache.metrics import srcc
-from cskd_cache.state_io import load_state
-from cskd_cache.trainer import read_metrics
+from cskd_cache.stages.finetune import FinetuneConfig, FinetuneError, run_finetune
+from cskd_cache.labels import load_labels
+from cskd_cache.data.datasets import StepBatches, ViewImages, eval_tensor
+from cskd_cache.models.scorer import load_iaa_model
+from cskd_cache.stages.iaa_train import keep_fraction
+from cskd_cache.data.images import load_rgb
+from cskd_cache.evaluate.metrics import srcc
+from cskd_cache.train.state_io import load_state
+from cskd_cache.train.engine import read_metrics
 
 TINY = "py:_iaa_task:tiny_student"
 TIMING = {"img_s", "eval_s", "seconds"}
@@ -115,8 +115,8 @@ def test_scalar_head_on_score_only_labels(data, tmp_path):
 
 
 def test_starts_from_an_aligned_run(data, tmp_path):
-    from cskd_cache.encoders import save_encoder
-    from cskd_cache.students import build_student
+    from cskd_cache.models.runs import save_encoder
+    from cskd_cache.models.students import build_student
 
     torch.manual_seed(5)
     aligned = build_student(TINY)
@@ -182,7 +182,7 @@ def test_resume_reaches_the_same_weights(data, tmp_path):
 
 
 def test_model_ema_follows_its_formula():
-    from cskd_cache.ema import ModelEma
+    from cskd_cache.train.ema import ModelEma
 
     m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     ema = ModelEma(m, 0.5)
@@ -231,7 +231,7 @@ def test_ema_weights_are_the_ones_validated_saved_and_resumed(data, tmp_path):
 
 
 def test_nan_guard_and_bad_inputs(data, tmp_path, monkeypatch):
-    from cskd_cache.trainer import NonFiniteLoss
+    from cskd_cache.train.engine import NonFiniteLoss
 
     orig = ViewImages.__getitems__
 
@@ -291,7 +291,7 @@ def test_every_config_field_is_a_flag_with_help_and_the_same_default(data, tmp_p
 
     import typer.main
 
-    from cskd_cache.distill import DistillConfig
+    from cskd_cache.stages.distill import DistillConfig
     from cskd_cli.main import app
 
     commands = typer.main.get_command(app).commands
@@ -319,8 +319,8 @@ def test_every_config_field_is_a_flag_with_help_and_the_same_default(data, tmp_p
 
 def test_library_imports_without_typer_or_rich():
     code = ("import sys; sys.modules['typer'] = None; sys.modules['rich'] = None\n"
-            "import cskd_cache.finetune, cskd_cache.distill, cskd_cache.label_link, cskd_cache.predictions\n"
-            "import cskd_cache.iaa_data_sets, cskd_cache.cache_head, cskd_cache.iaa_train\n"
+            "import cskd_cache.stages.finetune, cskd_cache.stages.distill, cskd_cache.labels.link, cskd_cache.stages.teacher_predictions\n"
+            "import cskd_cache.data.datasets, cskd_cache.models.cache_head, cskd_cache.stages.iaa_train\n"
             "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

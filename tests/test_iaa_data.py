@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cskd_cache.iaa_data import LabelSet, load_labels
-from cskd_cache.iaa_data.labels import hash_unit, seeded_split, val_or_train
+from cskd_cache.labels import LabelSet, load_labels
+from cskd_cache.labels.labelset import hash_unit, seeded_split, val_or_train
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "labels"
 

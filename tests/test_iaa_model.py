@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from cskd_cache.iaa_model import build_head, load_iaa_model, save_iaa_model
-from cskd_cache.students import build_student
+from cskd_cache.models.scorer import build_head, load_iaa_model, save_iaa_model
+from cskd_cache.models.students import build_student
 
 SPEC = "timm:test_vit"
 

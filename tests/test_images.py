@@ -1,4 +1,4 @@
-"""cskd_cache.images: every file decodes to viewer-faithful RGB or raises BadImage with a reason."""
+"""cskd_cache.data.images: every file decodes to viewer-faithful RGB or raises BadImage with a reason."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cskd_cache.images import DEFAULT_MAX_PIXELS, BadImage, file_digest, load_rgb
+from cskd_cache.data.images import DEFAULT_MAX_PIXELS, BadImage, file_digest, load_rgb
 
 
 def _noise(h: int, w: int, seed: int = 0) -> np.ndarray:

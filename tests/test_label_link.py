@@ -1,4 +1,4 @@
-"""Label -> feature-cache row linking (`cskd_cache.label_link`): by resolved path, else by file content.
+"""Label -> feature-cache row linking (`cskd_cache.labels.link`): by resolved path, else by file content.
 
 A real cache is extracted from a folder of images; label files point at those images directly, through a
 symlink, at byte-identical copies elsewhere, at moved originals (with and without the cache's image-root remap)
@@ -15,11 +15,11 @@ import pytest
 import torch
 from _iaa_task import make_images, write_labels
 
-import cskd_cache.label_link as label_link
-from cskd_cache.extract import ExtractConfig, run_extract
-from cskd_cache.iaa_data import load_labels
-from cskd_cache.label_link import link_labels
-from cskd_cache.reader import open_cache
+import cskd_cache.labels.link as label_link
+from cskd_cache.stages.extract import ExtractConfig, run_extract
+from cskd_cache.labels import load_labels
+from cskd_cache.labels.link import link_labels
+from cskd_cache.cache.reader import open_cache
 
 
 @pytest.fixture(scope="module", autouse=True)

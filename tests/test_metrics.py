@@ -1,11 +1,11 @@
-"""cskd_cache.metrics against scipy (when installed) and against cases worked out by hand."""
+"""cskd_cache.evaluate.metrics against scipy (when installed) and against cases worked out by hand."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cskd_cache.metrics import (binary_accuracy, bootstrap_ci, emd, evaluate_predictions, mae, plcc, rankdata,
+from cskd_cache.evaluate.metrics import (binary_accuracy, bootstrap_ci, emd, evaluate_predictions, mae, plcc, rankdata,
                                 srcc)
 
 

@@ -20,13 +20,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cskd_cache.contact_sheet import PLACEHOLDER, thumbnail
-from cskd_cache.encoders import save_encoder
-from cskd_cache.extract import ExtractConfig, run_extract
-from cskd_cache.iaa_model import build_head, save_iaa_model
-from cskd_cache.knn_index import build_index, neighbours_excluding_self
-from cskd_cache.neighbors import knn_probe
-from cskd_cache.students import build_student
+from cskd_cache.inspect.contact_sheet import PLACEHOLDER, thumbnail
+from cskd_cache.models.runs import save_encoder
+from cskd_cache.stages.extract import ExtractConfig, run_extract
+from cskd_cache.models.scorer import build_head, save_iaa_model
+from cskd_cache.evaluate.knn_index import build_index, neighbours_excluding_self
+from cskd_cache.inspect.neighbors import knn_probe
+from cskd_cache.models.students import build_student
 from cskd_cli.main import app
 
 runner = CliRunner()

@@ -17,8 +17,8 @@ from _imgs import make_images
 from _scorers import make_model
 from typer.testing import CliRunner
 
-from cskd_cache.iaa_model import load_iaa_model
-from cskd_cache.scoring import load_eval_tensor
+from cskd_cache.models.scorer import load_iaa_model
+from cskd_cache.evaluate.scoring import load_eval_tensor
 from cskd_cli.main import app
 
 runner = CliRunner()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cskd_cache.iaa_data import load_labels
-from cskd_cache.proxy_quality import (KINDS, LEVELS, _rng, build_proxy_set, degrade, level_score, main, score_dist,
+from cskd_cache.labels import load_labels
+from cskd_cache.inspect.proxy_quality import (KINDS, LEVELS, _rng, build_proxy_set, degrade, level_score, main, score_dist,
                                       summarise)
 
 from _imgs import make_images, photo

@@ -2,7 +2,7 @@
 
 The run is a real tiny `cskd align` run (toy teacher cache, timm test_resnet, 6 steps). The evaluate, neighbours
 and attention outputs are made by hand in the layout those commands write (brief: run-directory conventions),
-with real PNGs from matplotlib/PIL and real metrics from `cskd_cache.metrics`. Folder names with spaces, '#' and
+with real PNGs from matplotlib/PIL and real metrics from `cskd_cache.evaluate.metrics`. Folder names with spaces, '#' and
 '<b>' check URL quoting and HTML escaping end to end.
 
 The browser tests drive Debian's `chromium` over the DevTools protocol on a pipe (--remote-debugging-pipe), so
@@ -29,10 +29,10 @@ import torch
 from _imgs import make_images, photo
 from typer.testing import CliRunner
 
-from cskd_cache.align import AlignConfig, run_align
-from cskd_cache.extract import ExtractConfig, run_extract
-from cskd_cache.metrics import evaluate_predictions
-from cskd_cache.report import format_value
+from cskd_cache.stages.align import AlignConfig, run_align
+from cskd_cache.stages.extract import ExtractConfig, run_extract
+from cskd_cache.evaluate.metrics import evaluate_predictions
+from cskd_cache.inspect.report import format_value
 from cskd_cli.main import app
 
 runner = CliRunner()
@@ -88,7 +88,7 @@ def run(tmp_path_factory):
     attn = run_dir / "analysis" / ATTN
     attn.mkdir(parents=True)
     layers = [{"layer": i, "distance": [10.0 + i, 20.0 + i], "entropy": [1.0, 2.0], "prefix_mass": [0.1, 0.3]}
-              for i in range(3)]  # the attention.json layout of cskd_cache.attention, values made up
+              for i in range(3)]  # the attention.json layout of cskd_cache.inspect.attention, values made up
     (attn / "attention.json").write_text(json.dumps({"format": "cskd-attention", "version": 1, "seed": 0, "models": [
         {"label": "vit", "spec": "timm:test_vit", "num_heads": 2, "images": 4, "layers": layers}]}))
     _plot(attn / "attention_distance.png", "distance", 2)

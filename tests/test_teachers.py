@@ -1,4 +1,4 @@
-"""cskd_cache.teachers: spec parsing and the Teacher output contract (offline, CPU, random-init models)."""
+"""cskd_cache.models.teachers: spec parsing and the Teacher output contract (offline, CPU, random-init models)."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cskd_cache.teachers import EncoderSpec, Teacher, build_teacher, load_object, parse_spec
+from cskd_cache.models.teachers import EncoderSpec, Teacher, build_teacher, load_object, parse_spec
 
 
 def _sha(path) -> str:
@@ -84,7 +84,7 @@ def test_parse_bad_specs(spec, needle):
 
 def test_load_object(tmp_path, monkeypatch):
     assert load_object("os.path:join") is __import__("os").path.join
-    assert load_object("cskd_cache.teachers:EncoderSpec.weights_path") is EncoderSpec.weights_path
+    assert load_object("cskd_cache.models.teachers:EncoderSpec.weights_path") is EncoderSpec.weights_path
     with pytest.raises(ValueError, match="cannot import module 'no_such_mod_xyz'"):
         load_object("no_such_mod_xyz:f")
     with pytest.raises(ValueError, match="has no attribute"):
@@ -356,5 +356,5 @@ def test_teacher_stays_frozen(tiny_clip_name):
 
 def test_import_without_cli_deps():
     code = ("import sys; sys.modules['typer'] = None; sys.modules['rich'] = None; "
-            "import cskd_cache.teachers as t; assert 'open_clip' not in sys.modules; print(t.build_teacher)")
+            "import cskd_cache.models.teachers as t; assert 'open_clip' not in sys.modules; print(t.build_teacher)")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=60)

