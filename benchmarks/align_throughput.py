@@ -17,13 +17,13 @@ loops and terms see the same batches and the same cached views.
 
 Two training loops, each --warmup W steps then --steps S timed steps (img/s = S * batch / wall seconds):
 
-- ``cached``: what `cskd align` runs. The align DataLoader (`AlignDataset`: decode, the row's cached view
+- ``cached``: what `cskd align` runs. The align DataLoader (`CachedViews`: decode, the row's cached view
   rebuilt at the student's input size, cached embed + tokens read from the HDF5 cache) feeds
   `cskd_cache.stages.align.train_step` (forward, AlignLoss = global cosine + token smooth-L1, backward, clipping,
   AdamW step). The time blocked on the DataLoader (``data wait``) and in train_step (``step``) are summed
   separately: the share of data wait shows whether data or compute limits the cached run.
 - ``live``: the same student, batches, views and train_step, but the targets come from the teacher at every
-  step. A DataLoader decodes each image once and cuts two tensors from it with `views.render_tensor`: the
+  step. A DataLoader decodes each image once and cuts two tensors from it with `views.render`: the
   student's view and the teacher's (same box + flip, teacher preprocess size and normalisation). The teacher
   runs under ``torch.inference_mode`` and gives what the cache would hold: the L2-normalised embedding and the
   patch tokens (average-pooled to the cache's grid when that is smaller). Its loop records data wait, teacher
@@ -66,7 +66,6 @@ downloaded on offline machines. Throughput does not depend on weight values.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import logging
 import os
@@ -87,19 +86,21 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cskd_cache.stages.align import train_step  # noqa: E402
-from cskd_cache.cache.paths import AlignDataset, collate, resolve_paths  # noqa: E402
-from cskd_cache.stages.extract import ExtractConfig, resolve_device, run_extract  # noqa: E402
-from cskd_cache.models.align_heads import AlignHeads, AlignModel  # noqa: E402
-from cskd_cache.data.images import load_rgb  # noqa: E402
-from cskd_cache.losses import AlignLoss  # noqa: E402
+from cskd_cache.cache.paths import resolve_paths  # noqa: E402
 from cskd_cache.cache.reader import open_cache  # noqa: E402
-from cskd_cache.inspect.samples import write_samples  # noqa: E402
+from cskd_cache.data.images import load_rgb  # noqa: E402
 from cskd_cache.data.sources import scan_images  # noqa: E402
+from cskd_cache.data.datasets import CachedViews, collate  # noqa: E402
+from cskd_cache.data.views import render  # noqa: E402
+from cskd_cache.inspect.samples import write_samples  # noqa: E402
+from cskd_cache.losses import AlignLoss  # noqa: E402
+from cskd_cache.models.align_heads import AlignHeads, AlignModel  # noqa: E402
 from cskd_cache.models.students import build_student  # noqa: E402
 from cskd_cache.models.teachers import build_teacher  # noqa: E402
+from cskd_cache.stages.align import train_step  # noqa: E402
+from cskd_cache.stages.extract import ExtractConfig, resolve_device, run_extract  # noqa: E402
 from cskd_cache.train.engine import param_groups, seed_everything  # noqa: E402
-from cskd_cache.data.views import render_tensor  # noqa: E402
+from _report import write_outputs  # noqa: E402
 
 DEFAULT_TEACHER = "open_clip:ViT-B-32@none"
 BOUND_TEACHER = "open_clip:ViT-L-14@none"
@@ -206,10 +207,9 @@ class LiveViews(Dataset):
             img = load_rgb(self.paths[it["row"]])
             box = self.boxes[it["row"], it["view"]]
             t = self.t_cfg
-            item = {"teacher_image": render_tensor(img, box, t["size"], t["interpolation"], t["mean"], t["std"])}
+            item = {"teacher_image": render(img, box, t)}
             if self.s_cfg is not None:
-                s = self.s_cfg
-                item["image"] = render_tensor(img, box, s["size"], s["interpolation"], s["mean"], s["std"])
+                item["image"] = render(img, box, self.s_cfg)
             out.append(item)
         return out
 
@@ -265,7 +265,7 @@ class Trainee:
         return train_step(self.model, self.loss, batch, self.opt, self.device, params=self.params, clip_grad=1.0)
 
 
-def time_cached(tr: Trainee, ds: AlignDataset, args) -> dict:
+def time_cached(tr: Trainee, ds: CachedViews, args) -> dict:
     it = iter(make_loader(ds, args, args.warmup + args.steps, collate))
     for _ in range(args.warmup):
         tr.step(next(it))
@@ -460,7 +460,8 @@ def main(argv=None) -> list[dict]:
             size = "x".join(map(str, cfg["size"]))
             params = sum(p.numel() for p in tr.student.parameters()) / 1e6
             print(f"\n{spec} @ {size} ({params:.1f} M params, random init)", flush=True)
-            cached_ds = AlignDataset(cache, rows, cfg, paths, tokens=True, view="random", seed=args.seed)
+            cached_ds = CachedViews([paths[r] for r in rows], cfg, rows=rows, boxes=cache.boxes, embed=cache.embed,
+                                    streamed=cache.streamed(("tokens",)), seed=args.seed, digests=cache.digests)
             live_ds = LiveViews(cache, rows, paths, cfg, teacher.preprocess_cfg, args.seed)
             student_batches = [collate(cached_ds.__getitems__(list(range(b, b + args.batch_size))))
                                for b in range(0, n_t, args.batch_size) if b + args.batch_size <= len(rows)] \
@@ -534,17 +535,7 @@ def main(argv=None) -> list[dict]:
               f"{r['live_t_data_s']:.2f} s/batch vs cached {r['t_data_s']:.2f} s/batch"
               + (f"; {r['bound_teacher']} bound {r['bound_big']:.1f}x" if r["bound_big"] is not None else ""))
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    if args.markdown:
-        print()
-        print(markdown(results))
-    if args.csv:
-        new = not Path(args.csv).exists()
-        with open(args.csv, "a", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                wr.writeheader()
-            for r in results:
-                wr.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_outputs(results, args, markdown, FIELDS)
     return results
 
 

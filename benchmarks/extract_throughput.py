@@ -9,7 +9,7 @@ What is timed, per repeat (--repeat R, default 3; the median over repeats is rep
 
 - ``bare``: the teacher's forward (``Teacher.__call__`` with the same ``layers``, under ``torch.inference_mode``)
   over the N images, already decoded and preprocessed into tensors by the extractor's own dataset
-  (``ImageViews``: view 0 = the teacher's eval transform, views 1.. = seeded crops), already on the device, in
+  (``ExtractViews``: view 0 = the teacher's eval transform, views 1.. = seeded crops), already on the device, in
   the same batches as extract (--batch-size images x --views views per forward). One warm-up batch runs first
   and is not counted.
 - ``extract``: ``run_extract`` end to end with the teacher object already built (so loading weights is not
@@ -38,7 +38,6 @@ offline machines. Throughput does not depend on weight values; the features are 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import statistics
@@ -55,11 +54,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cskd_cache.stages.extract import ExtractConfig, resolve_device, run_extract  # noqa: E402
+from cskd_cache.data.extract_views import ExtractViews  # noqa: E402
 from cskd_cache.data.images import DEFAULT_MAX_PIXELS, load_rgb  # noqa: E402
 from cskd_cache.data.sources import IMAGE_EXTENSIONS, Item, scan_images  # noqa: E402
 from cskd_cache.models.teachers import build_teacher  # noqa: E402
-from cskd_cache.data.extract_views import ImageViews  # noqa: E402
+from cskd_cache.stages.extract import ExtractConfig, resolve_device, run_extract  # noqa: E402
+from _report import write_outputs  # noqa: E402
 
 DEFAULT_TEACHER = "open_clip:ViT-B-32@none"
 SHARED_SAMPLE = ROOT.parent / "shared" / "data" / "photos" / "imagenet-sample"
@@ -148,7 +148,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def reader_cost(dataset: ImageViews, n: int, threads: int) -> tuple[float, float, float]:
+def reader_cost(dataset: ExtractViews, n: int, threads: int) -> tuple[float, float, float]:
     """CPU ms per image of the reader stage run with `threads` torch threads: (decode + views), decode, views.
 
     A DataLoader worker runs it with 1 thread; with --num-workers 0 the main process runs it with all of its
@@ -171,10 +171,10 @@ def reader_cost(dataset: ImageViews, n: int, threads: int) -> tuple[float, float
     return total / n * 1e3, decode / n * 1e3, (total - decode) / n * 1e3
 
 
-def make_batches(teacher, files: list[Path], args, device) -> tuple[list[torch.Tensor], ImageViews]:
+def make_batches(teacher, files: list[Path], args, device) -> tuple[list[torch.Tensor], ExtractViews]:
     cfg = ExtractConfig(teacher=args.teacher, out="-", views=args.views)
     items = [Item("bench", p.name, str(p)) for p in files]
-    ds = ImageViews(items, teacher.preprocess, teacher.preprocess_cfg, cfg.policy(), DEFAULT_MAX_PIXELS)
+    ds = ExtractViews(items, teacher.preprocess, teacher.preprocess_cfg, cfg.policy(), DEFAULT_MAX_PIXELS)
     batches = []
     for s in range(0, len(ds), args.batch_size):
         views = [ds[i]["views"] for i in range(s, min(s + args.batch_size, len(ds)))]
@@ -323,17 +323,7 @@ def main(argv=None) -> list[dict]:
               f"loop ratio {r['loop_ratio']:.2f}; main process: read_wait {r['read_wait_s']:.2f}s, forward "
               f"{r['forward_s']:.2f}s, write {r['write_s']:.2f}s of loop {r['loop_s']:.2f}s, plan {r['plan_s']:.2f}s; "
               f"{r['bytes_per_image']:,.0f} B/img with tokens, {r['bytes_per_image_no_tokens']:,.0f} without")
-    if args.markdown:
-        print()
-        print(markdown(rows))
-    if args.csv:
-        new = not Path(args.csv).exists()
-        with open(args.csv, "a", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                wr.writeheader()
-            for r in rows:
-                wr.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_outputs(rows, args, markdown, FIELDS)
     return rows
 
 

@@ -26,10 +26,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cskd_cache.data.images import file_digest, load_rgb  # noqa: E402
 from cskd_cache.cache.manifest import SCHEMA_VERSION, fingerprint, write_json  # noqa: E402
 from cskd_cache.cache.reader import open_cache  # noqa: E402
 from cskd_cache.cache.shards import ShardWriter  # noqa: E402
+from cskd_cache.data.images import file_digest, load_rgb  # noqa: E402
 
 
 def synthetic_cache(out: Path, rows: int, shard_size: int, d: int = 512, t: int = 49, c: int = 768) -> dict:

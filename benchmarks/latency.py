@@ -4,7 +4,7 @@
     python benchmarks/latency.py --teachers ViT-L-14 --students mobilenetv3_small_100 --batches 1   # quick
     python benchmarks/latency.py --csv latency.csv --markdown latency.md
 
-What is timed: one deployable module per model, image batch in, head output out (`cskd_cache.models.deploy.IAAModel`):
+What is timed: one deployable module per model, image batch in, head output out (`cskd_cache.models.scorer.IAAModel`):
 - teachers: open_clip image tower (``model.visual``), L2-normalised embedding, linear 10-bin head;
 - students: the timm encoder as cskd builds it (``build_student("timm:NAME@none")``) + `DistributionHead`(10).
 All weights are random (nothing is downloaded); latency does not depend on weight values.
@@ -114,8 +114,8 @@ def build_teacher(name: str):
     """open_clip image tower + linear 10-bin head on the L2-normalised embedding; (module, input size)."""
     import open_clip
 
-    from cskd_cache.models.deploy import IAAModel
     from cskd_cache.models.score_heads import DistributionHead
+    from cskd_cache.models.scorer import IAAModel
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -131,8 +131,8 @@ def build_teacher(name: str):
 
 def build_student(name: str):
     """cskd's timm student encoder (random init) + 10-bin distribution head; (module, input size)."""
-    from cskd_cache.models.deploy import IAAModel
     from cskd_cache.models.score_heads import DistributionHead
+    from cskd_cache.models.scorer import IAAModel
     from cskd_cache.models.students import build_student as build
 
     enc = build(f"timm:{name}@none", pretrained_ok=False)
@@ -220,7 +220,7 @@ def summarise(times: np.ndarray, batch: int) -> dict:
 
 
 def bench_model(name: str, role: str, args, onnx_dir: Path, emit) -> None:
-    from cskd_cache.models.deploy import count_params
+    from cskd_cache.models.scorer import count_params
 
     t0 = time.perf_counter()
     model, size = (build_teacher if role == "teacher" else build_student)(name)

@@ -70,8 +70,8 @@ def done(run: Path, marker: str) -> bool:
 
 
 def step_proxy(args, work: Path) -> str:
-    from cskd_cache.inspect.proxy_quality import build_proxy_set
     from cskd_cache.data.sources import scan_images
+    from cskd_cache.inspect.proxy_quality import build_proxy_set
 
     out = work / "proxy"
     if not (out / "labels.csv").is_file() or (args.unlabelled_per_image and not (out / "unlabelled.csv").is_file()):
@@ -149,7 +149,7 @@ def align(args, cache: str, out: Path):
     if not finished(out, standardize_global=args.standardize_global):
         log(f"align {args.student} on {cache} -> {out}")
         s = run_align(AlignConfig(cache=cache, student=args.student, out=str(out), epochs=args.align_epochs,
-                                  batch_size=args.batch_size, student_size=args.size, lr=args.lr, seed=args.seed,
+                                  batch_size=args.batch_size, size=args.size, lr=args.lr, seed=args.seed,
                                   num_workers=args.workers, standardize_global=args.standardize_global))
         log(f"align: held-out global cos {s['initial']['global_cos']:.3f} -> {s['global_cos']:.3f}, "
             f"kNN agreement {s['initial']['knn_agreement']:.3f} -> {s['knn_agreement']:.3f}")

@@ -7,8 +7,16 @@ from contextlib import contextmanager
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
 
 def _console(stderr: bool) -> Console:
     # Logs are what users keep: piped output must never be cut or wrapped at rich's default 80 columns, so a
@@ -47,6 +55,19 @@ def fail(message: str, code: int = 1) -> None:
     """A one-line error on stderr and a non-zero exit: the contract for every bad input."""
     err_console.print(f"[bold red]error:[/] {one_line(str(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def failing(code: int | None = None):
+    """Turn the library's `CskdError` (a problem with the user's input) into `fail`'s one line and exit code (the
+    error's own, or ``code``). Nothing else is caught: any other exception is a bug in cskd and keeps its
+    traceback."""
+    from cskd_cache.errors import CskdError
+
+    try:
+        yield
+    except CskdError as e:
+        fail(str(e), code=e.exit_code if code is None else code)
 
 
 class RateColumn(TextColumn):

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._options import TrustCodeOpt
-from ._common import console, fail, progress_bar, show
+from ._common import console, fail, failing, progress_bar, show
+from ._options import DefaultsOpt, TrustCodeOpt
 
 
 def attention(
@@ -29,31 +29,26 @@ def attention(
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this (decompression bombs).")]
     = 89_478_485,
     trust_code: TrustCodeOpt = False,
+    config: DefaultsOpt = None,
 ) -> None:
     """Per layer and head: mean attention distance (pixels) and attention entropy (nats) over patch tokens,
     averaged over images; optionally two models overlaid. Only ViT-family models have attention."""
-    from cskd_cache.inspect.attention import NotAttentionModel, UnsupportedAttention, run_attention
+    from cskd_cache.inspect.attention import run_attention
     from cskd_cache.train.engine import resolve_device
 
     specs = ([model] if model else []) + [s for s in (compare or ()) if s]
     if not specs:
         fail("no model: pass --model SPEC and/or --compare SPEC_A SPEC_B", code=2)
-    try:
+    with failing():
         dev = resolve_device(device)
-    except RuntimeError as e:
-        fail(f"--device {device!r}: {e}", code=2)
     bars = {}
-    try:
-        with progress_bar("attention") as update:
-            def on_progress(label: str, done: int, total: int) -> None:
-                bars[label] = (done, total)
-                update(sum(d for d, _ in bars.values()), total * len(specs))
+    with failing(), progress_bar("attention") as update:
+        def on_progress(label: str, done: int, total: int) -> None:
+            bars[label] = (done, total)
+            update(sum(d for d, _ in bars.values()), total * len(specs))
 
-            result = run_attention(specs, images, out, max_images=max_images, batch_size=batch_size,
-                                   device=str(dev), seed=seed, max_pixels=max_pixels, on_progress=on_progress,
-                                   trust_code=trust_code)
-    except (NotAttentionModel, UnsupportedAttention, FileNotFoundError, ValueError, RuntimeError) as e:
-        fail(str(e))
+        result = run_attention(specs, images, out, max_images=max_images, batch_size=batch_size, device=str(dev),
+                               seed=seed, max_pixels=max_pixels, on_progress=on_progress, trust_code=trust_code)
     table = Table(title=f"cskd attention -> {out}")
     for col in ("model", "layers x heads", "images", "distance px (first -> last)", "entropy nats (first -> last)",
                 "uniform"):

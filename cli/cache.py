@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, fail, show
+from ._common import console, err_console, fail, failing, show
+from ._options import DefaultsOpt
 
 app = typer.Typer(help="Inspect and verify feature caches.", no_args_is_help=True)
 
@@ -17,11 +18,13 @@ app = typer.Typer(help="Inspect and verify feature caches.", no_args_is_help=Tru
 def verify(
     path: Annotated[Path, typer.Argument(help="Cache directory.")],
     checksums: Annotated[bool, typer.Option(help="Recompute each shard's sha256 (slow on huge caches).")] = True,
+    config: DefaultsOpt = None,
 ) -> None:
     """Check every shard against the manifest: counts, shapes, dtypes, checksums, NaN/inf. Non-zero exit on faults."""
     from cskd_cache.cache.verify import verify_cache
 
-    faults = verify_cache(path, checksums=checksums)
+    with failing():
+        faults = verify_cache(path, checksums=checksums)
     if faults:
         for f in faults:
             err_console.print(f"[red]fault:[/] {f}", highlight=False, soft_wrap=True)
@@ -30,15 +33,12 @@ def verify(
 
 
 @app.command()
-def info(path: Annotated[Path, typer.Argument(help="Cache directory.")]) -> None:
+def info(path: Annotated[Path, typer.Argument(help="Cache directory.")], config: DefaultsOpt = None) -> None:
     """Print a summary table of a cache."""
-    from cskd_cache.cache.manifest import CacheError
     from cskd_cache.cache.verify import cache_info
 
-    try:
+    with failing():
         summary = cache_info(path)
-    except CacheError as e:
-        fail(str(e))
     table = Table(title=f"cache {path}", show_header=False)
     for k, v in summary.items():
         table.add_row(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))

@@ -7,21 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._options import (
-    TrustCodeOpt, NoVerifyOpt,
-    OutOpt, ConfigOpt, WeightDecayOpt, WarmupPctOpt, MinLrPctOpt, ClipGradOpt, NumWorkersOpt, DeviceOpt, AmpOpt,
-    ResumeOpt, KeepCheckpointsOpt, LogEveryOpt, MaxPixelsOpt, LabelsOpt, ValFractionOpt, SplitSeedOpt,
-    LabelFractionOpt, LabelSeedOpt, HeadOpt, WPlccOpt, KeepOpt, EmaOpt, EvalBatchSizeOpt,
-)
-from ._common import fail, show
-from ._iaa import (
-    _fmt, add_time_and_model, build_config, progress_display, status_printer, summary_table, train_callbacks,
-)
+from ._common import show
+from ._options import CACHE_OPTIONS, IAA_OPTIONS, TRAIN_OPTIONS, CacheImageRootOpt, with_options
+from ._train import add_time_and_model, fmt, iaa_config, run_training, summary_table
 
 
+@with_options(TRAIN_OPTIONS, IAA_OPTIONS, CACHE_OPTIONS)
 def distill(
     ctx: typer.Context,
-    labels: LabelsOpt = None,
     cache: Annotated[Optional[Path], typer.Option(help="Feature cache made by `cskd extract` (required): its rows "
                                                        "are the unlabelled data.")] = None,
     teacher: Annotated[str, typer.Option(help="cache-head (a head fitted on the cached embeddings of the train "
@@ -30,8 +23,6 @@ def distill(
     student: Annotated[Optional[str], typer.Option(help="Student SPEC: timm:MODEL[@true|TAG|PATH|none], "
                                                         "py:package.module:factory, or run:ALIGN_RUN (required).")]
     = None,
-    out: OutOpt = None,
-    config: ConfigOpt = None,
     lambda_u: Annotated[float, typer.Option(min=0, help="Weight of the distillation loss on unlabelled views.")]
     = 1.0,
     lambda_f: Annotated[float, typer.Option(min=0, help="Weight of the feature alignment (1 - cos to the cached "
@@ -39,9 +30,7 @@ def distill(
     distill_loss: Annotated[str, typer.Option(help="emd or kl (distribution heads; scalar heads use MSE).")] = "emd",
     temperature: Annotated[float, typer.Option(help="Temperature of --distill-loss kl.")] = 1.0,
     unlabelled_ratio: Annotated[float, typer.Option(help="Unlabelled items per labelled item in each step.")] = 1.0,
-    cache_image_root: Annotated[Optional[list[str]], typer.Option(help="OLD=NEW: read cache images recorded under "
-                                                                       "source root OLD from NEW. Repeatable.")]
-    = None,
+    cache_image_root: CacheImageRootOpt = None,
     predictions: Annotated[Optional[str], typer.Option(help="Teacher predictions cache directory (default: "
                                                             "TEACHER_RUN/predictions/<cache id>, or "
                                                             "--out/teacher/predictions for cache-head).")] = None,
@@ -53,40 +42,6 @@ def distill(
     teacher_lr: Annotated[float, typer.Option(help="cache-head: learning rate of its fit.")] = 3e-3,
     teacher_batch_size: Annotated[int, typer.Option(min=1, help="run: teacher: images per forward when computing "
                                                                 "its predictions.")] = 64,
-    image_root: Annotated[Optional[str], typer.Option(help="Folder the label reader takes images from (default: "
-                                                           "the dataset's own layout).")] = None,
-    val_fraction: ValFractionOpt = 0.05,
-    split_seed: SplitSeedOpt = 0,
-    label_fraction: LabelFractionOpt = 1.0,
-    label_seed: LabelSeedOpt = 0,
-    epochs: Annotated[int, typer.Option(min=1, help="Passes over the unlabelled rows (ignored with --max-steps).")]
-    = 10,
-    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Train for exactly N steps instead of --epochs.")]
-    = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Labelled images per step and process.")] = 32,
-    size: Annotated[Optional[int], typer.Option(min=8, help="Student input size in pixels (default: the model's "
-                                                            "own).")] = None,
-    head: HeadOpt = "auto",
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate of the heads (and student).")] = 1e-3,
-    lr_encoder: Annotated[Optional[float], typer.Option(help="Peak learning rate of the student encoder "
-                                                             "(default: --lr).")] = None,
-    weight_decay: WeightDecayOpt = 0.05,
-    warmup_pct: WarmupPctOpt = 5.0,
-    min_lr_pct: MinLrPctOpt = 1.0,
-    clip_grad: ClipGradOpt = 1.0,
-    w_plcc: WPlccOpt = 0.0,
-    keep: KeepOpt = "best",
-    ema: EmaOpt = 0.0,
-    eval_batch_size: EvalBatchSizeOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed of initialisation, data order, views and the cache-head fit.")]
-    = 0,
-    num_workers: NumWorkersOpt = 2,
-    device: DeviceOpt = "auto",
-    amp: AmpOpt = True,
-    resume: ResumeOpt = False,
-    keep_checkpoints: KeepCheckpointsOpt = 2,
-    log_every: LogEveryOpt = 10,
-    max_pixels: MaxPixelsOpt = 89_478_485,
     augment: Annotated[bool, typer.Option(help="Mild crop + flip for labelled images read from disk (those not in "
                                                "the cache).")] = True,
     jitter_views: Annotated[bool, typer.Option(help="Show a mild crop + flip inside each cached view, against that "
@@ -96,31 +51,15 @@ def distill(
     labels_outside_cache: Annotated[bool, typer.Option(help="The labelled images are deliberately not in the cache "
                                                             "(read from disk); without it, labels that link to no "
                                                             "cache row stop the run.")] = False,
-    trust_code: TrustCodeOpt = False,
-    no_verify: NoVerifyOpt = False,
+    **options,
 ) -> None:
     """Distil a teacher's scores on the cached views into a student, with the labelled train split alongside.
     Writes config.yaml, metrics.jsonl (val SRCC/PLCC per epoch), checkpoints, loss_curve.png and iaa_model.*."""
     from cskd_cache.stages.distill import DistillConfig, run_distill
-    from cskd_cache.cache.manifest import CacheError
-    from cskd_cache.train.engine import NonFiniteLoss
 
-    cfg = build_config(ctx, DistillConfig, config, "student")
-    progress, rank0 = progress_display()
-    teacher_task = []
-
-    def on_teacher_progress(done: int, total: int) -> None:
-        if not teacher_task:
-            teacher_task.append(progress.add_task("teacher", total=total, info="predictions"))
-        progress.update(teacher_task[0], completed=done, total=total)
-
-    try:
-        with progress:
-            result = run_distill(cfg, on_progress=train_callbacks(progress, "distill"),
-                                 on_status=status_printer(rank0), on_teacher_progress=on_teacher_progress)
-    except (CacheError, NonFiniteLoss, FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    if not rank0:
+    cfg = iaa_config(ctx, DistillConfig, options["config"], "student")
+    result = run_training("distill", run_distill, cfg, teacher_bar=True)
+    if result is None:
         return
     table = summary_table(result, f"cskd distill -> {result['run_dir']}")
     link = result["link"]
@@ -136,6 +75,6 @@ def distill(
     t = result["teacher"]
     t_val = (t.get("val") or {}).get("srcc")
     table.add_row("teacher", f"{t['spec']}, predictions {'computed' if t['computed'] else 'reused'} "
-                             f"({t['predictions']}); val SRCC on view 0 {_fmt(t_val)}")
+                             f"({t['predictions']}); val SRCC on view 0 {fmt(t_val)}")
     add_time_and_model(table, result)
     show(table)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from ._options import TrustCodeOpt
-from ._common import err_console, fail, progress_bar, show
+from ._common import err_console, failing, progress_bar, show
+from ._options import DefaultsOpt, LabelImageRootOpt, Old, TrustCodeOpt
 
 
 def evaluate(
@@ -19,9 +19,7 @@ def evaluate(
                                              "para:ROOT, koniq:ROOT, spaq:ROOT, csv:FILE or jsonl:FILE.")],
     out: Annotated[Path, typer.Option(help="Folder for metrics.json, predictions.csv and scatter.png.")],
     split: Annotated[str, typer.Option(help="Split to evaluate: train, val or test.")] = "test",
-    image_root: Annotated[Optional[Path], typer.Option(help="Folder holding the dataset's images (default: where "
-                                                            "the dataset reader looks, see docs/datasets.md).")]
-    = None,
+    label_image_root: LabelImageRootOpt = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward batch.")] = 32,
     num_workers: Annotated[int, typer.Option(min=0, help="Decode worker processes (0 = decode in this process).")]
     = 2,
@@ -30,6 +28,8 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap resampling.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
     trust_code: TrustCodeOpt = False,
+    config: DefaultsOpt = None,
+    image_root: Old("--image-root", str) = None,
 ) -> None:
     """Score one split of a labelled dataset with a trained IAA model. Writes OUT/metrics.json, OUT/predictions.csv
     (key, path, true, pred) and OUT/scatter.png; missing or unreadable images are left out and counted."""
@@ -37,15 +37,13 @@ def evaluate(
 
     if split not in ("train", "val", "test"):
         raise typer.BadParameter(f"{split!r}: use train, val or test", param_hint="--split")
+    roots = EvalConfig.normalise({k: v for k, v in (("label_image_root", label_image_root), ("image_root", image_root))
+                                  if v})
     cfg = EvalConfig(model=str(model), labels=labels, out=str(out), split=split,
-                     image_root=str(image_root) if image_root else None, batch_size=batch_size,
-                     num_workers=num_workers, bootstrap=bootstrap, seed=seed, device=device,
-                     trust_code=trust_code)
-    try:
-        with progress_bar("score") as update:
-            result = run_evaluate(cfg, on_progress=update, on_status=lambda m: err_console.print(f"[dim]{m}[/]"))
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
+                     label_image_root=roots.get("label_image_root"), batch_size=batch_size, num_workers=num_workers,
+                     bootstrap=bootstrap, seed=seed, device=device, trust_code=trust_code)
+    with failing(), progress_bar("score") as update:
+        result = run_evaluate(cfg, on_progress=update, on_status=lambda m: err_console.print(f"[dim]{m}[/]"))
     m = result.metrics
     if result.skipped_summary:
         err_console.print(f"[yellow]warning:[/] {result.skipped_summary}", highlight=False, soft_wrap=True)

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._options import TrustCodeOpt
-from ._common import console, err_console, fail, show
+from ._common import console, err_console, failing, show
+from ._options import DefaultsOpt, TrustCodeOpt
 
 
 def export(
@@ -28,6 +28,7 @@ def export(
     = 1e-4,
     seed: Annotated[int, typer.Option(help="Seed of the parity-check inputs.")] = 0,
     trust_code: TrustCodeOpt = False,
+    config: DefaultsOpt = None,
 ) -> None:
     """Export a trained IAA model for deployment and check it against PyTorch.
 
@@ -43,12 +44,10 @@ def export(
 
     if format_ not in EXPORT_FORMATS:
         raise typer.BadParameter(f"{format_!r}: use {' or '.join(EXPORT_FORMATS)}", param_hint="--format")
-    try:
+    with failing():
         result = run_export(model, format_, out, dynamic_batch=batch_size_dynamic, batch_size=batch_size,
                             opset=opset, atol=atol, seed=seed, trust_code=trust_code,
                             on_status=lambda m: err_console.print(f"[dim]{m}[/]"))
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
     console.print(f"parity: max abs diff {result.max_abs_diff:.3e} <= atol {result.atol:g} ({result.runtime})",
                   highlight=False)
     table = Table(title=f"cskd export -> {result.out}", show_header=False)

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import err_console, fail, progress_bars, show
+from ._common import err_console, fail, failing, progress_bars, show
+from ._options import DefaultsOpt
 
 
 def _pair(text: str, name: str) -> tuple[float, float]:
@@ -53,11 +54,11 @@ def extract(
                                                             "(default; fp16 features barely compress).")] = None,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this (decompression bombs).")]
     = 89_478_485,
+    config: DefaultsOpt = None,
 ) -> None:
     """Run a teacher once over images and store its embeddings and patch tokens in an HDF5 cache."""
+    from cskd_cache import dist
     from cskd_cache.stages.extract import ExtractConfig, run_extract
-    from cskd_cache.cache.manifest import CacheError
-    from cskd_cache.data.sources import SourceError
 
     if compression not in (None, "none", "gzip"):
         raise typer.BadParameter("--compression takes gzip or none")
@@ -69,14 +70,11 @@ def extract(
         compression=None if compression in (None, "none") else compression, max_pixels=max_pixels)
     if not cfg.images and not cfg.lists:
         fail("no input images: pass --images DIR and/or --list FILE", code=2)
-    try:
+    with failing():
         cfg.policy()
-        with progress_bars(("hash", "file"), ("extract", "img")) as (hashed, update):
-            result = run_extract(cfg, on_progress=update, on_plan_progress=hashed,
-                                 on_status=lambda m: err_console.print(f"[dim]{m}[/]"))
-    except (CacheError, SourceError, ValueError) as e:
-        fail(str(e))
-    from cskd_cache import dist
+    with failing(code=1), progress_bars(("hash", "file"), ("extract", "img")) as (hashed, update):
+        result = run_extract(cfg, on_progress=update, on_plan_progress=hashed,
+                             on_status=lambda m: err_console.print(f"[dim]{m}[/]"))
     if dist.rank() != 0:
         return
     table = Table(title=f"cskd extract -> {result.cache}", show_header=False)

@@ -9,9 +9,9 @@ import typer
 from . import cache as cache_cmd
 from .align import align
 from .attention import attention
+from .distill import distill
 from .evaluate import evaluate
 from .export import export
-from .distill import distill
 from .extract import extract
 from .finetune import finetune
 from .neighbors import neighbors
@@ -27,6 +27,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
 def _version(value: bool) -> None:
     if value:
         from cskd_cache import __version__
@@ -41,18 +43,12 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """CLIP-based semi-supervised knowledge distillation for image aesthetics, built on a feature cache."""
 
 
-app.command("sample-images")(sample_images)
-app.command("proxy-set")(proxy_set)
-app.command("extract")(extract)
-app.command("align")(align)
-app.command("finetune")(finetune)
-app.command("distill")(distill)
-app.command("evaluate")(evaluate)
-app.command("predict")(predict)
-app.command("export")(export)
-app.command("attention")(attention)
-app.command("neighbors")(neighbors)
-app.command("report")(report)
+# In pipeline order: data, the cache, Stage I, Stage II, deploy, diagnose.
+COMMANDS = {"sample-images": sample_images, "proxy-set": proxy_set, "extract": extract, "align": align,
+            "finetune": finetune, "distill": distill, "evaluate": evaluate, "predict": predict, "export": export,
+            "attention": attention, "neighbors": neighbors, "report": report}
+for _name, _command in COMMANDS.items():
+    app.command(_name)(_command)
 app.add_typer(cache_cmd.app, name="cache")
 
 

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._options import TrustCodeOpt, NoVerifyOpt
-from ._common import err_console, fail, progress_bars, show
+from ._common import err_console, failing, progress_bars, show
+from ._options import CacheImageRootOpt, DefaultsOpt, NoVerifyOpt, Old, TrustCodeOpt
 
 
 def neighbors(
@@ -20,9 +20,7 @@ def neighbors(
                                                        "kNN probe and cross-split duplicate flags.")] = None,
     model: Annotated[Optional[str], typer.Option(help="RUN_DIR of an align/finetune/distill run: use its encoder's "
                                                       "features (computed now) instead of the cached ones.")] = None,
-    image_root: Annotated[Optional[list[str]], typer.Option(help="OLD=NEW: read images recorded under source root "
-                                                                 "OLD from NEW instead (moved data). Repeatable.")]
-    = None,
+    cache_image_root: CacheImageRootOpt = None,
     k: Annotated[int, typer.Option(min=1, help="Neighbours per query and per probe prediction.")] = 10,
     queries: Annotated[int, typer.Option(min=0, help="Query images shown in the sheets (a seeded sample).")] = 12,
     dup_threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Cosine at or above which two rows count "
@@ -45,30 +43,28 @@ def neighbors(
     = 89_478_485,
     trust_code: TrustCodeOpt = False,
     no_verify: NoVerifyOpt = False,
+    config: DefaultsOpt = None,
+    image_root: Old("--image-root", list[str]) = None,
 ) -> None:
     """Nearest neighbours in a feature space: contact sheets and an HTML page, a training-free kNN-regression
     probe (with --labels) and a near-duplicate (leakage) report."""
-    from cskd_cache.cache.manifest import CacheError
-    from cskd_cache.inspect.neighbors import NeighborsConfig, NeighborsError, run_neighbors
+    from cskd_cache.inspect.neighbors import NeighborsConfig, run_neighbors
 
-    cfg = NeighborsConfig(cache=str(cache), out=str(out), labels=labels, image_root=list(image_root or []),
+    given = {"cache_image_root": cache_image_root, "image_root": image_root}
+    cfg = NeighborsConfig(cache=str(cache), out=str(out), labels=labels,
+                          cache_image_root=list(NeighborsConfig.normalise({k: v for k, v in given.items() if v})
+                                                .get("cache_image_root") or []),
                           model=model, k=k, queries=queries, dup_threshold=dup_threshold, backend=backend,
                           ivf_threshold=ivf_threshold, nlist=nlist, nprobe=nprobe, gpu=gpu, n_boot=n_boot,
                           seed=seed, batch_size=batch_size, num_workers=num_workers, device=device, thumb=thumb,
                           max_pixels=max_pixels, trust_code=trust_code,
                           no_verify=no_verify)
-    try:
+    with failing(code=2):
         cfg.validate()
-    except NeighborsError as e:
-        fail(str(e), code=2)
-    try:
-        with progress_bars(("embed", "img"), ("sheets", "sheet")) as (embed, sheets):
-            bars = {"embed": embed, "sheets": sheets}
-            result = run_neighbors(cfg, on_progress=lambda name, d, t: bars[name](d, t),
-                                   on_status=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
-    except (NeighborsError, CacheError, FileNotFoundError, ValueError, RuntimeError) as e:
-        # RuntimeError: a bad --device, or a run whose weights do not fit its recorded architecture
-        fail(str(e))
+    with failing(), progress_bars(("embed", "img"), ("sheets", "sheet")) as (embed, sheets):
+        bars = {"embed": embed, "sheets": sheets}
+        result = run_neighbors(cfg, on_progress=lambda name, d, t: bars[name](d, t),
+                               on_status=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
     idx, dup, probe = result["index"], result["duplicates"], result["probe"]
     table = Table(title=f"cskd neighbors -> {out}", show_header=False)
     feats = result["features"]

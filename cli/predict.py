@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._options import TrustCodeOpt
-from ._common import err_console, fail, progress_bar, show
+from ._common import err_console, fail, failing, progress_bar, show
+from ._options import DefaultsOpt, TrustCodeOpt
 
 
 def predict(
@@ -24,22 +24,21 @@ def predict(
     = 2,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
     trust_code: TrustCodeOpt = False,
+    config: DefaultsOpt = None,
 ) -> None:
     """Score images with a trained IAA model: mean score on the training dataset's scale, and its std and
     K-bin distribution for a distribution head. Unreadable files are listed in the output with an error and
     counted on stderr, never fatal; exit 0 when at least one image was scored, 1 when none was."""
+    from cskd_cache.errors import CskdError
     from cskd_cache.evaluate.predict import output_format, run_predict
 
     try:
         output_format(out)
-    except ValueError as e:
+    except CskdError as e:
         raise typer.BadParameter(str(e).removeprefix(f"--out {out}: "), param_hint="--out") from None
-    try:
-        with progress_bar("predict") as update:
-            result = run_predict(model, paths, out, batch_size=batch_size, num_workers=num_workers, device=device,
-                                 on_progress=update, trust_code=trust_code)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
+    with failing(), progress_bar("predict") as update:
+        result = run_predict(model, paths, out, batch_size=batch_size, num_workers=num_workers, device=device,
+                             on_progress=update, trust_code=trust_code)
     if result.n_failed:
         first = ", ".join(f"{p} ({e.split(':')[0]})" for p, e in result.failed[:3])
         err_console.print(f"[yellow]warning:[/] {result.n_failed} of {result.n_inputs} files could not be read and "

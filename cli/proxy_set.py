@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import console, fail
+from ._common import console, fail, failing
+from ._options import DefaultsOpt
 
 
 def proxy_set(
@@ -26,13 +27,14 @@ def proxy_set(
     size: Annotated[int, typer.Option(min=8, help="Working size: shorter side in pixels.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the split, the drawn degradations and their noise.")] = 0,
     workers: Annotated[int, typer.Option(min=1, help="Processes; the output does not depend on it.")] = 1,
+    config: DefaultsOpt = None,
 ) -> None:
     """Build a labelled proxy set: each photo pristine (score 10) plus degraded versions scored 10 - 1.8 x level,
     10-bin distributions, split 70/10/20 by source photo. A stand-in for human labels where none exist."""
     import numpy as np
 
-    from cskd_cache.inspect.proxy_quality import build_proxy_set, summarise
     from cskd_cache.data.sources import scan_images
+    from cskd_cache.inspect.proxy_quality import build_proxy_set, summarise
 
     if not src.is_dir():
         fail(f"--src {src} is not a folder; point it at a folder of photos")
@@ -43,12 +45,10 @@ def proxy_set(
         pick = np.random.default_rng(seed).choice(len(paths), size=n, replace=False)
         paths = [paths[i] for i in sorted(pick)]
     t = time.perf_counter()
-    try:
+    with failing():
         labels = build_proxy_set(paths, out, levels=levels, kinds=[k.strip() for k in kinds.split(",") if k.strip()],
                                  per_image=per_image, seed=seed, size=size, workers=workers,
                                  unlabelled_per_image=unlabelled_per_image)
-    except ValueError as e:
-        fail(str(e))
     console.print(summarise(labels), highlight=False)
     if unlabelled_per_image:
         n_unl = len((out / "unlabelled.csv").read_text(encoding="utf-8").splitlines()) - 1  # minus the header

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import fail, show
+from ._common import failing, show
+from ._options import DefaultsOpt
 
 
 def report(
@@ -27,16 +28,14 @@ def report(
                                                   "(0 = all).")] = 20,
     max_images: Annotated[int, typer.Option(min=0, help="Most images shown per section (neighbour sheets can be "
                                                         "many).")] = 60,
+    config: DefaultsOpt = None,
 ) -> None:
     """Write a static HTML report of a run: config, training curves, metrics with 95% intervals, scatter plot,
     neighbour sheets and attention plots, each where its files exist."""
-    from cskd_cache.inspect.report import ReportError, build_report
+    from cskd_cache.inspect.report import build_report
 
-    try:
-        result = build_report(run_dir, out=out, include=include or [], embed=embed, last=last,
-                              max_images=max_images)
-    except (ReportError, OSError) as e:
-        fail(str(e))
+    with failing():
+        result = build_report(run_dir, out=out, include=include or [], embed=embed, last=last, max_images=max_images)
     table = Table(title=f"cskd report -> {result['out']}", show_header=False)
     kinds: dict[str, int] = {}
     for kind, _ in result["sections"]:

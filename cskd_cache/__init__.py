@@ -3,7 +3,7 @@
 Importable without typer or rich; the `cskd` command (package `cskd_cli`) is a thin layer over it.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["open_cache", "load_encoder"]
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.distributed as td
+from torch import nn
 
 
 def init_if_needed() -> None:
@@ -45,3 +46,29 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     td.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP around exactly the trainable module when torchrun started several processes; else the model."""
+    if not is_dist():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        return DistributedDataParallel(model, device_ids=[device.index])
+    return DistributedDataParallel(model)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) \
+        else model
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalars over ranks (one collective); NaN anywhere makes the mean NaN, so every rank stops."""
+    if not is_dist() or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    td.all_reduce(t)
+    t /= world_size()
+    return dict(zip(values.keys(), t.tolist()))

@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from _imgs import standardise_head
+
 from cskd_cache.inspect.proxy_quality import score_dist
 
 SIGMA_MAX = 40.0
@@ -87,17 +89,9 @@ class NoiseTeacher(nn.Module):
 
 def noise_teacher() -> NoiseTeacher:
     torch.manual_seed(0)
-    t = NoiseTeacher().eval()
-    xs = []
-    for s in range(48):  # calibration photos: other seeds and brightness than any test image
-        im = noisy_image(s, SIGMA_MAX * (s % 7) / 6, seed=99).resize((32, 32), Image.BILINEAR)
-        xs.append((torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1) - 0.5) / 0.25)
-    with torch.no_grad():
-        e = t.extract(torch.stack(xs))["embed"]
-        mean, std = e.mean(0), e.std(0)
-        t.head.weight /= std[:, None]
-        t.head.bias.sub_(mean).div_(std)
-    return t
+    # calibration photos: other seeds and brightness than any test image
+    calibration = [noisy_image(s, SIGMA_MAX * (s % 7) / 6, seed=99) for s in range(48)]
+    return standardise_head(NoiseTeacher().eval(), calibration)
 
 
 class TinyStudent(nn.Module):

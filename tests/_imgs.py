@@ -27,3 +27,19 @@ def make_images(folder: Path, n: int, seed: int = 0, sub: bool = True) -> list[P
         photo(w, h, seed * 1000 + i).save(p, quality=92) if p.suffix == ".jpg" else photo(w, h, seed * 1000 + i).save(p)
         paths.append(p)
     return paths
+
+
+def standardise_head(teacher, images: list[Image.Image]):
+    """Rescale a toy teacher's linear ``head`` so its embeddings of ``images`` (calibration photos, 32 px, the toy
+    teachers' normalisation) have zero mean and unit std per dimension: a random head's embeddings share one
+    direction, which would make every image look alike to cosine losses and kNN metrics."""
+    import torch
+
+    xs = [(torch.from_numpy(np.asarray(im.resize((32, 32), Image.BILINEAR), np.float32) / 255).permute(2, 0, 1)
+           - 0.5) / 0.25 for im in images]
+    with torch.no_grad():
+        e = teacher.extract(torch.stack(xs))["embed"]
+        mean, std = e.mean(0), e.std(0)
+        teacher.head.weight /= std[:, None]
+        teacher.head.bias.sub_(mean).div_(std)
+    return teacher

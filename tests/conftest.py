@@ -4,6 +4,10 @@
     Registers a tiny open_clip ViT config (64 px input, 16 px patches -> 4x4 grid, 2 blocks of width 64,
     32-d joint embedding) with ``open_clip.add_model_config`` and returns its name. Build it with
     ``open_clip.create_model_and_transforms(tiny_clip_name)`` or the spec ``f"open_clip:{tiny_clip_name}"``.
+``one_thread``
+    Module-scoped: torch intra-op threads set to 1 (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+    Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two spinning OpenMP threads
+    made the training tests over ten times slower than one.
 ``tiny_clip_checkpoint``
     ``(name, path, model)``: a freshly random-initialised tiny CLIP (eval mode) whose full ``state_dict`` is
     saved at ``path`` (.pt), so ``f"open_clip:{name}@{path}"`` must reproduce ``model`` exactly.
@@ -29,6 +33,14 @@ if _ROOT not in sys.path:
 # names a hub tag (tests/test_teachers.py parses "@openai") is thereby shown to download nothing.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session", autouse=True)

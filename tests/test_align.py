@@ -20,24 +20,25 @@ import numpy as np
 import pytest
 import torch
 from _crash import Crash, crash_in_second_epoch
-from _imgs import make_images, photo
-from PIL import Image
+from _imgs import make_images, photo, standardise_head
 from safetensors.torch import load_file
 
 import cskd_cache
+from cskd_cache.cache.paths import ImagesMissing, parse_image_root, resolve_paths
+from cskd_cache.cache.reader import open_cache
+from cskd_cache.cache.stats import embed_stats
+from cskd_cache.data.datasets import CachedViews, collate
+from cskd_cache.data.images import load_rgb
+from cskd_cache.data.views import render_tensor
+from cskd_cache.losses import AlignLoss, CosineLoss, MSELoss, TokenSmoothL1Loss
+from cskd_cache.models.align_heads import AlignHeads, resample_grid
+from cskd_cache.models.runs import build_encoder
+from cskd_cache.models.students import build_student
 from cskd_cache.stages.align import AlignConfig, AlignError, run_align
-from cskd_cache.cache.paths import (
-    AlignDataset, ImagesMissing, collate, embed_stats, parse_image_root, resolve_paths,
-)
 from cskd_cache.stages.align_eval import heldout_mask, knn_agreement, knn_indices, split_rows
 from cskd_cache.stages.extract import ExtractConfig, run_extract
-from cskd_cache.models.align_heads import AlignHeads, resample_grid
-from cskd_cache.data.images import load_rgb
-from cskd_cache.losses import AlignLoss, CosineLoss, MSELoss, TokenSmoothL1Loss
-from cskd_cache.cache.reader import open_cache
-from cskd_cache.models.students import build_student
-from cskd_cache.train.engine import NonFiniteLoss, cosine_schedule, read_metrics
-from cskd_cache.data.views import render_tensor
+from cskd_cache.train.engine import NonFiniteLoss, cosine_schedule
+from cskd_cache.train.run_log import read_metrics
 
 TESTS = Path(__file__).parent
 TEACHER = "py:test_align:centered_teacher"
@@ -47,17 +48,8 @@ TIMING = {"img_s", "eval_s", "seconds"}
 def centered_teacher():
     from toy_teacher import make
 
-    t = make()
-    xs = []
-    for s in range(64):  # calibration photos: other seeds than any test image
-        im = photo(64 + 17 * (s % 5), 48 + 23 * (s % 3), 10_000 + s).resize((32, 32), Image.BILINEAR)
-        xs.append((torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1) - 0.5) / 0.25)
-    with torch.no_grad():
-        e = t.extract(torch.stack(xs))["embed"]
-        mean, std = e.mean(0), e.std(0)
-        t.head.weight /= std[:, None]
-        t.head.bias.sub_(mean).div_(std)
-    return t
+    # calibration photos: other seeds than any test image
+    return standardise_head(make(), [photo(64 + 17 * (s % 5), 48 + 23 * (s % 3), 10_000 + s) for s in range(64)])
 
 
 class TinyStudent(torch.nn.Module):
@@ -78,14 +70,7 @@ def tiny_student():
     return TinyStudent()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two spinning OpenMP threads
-    # made these runs over ten times slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +84,8 @@ def data(tmp_path_factory):
 
 
 def cfg(data, out, **kw) -> AlignConfig:
-    base = dict(cache=str(data / "cache"), student="timm:test_resnet", out=str(out), student_size=32,
-                batch_size=8, num_workers=0, eval_pct=30, max_steps=6, log_every=2)
+    base = dict(cache=str(data / "cache"), student="timm:test_resnet", out=str(out), size=32,
+                batch_size=8, num_workers=0, eval_fraction=0.3, max_steps=6, log_every=2)
     base.update(kw)
     return AlignConfig(**base)
 
@@ -156,14 +141,15 @@ def test_standardized_global_target_scores_the_mean_at_zero_and_still_learns(dat
     run_extract(ExtractConfig(teacher="py:toy_teacher:make", out=str(tmp_path / "raw"), images=[str(data / "imgs")],
                               views=2, num_workers=0, tokens=False))
     cache = open_cache(tmp_path / "raw")
-    train_rows, _ = split_rows(cache, 30)
+    train_rows, _ = split_rows(cache, 0.3)
     mean, std = embed_stats(cache, train_rows, chunk=7)  # several chunks
     e = cache.embed[train_rows].reshape(-1, cache.embed_dim).astype(np.float64)
     np.testing.assert_allclose(mean, e.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(std, e.std(0), rtol=1e-4, atol=1e-6)
-    ds = AlignDataset(cache, train_rows[:3], {"size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3,
-                                              "interpolation": "bilinear"}, resolve_paths(cache), tokens=False,
-                      view=0, embed_stats=(mean, std))
+    paths = resolve_paths(cache)
+    ds = CachedViews([paths[r] for r in train_rows[:3]], {"size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3,
+                                                          "interpolation": "bilinear"}, rows=train_rows[:3],
+                     boxes=cache.boxes, embed=cache.embed, view=0, embed_stats=(mean, std))
     it = ds[0]
     want = (cache.embed[train_rows[0], 0].astype(np.float32) - mean) / std
     np.testing.assert_allclose(it["embed"].numpy(), want, rtol=1e-5, atol=1e-5)
@@ -188,17 +174,19 @@ def test_each_image_is_rebuilt_as_exactly_its_cached_view(data):
     icfg = student.input_cfg
     assert icfg["size"] == [48, 48] and icfg["interpolation"] == "bicubic"
     paths = resolve_paths(cache)
-    ds = AlignDataset(cache, np.arange(len(cache)), icfg, paths, seed=3)
+    n = len(cache)
+    ds = CachedViews(paths, icfg, rows=np.arange(n), boxes=cache.boxes, embed=cache.embed, seed=3)
     views_by_epoch = []
     for epoch in (0, 1):
-        ds.set_epoch(epoch)
-        # Through DataLoader workers: set_epoch must reach them, and the images must still match exactly.
-        loader = torch.utils.data.DataLoader(ds, batch_size=7, num_workers=2, collate_fn=collate)
+        # Through DataLoader workers: the pass is part of each index (epoch * n + row), and the images must still
+        # match exactly.
+        loader = torch.utils.data.DataLoader(ds, batch_size=7, num_workers=2, collate_fn=collate,
+                                             sampler=list(range(epoch * n, (epoch + 1) * n)))
         seen = {}
         for batch in loader:
             for j, row in enumerate(batch["row"].tolist()):
                 v = int(batch["view"][j])
-                assert v == ds.features.view_of(row)
+                assert v == ds.view_of(row, epoch)
                 want = render_tensor(load_rgb(paths[row]), cache.boxes[row, v], icfg["size"], icfg["interpolation"],
                                      icfg["mean"], icfg["std"])
                 assert torch.equal(batch["image"][j], want)
@@ -225,15 +213,15 @@ def test_missing_images_are_listed_and_image_root_fixes_it(tmp_path):
     run_extract(ExtractConfig(teacher="py:toy_teacher:make", out=str(tmp_path / "cache"),
                               images=[str(tmp_path / "imgs")], num_workers=0))
     shutil.move(tmp_path / "imgs", tmp_path / "moved")
-    base = dict(cache=str(tmp_path / "cache"), student="timm:test_resnet", student_size=32, batch_size=4,
-                num_workers=0, eval_pct=0, max_steps=2)
+    base = dict(cache=str(tmp_path / "cache"), student="timm:test_resnet", size=32, batch_size=4,
+                num_workers=0, eval_fraction=0, max_steps=2)
     with pytest.raises(ImagesMissing) as e:
         run_align(AlignConfig(out=str(tmp_path / "run"), **base))
     msg = str(e.value)
-    assert "8 of 8 images" in msg and "--image-root OLD=NEW" in msg and "... and 3 more" in msg
+    assert "8 of 8 images" in msg and "--cache-image-root OLD=NEW" in msg and "... and 3 more" in msg
     assert str(tmp_path / "imgs" / "set0" / "img000.png") in msg and str(tmp_path / "imgs") in msg
     assert not (tmp_path / "run").exists()
-    r = run_align(AlignConfig(out=str(tmp_path / "run"), image_root=[f"{tmp_path / 'imgs'}={tmp_path / 'moved'}"],
+    r = run_align(AlignConfig(out=str(tmp_path / "run"), cache_image_root=[f"{tmp_path / 'imgs'}={tmp_path / 'moved'}"],
                               **base))
     assert r["step"] == 2
     with pytest.raises(ValueError, match="OLD=NEW"):
@@ -242,17 +230,17 @@ def test_missing_images_are_listed_and_image_root_fixes_it(tmp_path):
 
 def test_nan_guard_stops_with_a_message(data, tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step \d+ .*Lower --lr"):
-        run_align(cfg(data, tmp_path / "lr", lr=1e30, warmup_pct=0, max_steps=20))
+        run_align(cfg(data, tmp_path / "lr", lr=1e30, warmup_fraction=0, max_steps=20))
     # A NaN in the targets stops the run too, before the update reaches the weights.
-    orig = AlignDataset.__getitems__
+    orig = CachedViews.__getitems__
 
     def poisoned(self, indices):
         items = orig(self, indices)
-        if self.features.epoch == 1:
+        if min(indices) >= self.n:  # a batch wholly in the second pass over the rows: the second epoch
             items[0]["embed"][0] = float("nan")
         return items
 
-    monkeypatch.setattr(AlignDataset, "__getitems__", poisoned)
+    monkeypatch.setattr(CachedViews, "__getitems__", poisoned)
     with pytest.raises(NonFiniteLoss, match="global=nan"):
         run_align(cfg(data, tmp_path / "nan", max_steps=40))
     ckpts = sorted((tmp_path / "nan" / "checkpoints").glob("epoch-*"))
@@ -304,7 +292,7 @@ def test_load_encoder_and_run_spec_give_the_trained_student(data, tmp_path):
     assert all(torch.equal(trained[k], ckpt["student.model." + k]) for k in trained)
 
     enc = cskd_cache.load_encoder(tmp_path / "run", trust_code=True)
-    enc2 = build_student(f"run:{tmp_path / 'run'}")
+    enc2 = build_encoder(f"run:{tmp_path / 'run'}")
     fresh = build_student("timm:test_vit", size=32).eval()
     assert not enc.training and enc.spec == "timm:test_vit" and enc.input_cfg["size"] == [32, 32]
     with torch.no_grad():
@@ -318,7 +306,7 @@ def test_load_encoder_and_run_spec_give_the_trained_student(data, tmp_path):
     assert not torch.allclose(p0, p1)
 
     # A Stage I student can itself be aligned further; its run records the base spec, not run:.
-    run_align(cfg(data, tmp_path / "again", student=f"run:{tmp_path / 'run'}", student_size=None, max_steps=2))
+    run_align(cfg(data, tmp_path / "again", student=f"run:{tmp_path / 'run'}", size=None, max_steps=2))
     meta = json.loads((tmp_path / "again" / "student.json").read_text())
     assert meta["spec"] == "timm:test_vit" and meta["input_cfg"]["size"] == [32, 32]
     with pytest.raises(FileNotFoundError, match="finished `cskd align` run"):
@@ -335,7 +323,7 @@ def test_students_cnn_vit_and_py():
         assert p.shape == (2, pooled) and g.shape[2:] == grid
     native = build_student("timm:test_vit")
     assert native.input_cfg["size"] == [160, 160] and native.grid_size == (10, 10)
-    with pytest.raises(ValueError, match="does not run at input size.*--student-size"):
+    with pytest.raises(ValueError, match="does not run at input size.*--size"):
         build_student("timm:test_maxvit", size=36)
     with pytest.raises(ValueError, match="malformed student spec"):
         build_student("open_clip:ViT-B-32")
@@ -344,7 +332,7 @@ def test_students_cnn_vit_and_py():
 
 
 def test_py_student_aligns(data, tmp_path):
-    r = run_align(cfg(data, tmp_path / "run", student="py:test_align:tiny_student", student_size=None, max_steps=4))
+    r = run_align(cfg(data, tmp_path / "run", student="py:test_align:tiny_student", size=None, max_steps=4))
     assert r["step"] == 4
     assert cskd_cache.load_encoder(tmp_path / "run", trust_code=True).grid_size == (8, 8)
 
@@ -393,9 +381,9 @@ def test_knn_faiss_and_torch_agree_and_split_is_stable():
     assert knn_agreement(a[:1], b[:1]) is None
 
     keys = [f"img{i}.jpg" for i in range(2000)]
-    m = heldout_mask(["src"] * 2000, keys, 10)
+    m = heldout_mask(["src"] * 2000, keys, 0.1)
     assert 0.07 < m.mean() < 0.13
-    assert (heldout_mask(["src"] * 1000, keys[1000:], 10) == m[1000:]).all()  # per key, not per position
+    assert (heldout_mask(["src"] * 1000, keys[1000:], 0.1) == m[1000:]).all()  # per key, not per position
 
 
 def test_config_yaml_round_trip(tmp_path):
@@ -421,8 +409,8 @@ def test_torchrun_two_processes_write_one_run(data, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(TESTS), OMP_NUM_THREADS="1", COLUMNS="200")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "cskd_cli.main", "align", "--cache", str(data / "cache"), "--student", "timm:test_resnet",
-                        "--out", str(tmp_path / "run"), "--student-size", "32", "--epochs", "2", "--batch-size", "8",
-                        "--num-workers", "0", "--eval-pct", "30", "--log-every", "1"],
+                        "--out", str(tmp_path / "run"), "--size", "32", "--epochs", "2", "--batch-size", "8",
+                        "--num-workers", "0", "--eval-fraction", "0.3", "--log-every", "1"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("cskd align ->") == 1  # one summary: rank 0 reports, rank 1 stays quiet

@@ -8,24 +8,18 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 import yaml
 from _imgs import make_images
+from cskd_cli.main import app
 from typer.testing import CliRunner
 
 from cskd_cache.stages.align import AlignConfig
 from cskd_cache.stages.extract import ExtractConfig, run_extract
-from cskd_cli.main import app
 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +37,8 @@ def align(*args):
 
 
 def small(caches, out, *extra, cache="cache"):
-    return ["--cache", caches / cache, "--student", "timm:test_resnet", "--out", out, "--student-size", "32",
-            "--batch-size", "4", "--num-workers", "0", "--eval-pct", "20", *extra]
+    return ["--cache", caches / cache, "--student", "timm:test_resnet", "--out", out, "--size", "32",
+            "--batch-size", "4", "--num-workers", "0", "--eval-fraction", "0.2", *extra]
 
 
 def test_every_option_has_help_and_the_config_defaults():
@@ -52,18 +46,19 @@ def test_every_option_has_help_and_the_config_defaults():
 
     command = typer.main.get_command(app).commands["align"]
     fields = {f.name: f.default for f in dataclasses.fields(AlignConfig)}
-    fields["image_root"] = None
+    fields["cache_image_root"] = None
     for p in command.params:
-        if p.name in ("ctx", "config", "cache", "student", "out"):
+        if p.name in ("ctx", "config", "cache", "student", "out") or p.hidden:  # hidden: a renamed flag's old name
             continue
         assert p.help, p.name
         assert p.name in fields, p.name
         assert p.default == fields[p.name] or (p.default in ((), []) and fields[p.name] in ([], None)), p.name
     assert set(fields) <= {p.name for p in command.params}  # every config field is a flag
     out = runner.invoke(app, ["align", "--help"], env={"COLUMNS": "200"}).output
-    for opt in ("--cache", "--student", "--out", "--epochs", "--max-steps", "--batch-size", "--config", "--image-root",
-                "--student-size", "--w-global", "--w-token", "--w-mse", "--lr", "--lr-student", "--weight-decay",
-                "--warmup-pct", "--clip-grad", "--eval-pct", "--seed", "--resume", "--device", "--num-workers"):
+    for opt in ("--cache", "--student", "--out", "--epochs", "--max-steps", "--batch-size", "--config",
+                "--cache-image-root", "--size", "--w-global", "--w-token", "--w-mse", "--lr", "--lr-encoder",
+                "--weight-decay", "--warmup-fraction", "--clip-grad", "--eval-fraction", "--seed", "--resume", "--device",
+                "--num-workers"):
         assert opt in out, opt
 
 
@@ -100,9 +95,9 @@ def test_config_file_then_flags(caches, tmp_path):
 def test_input_errors_exit_1_with_one_message(caches, tmp_path):
     r = align(*small(caches, tmp_path / "a", "--max-steps", "2", "--w-token", "1", cache="notok"))
     assert r.exit_code == 1 and "needs patch tokens" in r.stderr and "Traceback" not in r.stderr
-    r = align(*small(caches, tmp_path / "b", "--max-steps", "5", "--lr", "1e30", "--warmup-pct", "0"))
+    r = align(*small(caches, tmp_path / "b", "--max-steps", "5", "--lr", "1e30", "--warmup-fraction", "0"))
     assert r.exit_code == 1 and "non-finite loss" in r.stderr
-    r = align(*small(caches, tmp_path / "c", "--max-steps", "2", "--image-root", f"{caches / 'imgs'}={tmp_path}"))
-    assert r.exit_code == 1 and "20 of 20 images" in r.stderr and "--image-root" in r.stderr
+    r = align(*small(caches, tmp_path / "c", "--max-steps", "2", "--cache-image-root", f"{caches / 'imgs'}={tmp_path}"))
+    assert r.exit_code == 1 and "20 of 20 images" in r.stderr and "--cache-image-root" in r.stderr
     r = align(*small(caches, tmp_path / "d", "--max-steps", "2"), "--student", "timm:nope_net")
     assert r.exit_code == 1 and "unknown timm model" in r.stderr

@@ -13,26 +13,29 @@ import math
 import pytest
 import torch
 from _imgs import make_images
+from cskd_cli.main import app
 from typer.testing import CliRunner
 
-from cskd_cache.inspect.attention import (NotAttentionModel, UnsupportedAttention, attention_probs, attention_stats,
-                                  distance_matrix, from_module, load_attention_model, measure, select_images)
+from cskd_cache.inspect.attention import (
+    NotAttentionModel,
+    UnsupportedAttention,
+    attention_probs,
+    attention_stats,
+    distance_matrix,
+    from_module,
+    load_attention_model,
+    measure,
+    select_images,
+)
 from cskd_cache.models.runs import save_encoder
 from cskd_cache.models.students import build_student
-from cskd_cli.main import app
 
 runner = CliRunner()
 
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore:.*RANDOM weights"), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -203,9 +206,9 @@ def test_register_tokens_are_prefix_tokens(images):
         for blk in vit.blocks:
             blk.attn.qkv.weight[:64] = 0
             blk.attn.qkv.bias[:64] = 0
-    from cskd_cache.models.teachers import _pp_cfg, _py_transform
+    from cskd_cache.models.teachers import make_preprocess_cfg, py_transform
 
-    transform = _py_transform(_pp_cfg(64, "shortest", 1.0, "bicubic", [0.5] * 3, [0.25] * 3))
+    transform = py_transform(make_preprocess_cfg(64, "shortest", 1.0, "bicubic", [0.5] * 3, [0.25] * 3))
     model = from_module(vit, transform, 64, "test:reg4")
     assert model.num_prefix_tokens == 5 and model.grid == (4, 4)
     rec = measure(model, select_images(images, 2))

@@ -26,30 +26,26 @@ from typer.testing import CliRunner
 
 import cskd_cache.models.scorer as iaa_model_mod
 import cskd_cache.stages.teacher_predictions as predictions_mod
+from cskd_cache.cache.reader import open_cache
+from cskd_cache.data.datasets import CachedViews
+from cskd_cache.data.images import file_digest, load_rgb
+from cskd_cache.data.transforms import eval_tensor
+from cskd_cache.data.views import render_tensor
+from cskd_cache.labels import load_labels
 from cskd_cache.models.cache_head import load_cache_head, predict_embeddings
+from cskd_cache.models.scorer import load_iaa_model, save_iaa_model
 from cskd_cache.stages.distill import DistillConfig, DistillError, run_distill
 from cskd_cache.stages.extract import ExtractConfig, run_extract
 from cskd_cache.stages.finetune import FinetuneConfig, run_finetune
-from cskd_cache.labels import load_labels
-from cskd_cache.data.datasets import ViewImages, eval_tensor
-from cskd_cache.models.scorer import load_iaa_model, save_iaa_model
-from cskd_cache.data.images import file_digest, load_rgb
 from cskd_cache.stages.teacher_predictions import StalePredictions, default_predictions_dir, read_predictions
-from cskd_cache.cache.reader import open_cache
-from cskd_cache.train.engine import read_metrics
-from cskd_cache.data.views import render_tensor
+from cskd_cache.train.run_log import read_metrics
 
 TESTS = Path(__file__).parent
 TINY = "py:_iaa_task:tiny_student"
 TIMING = {"img_s", "eval_s", "seconds"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +130,7 @@ def test_cache_head_teacher_fits_and_predicts_every_cached_view(data, tmp_path):
 
 def test_distill_learns_without_touching_val_or_test_images(data, tmp_path, monkeypatch):
     seen = []  # (stream, path, row) of every item a training dataset produced
-    orig = ViewImages._item
+    orig = CachedViews._item
 
     def spy(self, index):
         it = orig(self, index)
@@ -142,7 +138,7 @@ def test_distill_learns_without_touching_val_or_test_images(data, tmp_path, monk
         seen.append((stream, self.paths[it["index"]], it["row"]))
         return it
 
-    monkeypatch.setattr(ViewImages, "_item", spy)
+    monkeypatch.setattr(CachedViews, "_item", spy)
     r = run_distill(cfg(data, tmp_path / "run", student="timm:test_resnet", size=32, batch_size=16, max_steps=60,
                         lr=3e-3, log_every=10))
     start, best = r["initial"]["srcc"], r["val"]["srcc"]
@@ -175,10 +171,10 @@ def test_distill_learns_without_touching_val_or_test_images(data, tmp_path, monk
 
 
 def test_jitter_views_shows_a_crop_inside_the_cached_view_against_its_targets(data, tmp_path, monkeypatch):
-    from cskd_cache.data.datasets import _augment
+    from cskd_cache.data.transforms import augment_box
 
     seen = []  # (dataset, item) of every unlabelled item made
-    orig = ViewImages._item
+    orig = CachedViews._item
 
     def spy(self, index):
         it = orig(self, index)
@@ -186,7 +182,7 @@ def test_jitter_views_shows_a_crop_inside_the_cached_view_against_its_targets(da
             seen.append((self, index, it))
         return it
 
-    monkeypatch.setattr(ViewImages, "_item", spy)
+    monkeypatch.setattr(CachedViews, "_item", spy)
     run_distill(cfg(data, tmp_path / "exact", jitter_views=False, max_steps=1))
     exact_items, seen[:] = list(seen), []
     assert exact_items and all(not ds.jitter for ds, _, _ in exact_items)
@@ -206,13 +202,13 @@ def test_jitter_views_shows_a_crop_inside_the_cached_view_against_its_targets(da
         row, v = it["row"], it["view"]
         assert ds.jitter and row >= 0 and v == ds.view_of(row, index // ds.n)
         np.testing.assert_array_equal(it["logits"].numpy(), logits[row, v])  # the targets of the cached view
-        exact = orig(ViewImages(ds.paths, ds.cfg, rows=ds.rows, boxes=ds.boxes, seed=ds.seed), index)["image"]
+        exact = orig(CachedViews(ds.paths, ds.cfg, rows=ds.rows, boxes=ds.boxes, seed=ds.seed), index)["image"]
         assert torch.equal(orig(ds, index)["image"], it["image"])  # a pure function of (seed, cycle, item)
         moved += not torch.equal(exact, it["image"])
     assert moved >= 0.9 * len(seen)
     rng, box = np.random.default_rng(0), np.array([0.1, 0.2, 0.7, 0.9, 0.0], np.float32)
     for _ in range(200):  # the jittered box: inside the view, 80-100% of its area
-        x0, y0, x1, y1, flip = _augment(box, 300, 200, rng)
+        x0, y0, x1, y1, flip = augment_box(box, 300, 200, rng)
         assert box[0] - 1e-6 <= x0 < x1 <= box[2] + 1e-6 and box[1] - 1e-6 <= y0 < y1 <= box[3] + 1e-6
         area = (x1 - x0) * (y1 - y0) / ((box[2] - box[0]) * (box[3] - box[1]))
         assert 0.78 <= area <= 1.0 + 1e-6 and flip in (0.0, 1.0)
@@ -289,7 +285,7 @@ def test_resume_reaches_the_same_weights(data, tmp_path):
     part = cfg(data, tmp_path / "part", **base)
     with pytest.raises(Crash):
         run_distill(part, on_progress=crash_in_second_epoch())
-    with pytest.raises(DistillError, match="already holds a run; pass --resume"):
+    with pytest.raises(DistillError, match="already holds a distill run; pass --resume"):
         run_distill(part)
     run_distill(DistillConfig(**{**part.to_dict(), "resume": True}))
     for name in ("iaa_model.safetensors", "checkpoints/epoch-0003/model.safetensors"):

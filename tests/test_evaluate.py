@@ -12,25 +12,20 @@ import pytest
 import torch
 from _imgs import make_images
 from _scorers import make_model
+from cskd_cli.main import app
 from PIL import Image
 from typer.testing import CliRunner
 
 from cskd_cache.evaluate import metrics as M
 from cskd_cache.evaluate.evaluate import EvalConfig, run_evaluate
-from cskd_cache.models.scorer import load_iaa_model
 from cskd_cache.evaluate.scoring import load_eval_tensor
-from cskd_cli.main import app
+from cskd_cache.models.scorer import load_iaa_model
 
 runner = CliRunner()
 N_BOOT = 200
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +129,6 @@ def test_too_few_images_fails_cleanly_without_output(data, tmp_path):
 
 def test_help_lists_every_option():
     r = runner.invoke(app, ["evaluate", "--help"], env={"COLUMNS": "200"})
-    for opt in ("--model", "--labels", "--split", "--out", "--image-root", "--batch-size", "--num-workers",
+    for opt in ("--model", "--labels", "--split", "--out", "--label-image-root", "--batch-size", "--num-workers",
                 "--bootstrap", "--seed", "--device"):
         assert opt in r.output, opt

@@ -13,22 +13,17 @@ import pytest
 import torch
 from _imgs import make_images
 from _scorers import make_model
+from cskd_cli.main import app
 from typer.testing import CliRunner
 
 from cskd_cache.evaluate.export import bake_pos_embed
-from cskd_cache.models.scorer import load_iaa_model
 from cskd_cache.evaluate.scoring import load_eval_tensor
-from cskd_cli.main import app
+from cskd_cache.models.scorer import load_iaa_model
 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

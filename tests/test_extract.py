@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from _imgs import make_images, photo
 
-from cskd_cache.stages.extract import ExtractConfig, run_extract
-from cskd_cache.data.images import load_rgb
 from cskd_cache.cache.manifest import CacheError, read_manifest
 from cskd_cache.cache.reader import open_cache
-from cskd_cache.models.teachers import build_teacher
 from cskd_cache.cache.verify import verify_cache
+from cskd_cache.data.images import load_rgb
 from cskd_cache.data.views import ViewPolicy, eval_box, render_tensor, sample_views
+from cskd_cache.models.teachers import build_teacher
+from cskd_cache.stages.extract import ExtractConfig, run_extract
 
 ARRAYS = ("key", "source", "digest", "size", "views", "embed", "tokens", "prefix")
 

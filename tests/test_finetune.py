@@ -19,26 +19,22 @@ from _iaa_task import make_images, write_labels
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cskd_cache.stages.finetune import FinetuneConfig, FinetuneError, run_finetune
-from cskd_cache.labels import load_labels
-from cskd_cache.data.datasets import StepBatches, ViewImages, eval_tensor
-from cskd_cache.models.scorer import load_iaa_model
-from cskd_cache.stages.iaa_train import keep_fraction
+from cskd_cache.data.datasets import CachedViews, StepBatches
 from cskd_cache.data.images import load_rgb
+from cskd_cache.data.transforms import eval_tensor
 from cskd_cache.evaluate.metrics import srcc
+from cskd_cache.labels import load_labels
+from cskd_cache.labels.targets import keep_fraction
+from cskd_cache.models.scorer import load_iaa_model
+from cskd_cache.stages.finetune import FinetuneConfig, FinetuneError, run_finetune
+from cskd_cache.train.run_log import read_metrics
 from cskd_cache.train.state_io import load_state
-from cskd_cache.train.engine import read_metrics
 
 TINY = "py:_iaa_task:tiny_student"
 TIMING = {"img_s", "eval_s", "seconds"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +151,7 @@ def test_step_batches_are_a_function_of_the_step():
     r0 = [i % 10 for b in StepBatches(10, 2, 3, 0, 5, rank=0, world=2) for i in b]
     r1 = [i % 10 for b in StepBatches(10, 2, 3, 0, 5, rank=1, world=2) for i in b]
     assert not set(r0[:4]) & set(r1[:4])  # ranks split each pass
-    ds = ViewImages(["a.png"], {"size": [8, 8]})
+    ds = CachedViews(["a.png"], {"size": [8, 8]})
     assert ds.view_of(0, 0) == 0  # disk images have one (eval) view
 
 
@@ -167,7 +163,7 @@ def test_resume_reaches_the_same_weights(data, tmp_path):
     with pytest.raises(Crash):
         run_finetune(part, on_progress=crash_in_second_epoch())
     assert [p.name for p in (tmp_path / "part" / "checkpoints").iterdir()] == ["epoch-0001"]
-    with pytest.raises(FinetuneError, match="already holds a run; pass --resume"):
+    with pytest.raises(FinetuneError, match="already holds a finetune run; pass --resume"):
         run_finetune(part)
     with pytest.raises(FinetuneError, match="different settings.*lr"):
         run_finetune(FinetuneConfig(**{**part.to_dict(), "resume": True, "lr": 0.5}))
@@ -233,7 +229,7 @@ def test_ema_weights_are_the_ones_validated_saved_and_resumed(data, tmp_path):
 def test_nan_guard_and_bad_inputs(data, tmp_path, monkeypatch):
     from cskd_cache.train.engine import NonFiniteLoss
 
-    orig = ViewImages.__getitems__
+    orig = CachedViews.__getitems__
 
     def poisoned(self, indices):  # one NaN target in the second pass over the train labels
         items = orig(self, indices)
@@ -241,7 +237,7 @@ def test_nan_guard_and_bad_inputs(data, tmp_path, monkeypatch):
             items[0]["dist"][0] = float("nan")
         return items
 
-    monkeypatch.setattr(ViewImages, "__getitems__", poisoned)
+    monkeypatch.setattr(CachedViews, "__getitems__", poisoned)
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step \d+ .*=nan.*--lr-encoder"):
         run_finetune(cfg(data, tmp_path / "nan", max_steps=20))
     ckpts = sorted((tmp_path / "nan" / "checkpoints").glob("epoch-*"))
@@ -290,15 +286,15 @@ def test_every_config_field_is_a_flag_with_help_and_the_same_default(data, tmp_p
     import dataclasses
 
     import typer.main
+    from cskd_cli.main import app
 
     from cskd_cache.stages.distill import DistillConfig
-    from cskd_cli.main import app
 
     commands = typer.main.get_command(app).commands
     for name, cls in (("finetune", FinetuneConfig), ("distill", DistillConfig)):
         fields = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
                   for f in dataclasses.fields(cls)}
-        params = {p.name: p for p in commands[name].params if p.name not in ("ctx", "config")}
+        params = {p.name: p for p in commands[name].params if p.name not in ("ctx", "config") and not p.hidden}
         assert set(params) == set(fields), name
         for p in params.values():
             assert p.help, (name, p.name)
@@ -320,7 +316,7 @@ def test_every_config_field_is_a_flag_with_help_and_the_same_default(data, tmp_p
 def test_library_imports_without_typer_or_rich():
     code = ("import sys; sys.modules['typer'] = None; sys.modules['rich'] = None\n"
             "import cskd_cache.stages.finetune, cskd_cache.stages.distill, cskd_cache.labels.link, cskd_cache.stages.teacher_predictions\n"
-            "import cskd_cache.data.datasets, cskd_cache.models.cache_head, cskd_cache.stages.iaa_train\n"
+            "import cskd_cache.data.datasets, cskd_cache.models.cache_head, cskd_cache.stages.iaa_task\n"
             "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from cskd_cache.models.score_heads import DistributionHead, ScalarHead
+from cskd_cache.evaluate.metrics import emd as emd_metric
 from cskd_cache.losses.emd import EMDLoss
 from cskd_cache.losses.kl import DistillKLLoss
 from cskd_cache.losses.plcc_loss import PLCCLoss
-from cskd_cache.evaluate.metrics import emd as emd_metric
+from cskd_cache.models.score_heads import DistributionHead, ScalarHead
 
 
 def rand_dist(b: int, k: int, seed: int) -> torch.Tensor:

@@ -12,22 +12,16 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from _iaa_task import make_images, write_labels
 
 import cskd_cache.labels.link as label_link
-from cskd_cache.stages.extract import ExtractConfig, run_extract
+from cskd_cache.cache.reader import open_cache
 from cskd_cache.labels import load_labels
 from cskd_cache.labels.link import link_labels
-from cskd_cache.cache.reader import open_cache
+from cskd_cache.stages.extract import ExtractConfig, run_extract
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cskd_cache.evaluate.metrics import (binary_accuracy, bootstrap_ci, emd, evaluate_predictions, mae, plcc, rankdata,
-                                srcc)
+from cskd_cache.evaluate.metrics import (
+    binary_accuracy,
+    bootstrap_ci,
+    emd,
+    evaluate_predictions,
+    mae,
+    plcc,
+    rankdata,
+    srcc,
+)
 
 
 def noisy(n: int, seed: int = 0, noise: float = 1.0):

@@ -17,17 +17,17 @@ import sys
 import numpy as np
 import pytest
 import torch
+from cskd_cli.main import app
 from PIL import Image
 from typer.testing import CliRunner
 
-from cskd_cache.inspect.contact_sheet import PLACEHOLDER, thumbnail
-from cskd_cache.models.runs import save_encoder
-from cskd_cache.stages.extract import ExtractConfig, run_extract
-from cskd_cache.models.scorer import build_head, save_iaa_model
 from cskd_cache.evaluate.knn_index import build_index, neighbours_excluding_self
+from cskd_cache.inspect.contact_sheet import PLACEHOLDER, thumbnail
 from cskd_cache.inspect.neighbors import knn_probe
+from cskd_cache.models.runs import save_encoder
+from cskd_cache.models.scorer import build_head, save_iaa_model
 from cskd_cache.models.students import build_student
-from cskd_cli.main import app
+from cskd_cache.stages.extract import ExtractConfig, run_extract
 
 runner = CliRunner()
 STYLES, PER_STYLE = 4, 8
@@ -55,12 +55,7 @@ def block_image(rng, base=None):
     return Image.fromarray(cells.astype(np.uint8)).resize((64, 64), Image.NEAREST)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +240,7 @@ def test_cli_without_labels_and_with_missing_images(data, tmp_path):
     out = tmp_path / "out"
     img_root = tmp_path / "nowhere"
     res = invoke("--cache", moved / "cache", "--out", out, "--queries", "2", "--k", "3", "--backend", "torch",
-                 "--image-root", f"{data}={img_root}", "--device", "cpu")
+                 "--cache-image-root", f"{data}={img_root}", "--device", "cpu")
     assert res.exit_code == 0, res.output
     r = json.loads((out / "neighbors.json").read_text())
     assert r["probe"] is None and r["labels"] is None and r["index"]["backend"] == "torch"

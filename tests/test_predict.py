@@ -15,22 +15,17 @@ import pytest
 import torch
 from _imgs import make_images
 from _scorers import make_model
+from cskd_cli.main import app
 from typer.testing import CliRunner
 
-from cskd_cache.models.scorer import load_iaa_model
 from cskd_cache.evaluate.scoring import load_eval_tensor
-from cskd_cli.main import app
+from cskd_cache.models.scorer import load_iaa_model
 
 runner = CliRunner()
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

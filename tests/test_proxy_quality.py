@@ -7,13 +7,21 @@ import io
 
 import numpy as np
 import pytest
+from _imgs import make_images, photo
 from PIL import Image
 
+from cskd_cache.inspect.proxy_quality import (
+    KINDS,
+    LEVELS,
+    _rng,
+    build_proxy_set,
+    degrade,
+    level_score,
+    main,
+    score_dist,
+    summarise,
+)
 from cskd_cache.labels import load_labels
-from cskd_cache.inspect.proxy_quality import (KINDS, LEVELS, _rng, build_proxy_set, degrade, level_score, main, score_dist,
-                                      summarise)
-
-from _imgs import make_images, photo
 
 
 def _img(seed: int = 0) -> Image.Image:
@@ -213,9 +221,8 @@ def test_module_entry_point(tmp_path, capsys):
 
 
 def test_cli_proxy_set_and_its_errors(tmp_path):
-    from typer.testing import CliRunner
-
     from cskd_cli.main import app
+    from typer.testing import CliRunner
 
     src = tmp_path / "src"
     make_images(src, 3)

@@ -9,9 +9,9 @@ import torch
 from _imgs import make_images
 from torch.utils.data import DataLoader
 
-from cskd_cache.stages.extract import ExtractConfig, run_extract
 from cskd_cache.cache.manifest import CacheError
 from cskd_cache.cache.reader import open_cache
+from cskd_cache.stages.extract import ExtractConfig, run_extract
 
 
 @pytest.fixture(scope="module")

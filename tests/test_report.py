@@ -25,27 +25,21 @@ from urllib.parse import unquote
 
 import numpy as np
 import pytest
-import torch
 from _imgs import make_images, photo
+from cskd_cli.main import app
 from typer.testing import CliRunner
 
-from cskd_cache.stages.align import AlignConfig, run_align
-from cskd_cache.stages.extract import ExtractConfig, run_extract
 from cskd_cache.evaluate.metrics import evaluate_predictions
 from cskd_cache.inspect.report import format_value
-from cskd_cli.main import app
+from cskd_cache.stages.align import AlignConfig, run_align
+from cskd_cache.stages.extract import ExtractConfig, run_extract
 
 runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"
 ATTN = "attn <b>#1 & co"  # needs escaping in text and quoting in URLs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _plot(path: Path, kind: str, seed: int) -> None:
@@ -73,8 +67,8 @@ def run(tmp_path_factory):
     run_extract(ExtractConfig(teacher="py:toy_teacher:make", out=str(d / "cache"), images=[str(d / "imgs")],
                               num_workers=0))
     run_dir = d / "run"
-    run_align(AlignConfig(cache=str(d / "cache"), student="timm:test_resnet", out=str(run_dir), student_size=32,
-                          batch_size=4, num_workers=0, eval_pct=25, max_steps=6, log_every=1))
+    run_align(AlignConfig(cache=str(d / "cache"), student="timm:test_resnet", out=str(run_dir), size=32,
+                          batch_size=4, num_workers=0, eval_fraction=0.25, max_steps=6, log_every=1))
 
     ev = run_dir / "eval" / "test"  # two levels down, as `cskd evaluate --out RUN/eval/test` leaves it
     ev.mkdir(parents=True)

@@ -23,16 +23,16 @@ import numpy as np
 import pytest
 import torch
 from _imgs import make_images, photo
+from cskd_cli.main import app
 from typer.testing import CliRunner
 
-from cskd_cache.stages.extract import ExtractConfig, run_extract
 from cskd_cache.cache.integrity import CorruptCache
 from cskd_cache.cache.lock import CacheLocked, DirLock, remove_dead_temporaries
 from cskd_cache.cache.manifest import CacheError, read_manifest
-from cskd_cache.stages.teacher_predictions import PredictionsError, ensure_predictions
 from cskd_cache.cache.reader import open_cache
 from cskd_cache.cache.verify import verify_cache
-from cskd_cli.main import app
+from cskd_cache.stages.extract import ExtractConfig, run_extract
+from cskd_cache.stages.teacher_predictions import PredictionsError, ensure_predictions
 
 TESTS = Path(__file__).parent
 TOY = "py:toy_teacher:make"
@@ -120,7 +120,8 @@ def test_predictions_dir_with_a_users_files_is_never_deleted(cache, tmp_path):
 
 
 def test_distill_predictions_pointed_at_its_own_feature_cache_leaves_it_intact(tmp_path):
-    from _iaa_task import make_images as noisy, write_labels
+    from _iaa_task import make_images as noisy
+    from _iaa_task import write_labels
 
     paths, scores = noisy(tmp_path / "imgs", 15)
     write_labels(tmp_path / "l.csv", paths, scores)
@@ -149,15 +150,15 @@ def test_extract_into_a_non_empty_folder_that_is_not_a_cache_is_refused(tmp_path
 
 
 def test_training_and_report_outs_refuse_a_folder_of_someone_elses_files(cache, tmp_path):
-    from cskd_cache.stages.align import AlignConfig, AlignError, run_align
     from cskd_cache.inspect.neighbors import NeighborsConfig, NeighborsError, run_neighbors
+    from cskd_cache.stages.align import AlignConfig, AlignError, run_align
 
     out = tmp_path / "notes"
     out.mkdir()
     (out / "metrics.jsonl").write_text("my own metrics\n")
     with pytest.raises(AlignError, match="not empty"):
         run_align(AlignConfig(cache=str(cache), student="timm:test_vit", out=str(out), max_steps=1, num_workers=0,
-                              student_size=32))
+                              size=32))
     (out / "sheets").mkdir()
     with pytest.raises(NeighborsError, match="not empty"):
         run_neighbors(NeighborsConfig(cache=str(cache), out=str(out), queries=1, num_workers=0))
@@ -413,7 +414,8 @@ def test_trainer_state_round_trips_exactly_without_pickle(tmp_path):
 
 
 def test_resume_never_unpickles_a_planted_state_file(tmp_path):
-    from _iaa_task import make_images as noisy, write_labels
+    from _iaa_task import make_images as noisy
+    from _iaa_task import write_labels
 
     paths, scores = noisy(tmp_path / "imgs", 20)
     write_labels(tmp_path / "l.csv", paths, scores)
@@ -484,7 +486,7 @@ def test_predict_refuses_py_spec_from_a_run_dir_without_trust_code(tmp_path):
 
 
 def test_every_run_loader_asks_before_importing_code(tmp_path):
-    from cskd_cache.models.runs import load_encoder, save_encoder
+    from cskd_cache.models.runs import build_encoder, load_encoder, save_encoder
     from cskd_cache.models.scorer import load_iaa_model
     from cskd_cache.models.students import build_student
     from cskd_cache.models.trust import UntrustedCode
@@ -498,7 +500,7 @@ def test_every_run_loader_asks_before_importing_code(tmp_path):
         save_encoder(build_student("timm:test_vit", pretrained_ok=False, size=32), align)
         meta = json.loads((align / "student.json").read_text())
         (align / "student.json").write_text(json.dumps({**meta, "spec": "py:evil_mod:make"}))
-        for load in (lambda: load_encoder(align), lambda: build_student(f"run:{align}")):
+        for load in (lambda: load_encoder(align), lambda: build_encoder(f"run:{align}")):
             with pytest.raises(UntrustedCode):
                 load()
         assert not (run / "IMPORTED").exists()
@@ -509,7 +511,8 @@ def test_every_run_loader_asks_before_importing_code(tmp_path):
 
 
 def test_a_runs_config_yaml_naming_py_code_needs_trust_code(tmp_path):
-    from _iaa_task import make_images as noisy, write_labels
+    from _iaa_task import make_images as noisy
+    from _iaa_task import write_labels
 
     paths, scores = noisy(tmp_path / "imgs", 10)
     write_labels(tmp_path / "l.csv", paths, scores)
@@ -592,7 +595,8 @@ def test_verified_memo_goes_to_the_user_cache_dir_when_the_cache_is_read_only(tm
 
 
 def test_image_root_mapped_to_other_images_with_the_same_names_is_refused(cache, tmp_path):
-    from cskd_cache.cache.paths import AlignDataset, check_images, parse_image_root, resolve_paths
+    from cskd_cache.cache.paths import check_images, parse_image_root, resolve_paths
+    from cskd_cache.data.datasets import CachedViews
     from cskd_cache.data.images import ImageChanged
 
     other = tmp_path / "other"
@@ -607,14 +611,14 @@ def test_image_root_mapped_to_other_images_with_the_same_names_is_refused(cache,
     check_images(c, good, range(len(c)), sample=1)
     swapped = good[3]
     shutil.copy(paths[3], swapped)
-    ds = AlignDataset(c, np.arange(len(c)), {"size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3,
-                                             "interpolation": "bilinear"}, good)
+    ds = CachedViews(good, {"size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear"},
+                     rows=np.arange(len(c)), boxes=c.boxes, digests=c.digests)
     ds[2]
     with pytest.raises(ImageChanged, match=Path(swapped).name):
         ds[3]
     code, _, err = run_cli("align", "--cache", cache, "--student", "timm:test_vit", "--out", tmp_path / "run",
-                           "--image-root", f"{root}={other}", "--max-steps", "1", "--num-workers", "0",
-                           "--student-size", "32")
+                           "--cache-image-root", f"{root}={other}", "--max-steps", "1", "--num-workers", "0",
+                           "--size", "32")
     assert code == 1 and "not the image cache row" in err and len(err.strip().splitlines()) == 1
 
 
@@ -637,7 +641,8 @@ def test_non_finite_or_non_numeric_scores_name_file_and_line(tmp_path, bad):
 
 
 def test_a_truncated_train_jpeg_is_skipped_and_counted_not_fatal(tmp_path):
-    from _iaa_task import make_images as noisy, write_labels
+    from _iaa_task import make_images as noisy
+    from _iaa_task import write_labels
 
     paths, scores = noisy(tmp_path / "imgs", 20)
     jpgs = []
@@ -659,7 +664,8 @@ def test_a_truncated_train_jpeg_is_skipped_and_counted_not_fatal(tmp_path):
 
 
 def test_distill_whose_labels_link_to_no_cache_row_stops(tmp_path):
-    from _iaa_task import make_images as noisy, write_labels
+    from _iaa_task import make_images as noisy
+    from _iaa_task import write_labels
 
     paths, scores = noisy(tmp_path / "labelled", 10)
     write_labels(tmp_path / "l.csv", paths, scores)

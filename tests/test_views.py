@@ -14,15 +14,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from cskd_cache.data.views import (
-    ViewPolicy,
-    eval_box,
-    render_tensor,
-    render_view,
-    sample_views,
-    to_tensor,
-    view_seed,
-)
+from cskd_cache.data.views import ViewPolicy, eval_box, render_tensor, render_view, sample_views, to_tensor, view_seed
 
 OPEN_CLIP_CFG = {"size": [224, 224], "resize_mode": "shortest", "crop_pct": 1.0,
                  "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}

@@ -72,8 +72,8 @@ def test_embed_is_the_classifier_input_and_fusion_is_exact(teacher):
 
 
 def test_extract_writes_a_cache(teacher, tmp_path):
-    from cskd_cache.stages.extract import ExtractConfig, run_extract
     from cskd_cache.cache.manifest import shard_name
+    from cskd_cache.stages.extract import ExtractConfig, run_extract
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()

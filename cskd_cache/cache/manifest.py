@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..errors import CacheError
+from ..files import atomic_write_text, default_file_mode, file_sha256, read_json, write_json  # noqa: F401 (re-exported)
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -23,10 +25,6 @@ DUPLICATES_NAME = "duplicates.jsonl"
 # Fields that decide whether two caches' rows are interchangeable. Sources, shard lists and the completion
 # flag are deliberately absent: they say which rows exist, not what a row means.
 FINGERPRINT_FIELDS = ("schema_version", "teacher", "preprocess", "views", "storage", "arrays")
-
-
-class CacheError(Exception):
-    """A cache cannot be read, verified or extended as asked; the message names the file and the fix."""
 
 
 def canonical_json(obj: Any) -> str:
@@ -53,44 +51,11 @@ def sidecar_name(index: int) -> str:
     return f"shard-{index:05d}.json"
 
 
-def default_file_mode() -> int:
-    """0o666 minus the process umask: the mode open() would give a new file."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file in the same directory and rename, so readers never see half a file."""
-    path = Path(path)
-    # The pid in the name lets a later run tell a dead writer's leftover from a live one's (lock.py).
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes 0600 files; give the ordinary umask-derived mode so shared caches stay readable
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
 def read_manifest(cache_dir: str | os.PathLike) -> dict:
     path = Path(cache_dir) / MANIFEST_NAME
     if not path.is_file():
         raise CacheError(f"{path}: no manifest.json here; point at a directory made by `cskd extract`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CacheError(f"{path}: unreadable manifest ({e}); re-run the same `cskd extract` to rebuild it") from e
+    manifest = read_json(path, CacheError, "re-run the same `cskd extract` to rebuild it")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise CacheError(
@@ -98,11 +63,3 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict:
             "use the cskd release that wrote it or re-extract"
         )
     return manifest
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -120,6 +120,10 @@ class FeatureCache:
                 rows: np.ndarray | None = None, seed: int = 0) -> CachedFeatures:
         return CachedFeatures(self, view=view, tokens=tokens, extra=extra, rows=rows, seed=seed)
 
+    def streamed(self, names: tuple[str, ...] = ("tokens",)) -> StreamedArrays:
+        """A picklable reader of per-row arrays kept on disk (`StreamedArrays`), for `data.datasets.CachedViews`."""
+        return StreamedArrays(self, names)
+
 
 def _read_rows(ds: h5py.Dataset, rows: np.ndarray, view: int) -> np.ndarray:
     """``ds[rows, view]`` for increasing ``rows``, one direct read per row.
@@ -138,40 +142,84 @@ def open_cache(path: str | os.PathLike, allow_incomplete: bool = False, verify: 
     return FeatureCache(path, allow_incomplete=allow_incomplete, verify=verify)
 
 
+class StreamedArrays:
+    """Per-row arrays too large for RAM (``tokens``, extra layers), read at ``[row, view]`` straight from the shards.
+
+    HDF5 handles are opened lazily in whichever process first reads (h5py objects do not survive a fork, so a
+    DataLoader worker opens its own), and one `read` groups a batch's rows per shard and view and issues the
+    reads in increasing row order, each row once.
+    """
+
+    def __init__(self, cache: FeatureCache, names: tuple[str, ...]):
+        for name in names:
+            if name not in cache.arrays and name != "tokens":
+                raise CacheError(f"{cache.path}: no array {name!r} in this cache (has {', '.join(cache.arrays)})")
+        if "tokens" in names and not cache.has_tokens:
+            raise CacheError(f"{cache.path}: this cache holds no tokens; re-extract with --tokens or read "
+                             "embeddings only (tokens=False)")
+        self.names = tuple(names)
+        self.shard_files = [str(p) for p in cache.shards]
+        self.offsets = cache.offsets
+        self._files: dict[int, h5py.File] = {}
+        self._pid = None
+
+    def _file(self, s: int) -> h5py.File:
+        if self._pid != os.getpid():  # new worker process: never reuse a handle opened before fork
+            self._files, self._pid = {}, os.getpid()
+        if s not in self._files:
+            self._files[s] = h5py.File(self.shard_files[s], "r")
+        return self._files[s]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_files"], state["_pid"] = {}, None
+        return state
+
+    def read(self, rows: np.ndarray, views: np.ndarray) -> dict[str, list[np.ndarray]]:
+        """``{name: [array at (rows[j], views[j]) for each j]}``."""
+        rows, views = np.asarray(rows, np.int64), np.asarray(views, np.int64)
+        out = {name: [None] * len(rows) for name in self.names}
+        if not self.names:
+            return out
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        for s in np.unique(shard):
+            f = self._file(int(s))
+            for v in np.unique(views[shard == s]):
+                sel = np.nonzero((shard == s) & (views == v))[0]
+                # np.unique sorts (reads walk the file forwards) and drops repeats (a batch may repeat a row),
+                # so each chunk is read once per batch.
+                uniq, inv = np.unique(rows[sel] - self.offsets[s], return_inverse=True)
+                for name in self.names:
+                    block = _read_rows(f[name], uniq, int(v))
+                    for j, pos in enumerate(sel):
+                        out[name][pos] = block[inv[j]]
+        return out
+
+
 class CachedFeatures(Dataset):
     """Yields dicts: key, source, row, view (index), box (5,), embed (D,), tokens (T, C) and any `extra` arrays
-    (e.g. "prefix", "layer_11").
+    (e.g. "prefix", "layer_11"): the cached targets alone, without pixels (`data.datasets.CachedViews` adds them).
 
     `view="random"` draws one of the V cached views per item and epoch: call `set_epoch(epoch)` before each epoch,
     as with DistributedSampler, or every epoch sees the same views; an int fixes the view; anything else is refused.
-    Implements `__getitems__`, which DataLoader calls with a whole batch of indices, so token reads are
-    grouped per shard and view and issued in increasing row order.
+    Implements `__getitems__`, which DataLoader calls with a whole batch of indices, so streamed reads are
+    grouped per shard and view and issued in increasing row order (`StreamedArrays`).
     """
 
     def __init__(self, cache: FeatureCache, view: str | int = "random", tokens: bool = True,
                  extra: tuple[str, ...] = (), rows: np.ndarray | None = None, seed: int = 0):
-        if tokens and not cache.has_tokens:
-            raise CacheError(f"{cache.path}: this cache holds no tokens; re-extract with --tokens or read "
-                             "embeddings only (tokens=False)")
-        for name in extra:
-            if name not in cache.arrays:
-                raise CacheError(f"{cache.path}: no array {name!r} in this cache (has {', '.join(cache.arrays)})")
         if isinstance(view, bool) or not (view == "random" or isinstance(view, (int, np.integer))):
             raise CacheError(f"view={view!r}: use \"random\" (one of the cached views per item and epoch; call "
                              "set_epoch(epoch) each epoch) or a view index 0..V-1")
         if isinstance(view, (int, np.integer)) and not 0 <= view < cache.n_views:
             raise CacheError(f"{cache.path}: view {view} out of range, the cache has {cache.n_views} views")
         self.path = str(cache.path)
-        self.shard_files = [str(p) for p in cache.shards]
-        self.offsets = cache.offsets
+        self.stream = StreamedArrays(cache, (("tokens",) if tokens else ()) + tuple(extra))
         self.keys, self.sources = cache.keys, cache.sources
         self.boxes, self.embed = cache.boxes, cache.embed
         self.n_views = cache.n_views
         self.view, self.seed, self.epoch = view, seed, 0
-        self.streamed = (("tokens",) if tokens else ()) + tuple(extra)
         self.rows = np.arange(cache.n) if rows is None else np.asarray(rows, dtype=np.int64)
-        self._files: dict[int, h5py.File] = {}
-        self._pid = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -188,44 +236,19 @@ class CachedFeatures(Dataset):
         h = (row * 0x9E3779B97F4A7C15 + self.epoch * 0xBF58476D1CE4E5B9 + self.seed * 0x94D049BB133111EB)
         return int((h & 0xFFFFFFFFFFFF) % self.n_views)
 
-    def _file(self, s: int) -> h5py.File:
-        if self._pid != os.getpid():  # new worker process: never reuse a handle opened before fork
-            self._files, self._pid = {}, os.getpid()
-        if s not in self._files:
-            self._files[s] = h5py.File(self.shard_files[s], "r")
-        return self._files[s]
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_files"], state["_pid"] = {}, None
-        return state
-
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         rows = self.rows[np.asarray(indices, dtype=np.int64)]
         views = np.array([self.view_of(int(r)) for r in rows], dtype=np.int64)
-        shard = np.searchsorted(self.offsets, rows, side="right") - 1
-        streamed = {name: [None] * len(rows) for name in self.streamed}
-        if self.streamed:
-            for s in np.unique(shard):
-                f = self._file(int(s))
-                for v in np.unique(views[shard == s]):
-                    sel = np.nonzero((shard == s) & (views == v))[0]
-                    # np.unique sorts (reads walk the file forwards) and drops repeats (a padded
-                    # DistributedSampler repeats rows), so each chunk is read once per batch.
-                    uniq, inv = np.unique(rows[sel] - self.offsets[s], return_inverse=True)
-                    for name in self.streamed:
-                        block = _read_rows(f[name], uniq, int(v))
-                        for j, pos in enumerate(sel):
-                            streamed[name][pos] = block[inv[j]]
+        streamed = self.stream.read(rows, views)
         out = []
         for j, (r, v) in enumerate(zip(rows, views)):
             item = {"row": int(r), "key": self.keys[r], "source": self.sources[r], "view": int(v),
                     "box": torch.from_numpy(self.boxes[r, v].copy()),
                     "embed": torch.from_numpy(self.embed[r, v].astype(np.float32))}
-            for name in self.streamed:
+            for name in self.stream.names:
                 item[name] = torch.from_numpy(streamed[name][j].astype(np.float32))
             out.append(item)
         return out

@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .manifest import CacheError, fingerprint, file_sha256, read_manifest
+from .manifest import CacheError, file_sha256, fingerprint, read_manifest
 
 
 def verify_cache(path: str | os.PathLike, checksums: bool = True) -> list[str]:

@@ -1,22 +1,19 @@
-"""The images `cskd finetune` and `cskd distill` train and validate on, as torch Datasets, and their sampler.
+"""The one training Dataset (`CachedViews`) and its sampler (`StepBatches`): what align, finetune and distill read.
 
-`ViewImages` serves three kinds of items, one per image path:
+`CachedViews` serves one stream of items, one image path per item; each item is
 
 - a **cached view** (item linked to feature-cache row ``r``): view ``v`` of ``r`` (crop box + flip from the
-  cache) rebuilt from the image file at the model's own input size, as `align_data` does. With V cached views
-  one is drawn per item and cycle (a hash of seed, cycle and row), so the targets attached to ``(r, v)`` (the
-  cached embedding, the teacher's prediction on that exact view) always belong to the pixels shown. With
-  ``jitter`` the shown pixels are instead the mild augmentation below applied inside that view's box (a fresh
-  crop and flip per item and cycle) while the targets stay those of ``(r, v)``: a consistency augmentation. The
-  targets then describe nearly, not exactly, the pixels shown, and the student cannot memorise V fixed inputs
-  per row;
-- a **disk image** (no cache row): the eval view below, optionally with a mild augmentation (a random resized
-  crop keeping 80-100 % of the eval view's area, then a horizontal flip with p = 0.5);
-- per-item **label targets**: ``unit`` (score on 0..1 over the dataset's scale) and ``dist`` (K bins).
+  cache) rebuilt from the image file at the model's own input size (`views.render`), so the targets attached to
+  ``(r, v)`` (the cached embedding and tokens, the teacher's prediction on that exact view) belong to the pixels
+  shown. With V cached views one is drawn per item and pass (a hash of seed, pass and row). With ``jitter`` the
+  shown pixels are the mild augmentation of `transforms` applied inside that view's box (a fresh crop and flip
+  per item and pass) while the targets stay those of ``(r, v)``: a consistency augmentation;
+- a **disk image** (no cache row): the eval view (`transforms.eval_view_box`), optionally with the mild
+  augmentation (``augment``);
 
-The eval view is the shortest-side centre square (`views.eval_box` with ``crop_pct`` 1.0, ``resize_mode``
-shortest), resized to the model's input size: the same geometry as a CLIP teacher's view 0 minus its crop
-margin, so a whole-image label still describes nearly all the pixels. Validation always uses it.
+plus per-item **label targets** (``unit``: score on 0..1 over the dataset's scale, ``dist``: K bins). Arrays
+too large for RAM (patch tokens) come from a ``streamed`` reader (`cache.reader.StreamedArrays`), read once per
+batch in file order; this module never opens a cache itself, so it sits below the cache layer.
 
 Randomness never comes from a global RNG: `StepBatches` encodes the pass (cycle) over a stream into each
 index (``cycle * n + i``) and every random choice is a hash of (seed, cycle, item). The batches of step s are
@@ -33,18 +30,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..errors import DataError
 from .images import DEFAULT_MAX_PIXELS, BadImage, RowImages, load_rgb
-from .views import _random_resized_crop, eval_box, render_tensor
+from .transforms import augment_box, eval_view_box
+from .views import render
 
-__all__ = ["EVAL_VIEW", "AUG_SCALE", "eval_view_box", "eval_tensor", "ViewImages", "StepBatches", "collate",
-           "mix_seed", "ImageUnreadable"]
-
-EVAL_VIEW = {"resize_mode": "shortest", "crop_pct": 1.0}
-AUG_SCALE = (0.8, 1.0)
-AUG_RATIO = (3 / 4, 4 / 3)
+__all__ = ["CachedViews", "StepBatches", "collate", "mix_seed", "ImageUnreadable"]
 
 
-class ImageUnreadable(ValueError):
+class ImageUnreadable(DataError):
     """A training or validation image that no longer decodes; the message names the file."""
 
 
@@ -54,56 +48,44 @@ def mix_seed(*parts) -> int:
     return int.from_bytes(h, "big")
 
 
-def eval_view_box(input_cfg: dict, width: int, height: int) -> np.ndarray:
-    """The eval view of a width x height image as a cache-style view ``[x0, y0, x1, y1, flip=0]``."""
-    return np.array([*eval_box({"size": input_cfg["size"], **EVAL_VIEW}, width, height), 0.0], dtype=np.float32)
-
-
-def eval_tensor(img, input_cfg: dict) -> torch.Tensor:
-    """The exact (3, H, W) input a trained IAA model is validated on (see the module docstring)."""
-    c = input_cfg
-    return render_tensor(img, eval_view_box(c, *img.size), c["size"], c["interpolation"], c["mean"], c["std"])
-
-
-def _augment(box: np.ndarray, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
-    x0, y0, x1, y1 = (float(v) for v in box[:4])
-    bw, bh = max(1, round((x1 - x0) * width)), max(1, round((y1 - y0) * height))
-    left, top, w, h = _random_resized_crop(rng, bw, bh, AUG_SCALE, AUG_RATIO)
-    fx, fy = (x1 - x0) / bw, (y1 - y0) / bh
-    flip = float(rng.random() < 0.5)
-    return np.array([x0 + left * fx, y0 + top * fy, x0 + (left + w) * fx, y0 + (top + h) * fy, flip], np.float32)
-
-
-class ViewImages(Dataset):
-    """Items of one stream (see the module docstring). Each item dict holds ``index``, ``row`` (-1 for a disk
-    image), ``view`` (-1 likewise), ``image`` and, when given, the label targets (``unit``, ``dist``), the
-    teacher's outputs on the shown view (every key of ``teacher``, arrays indexed ``[row, view]``) and the
-    cached embedding ``embed`` with ``has_embed`` (False for disk images, whose ``embed`` is zeros).
+class CachedViews(Dataset):
+    """Items of one stream (module docstring). Each item dict holds ``index``, ``row`` (-1 for a disk image),
+    ``view`` (-1 likewise), ``image`` and, when given, the label targets (every key of ``targets``, arrays indexed
+    by item), the teacher's outputs on the shown view (every key of ``teacher``, arrays indexed ``[row, view]``),
+    the cached embedding ``embed`` with ``has_embed`` (False for disk images, whose ``embed`` is zeros) and every
+    array of ``streamed`` at ``[row, view]``.
 
     paths: one image path per item. rows: cache row per item (-1 = disk image), or None for all disk images.
-    boxes: the cache's (N, V, 5) views; embed: its (N, V, D) embeddings (only when the feature loss needs them).
+    image_rows: the cache row whose pixels each item shows (default: its own row; the shuffled-target control
+    of `cskd align` shows another row's image against this row's targets). boxes: the cache's (N, V, 5) views;
+    embed: its (N, V, D) embeddings, standardised per dimension with ``embed_stats`` = (mean, std) when given.
     digests: the cache's per-row sha256; each linked item's file is checked against its row's once per process.
     """
 
     def __init__(self, paths: Sequence[str], input_cfg: dict, *, rows: np.ndarray | None = None,
-                 boxes: np.ndarray | None = None, embed: np.ndarray | None = None,
-                 targets: dict[str, np.ndarray] | None = None, teacher: dict[str, np.ndarray] | None = None,
-                 view: str | int = "random", augment: bool = False, jitter: bool = False, seed: int = 0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, digests: Sequence[str] | None = None):
+                 image_rows: np.ndarray | None = None, boxes: np.ndarray | None = None,
+                 embed: np.ndarray | None = None, embed_stats: tuple[np.ndarray, np.ndarray] | None = None,
+                 streamed=None, targets: dict[str, np.ndarray] | None = None,
+                 teacher: dict[str, np.ndarray] | None = None, view: str | int = "random", augment: bool = False,
+                 jitter: bool = False, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 digests: Sequence[str] | None = None):
         self.paths = list(paths)
         self.n = len(self.paths)
         self.rows = np.full(self.n, -1, np.int64) if rows is None else np.asarray(rows, np.int64)
-        if len(self.rows) != self.n:
+        self.image_rows = self.rows if image_rows is None else np.asarray(image_rows, np.int64)
+        if len(self.rows) != self.n or len(self.image_rows) != self.n:
             raise ValueError(f"{len(self.rows)} cache rows for {self.n} images")
         if (self.rows >= 0).any() and boxes is None:
             raise ValueError("items linked to cache rows need the cache's boxes")
-        self.boxes, self.embed = boxes, embed
+        self.boxes, self.embed, self.streamed = boxes, embed, streamed
+        self.embed_stats = None if embed_stats is None else tuple(torch.from_numpy(np.asarray(a, np.float32))
+                                                                  for a in embed_stats)
         self.row_images = RowImages(digests, max_pixels) if digests is not None else None
         self.n_views = 1 if boxes is None else int(boxes.shape[1])
         self.targets = targets or {}
         self.teacher = teacher or {}
-        if self.teacher and (self.rows < 0).any():
-            raise ValueError("teacher targets exist only for cached views; every item needs a cache row")
+        if (self.teacher or streamed is not None) and (self.rows < 0).any():
+            raise ValueError("teacher and streamed targets exist only for cached views; every item needs a cache row")
         self.cfg, self.view, self.augment, self.jitter, self.seed = input_cfg, view, augment, jitter, seed
         self.max_pixels = max_pixels
 
@@ -118,35 +100,44 @@ class ViewImages(Dataset):
         return mix_seed("view", self.seed, cycle, row) % self.n_views
 
     def __getitem__(self, index: int) -> dict:
-        return self._item(int(index))
+        return self.__getitems__([int(index)])[0]
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        return [self._item(int(i)) for i in indices]
+        items = [self._item(int(i)) for i in indices]
+        if self.streamed is not None and items:
+            rows = np.array([it["row"] for it in items], np.int64)
+            views = np.array([it["view"] for it in items], np.int64)
+            for name, arrays in self.streamed.read(rows, views).items():
+                for it, a in zip(items, arrays):
+                    it[name] = torch.from_numpy(np.asarray(a, np.float32))
+        return items
 
-    def _item(self, index: int) -> dict:
-        cycle, i = divmod(index, self.n)
-        path, row = self.paths[i], int(self.rows[i])
+    def _load(self, i: int, src: int):
+        path = self.paths[i]
         try:
-            if row >= 0 and self.row_images is not None:
-                img = self.row_images.load(path, row)
-            else:
-                img = load_rgb(path, self.max_pixels)
+            if src >= 0 and self.row_images is not None:
+                return self.row_images.load(path, src)
+            return load_rgb(path, self.max_pixels)
         except (BadImage, OSError) as e:
             raise ImageUnreadable(f"{path}: cannot read this image ({e}); was it replaced or removed since the "
                                   "labels / cache were made?") from None
-        c = self.cfg
+
+    def _item(self, index: int) -> dict:
+        cycle, i = divmod(index, self.n)
+        row, src = int(self.rows[i]), int(self.image_rows[i])
+        img = self._load(i, src)
         it: dict = {"index": i, "row": row, "view": -1}
         if row >= 0:
             v = self.view_of(row, cycle)
-            box = self.boxes[row, v]
+            box = self.boxes[src, v]
             it["view"] = v
             if self.jitter:
-                box = _augment(box, *img.size, np.random.default_rng(mix_seed("jitter", self.seed, cycle, i)))
+                box = augment_box(box, *img.size, np.random.default_rng(mix_seed("jitter", self.seed, cycle, i)))
         else:
-            box = eval_view_box(c, *img.size)
+            box = eval_view_box(self.cfg, *img.size)
             if self.augment:
-                box = _augment(box, *img.size, np.random.default_rng(mix_seed("aug", self.seed, cycle, i)))
-        it["image"] = render_tensor(img, box, c["size"], c["interpolation"], c["mean"], c["std"])
+                box = augment_box(box, *img.size, np.random.default_rng(mix_seed("aug", self.seed, cycle, i)))
+        it["image"] = render(img, box, self.cfg)
         for name, arr in self.targets.items():
             it[name] = torch.as_tensor(np.asarray(arr[i], np.float32))
         for name, arr in self.teacher.items():
@@ -155,14 +146,19 @@ class ViewImages(Dataset):
             it["has_embed"] = row >= 0
             it["embed"] = (torch.from_numpy(self.embed[row, it["view"]].astype(np.float32)) if row >= 0
                            else torch.zeros(self.embed.shape[-1]))
+            if self.embed_stats is not None and row >= 0:
+                it["embed"] = (it["embed"] - self.embed_stats[0]) / self.embed_stats[1]
         return it
 
 
 def collate(items: list[dict]) -> dict:
+    """Stack tensors, make tensors of numbers and flags, keep strings as lists."""
     out = {}
     for name, value in items[0].items():
         if isinstance(value, torch.Tensor):
             out[name] = torch.stack([it[name] for it in items])
+        elif isinstance(value, str):
+            out[name] = [it[name] for it in items]
         else:
             out[name] = torch.tensor([it[name] for it in items])
     return out
@@ -180,7 +176,7 @@ class StepBatches(Sampler):
     def __init__(self, n: int, batch_size: int, seed: int, start: int, total: int, rank: int = 0, world: int = 1,
                  shuffle: bool = True):
         if n < world:
-            raise ValueError(f"{n} items cannot be split over {world} processes")
+            raise DataError(f"{n} items cannot be split over {world} processes")
         self.n, self.batch, self.seed, self.start, self.total = n, batch_size, seed, start, total
         self.rank, self.world, self.shuffle = rank, world, shuffle
         self.per_rank = n // world

@@ -10,10 +10,10 @@ from torch.utils.data import Dataset
 
 from .images import BadImage, load_rgb
 from .sources import Item
-from .views import ViewPolicy, eval_box, render_tensor, sample_views
+from .views import ViewPolicy, eval_box, render, sample_views
 
 
-class ImageViews(Dataset):
+class ExtractViews(Dataset):
     """Yields, per image, its V views as one (V, 3, H, W) tensor, or the reason it was skipped.
 
     View 0 goes through the teacher's own eval transform, so cached view-0 features are exactly what the
@@ -42,10 +42,7 @@ class ImageViews(Dataset):
             return {"i": i, "ok": False, "reason": "unreadable", "detail": f"{type(e).__name__}: {e.strerror or e}"}
         w, h = img.size
         boxes = sample_views(self.policy, view_key(it), w, h, eval_box(self.cfg, w, h))
-        size = tuple(self.cfg["size"])
-        views = [self.preprocess(img)]
-        for box in boxes[1:]:
-            views.append(render_tensor(img, box, size, self.cfg["interpolation"], self.cfg["mean"], self.cfg["std"]))
+        views = [self.preprocess(img)] + [render(img, box, self.cfg) for box in boxes[1:]]
         return {"i": i, "ok": True, "views": torch.stack(views), "boxes": boxes,
                 "size": np.array([w, h], dtype=np.int32)}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..cache.manifest import CacheError
+from ..errors import CacheError, DataError
 
 __all__ = ["DEFAULT_MAX_PIXELS", "BadImage", "load_rgb", "file_digest", "quick_check", "ImageChanged", "RowImages",
            "image_changed"]
@@ -42,7 +42,7 @@ _MAGIC = (
 )
 
 
-class BadImage(Exception):
+class BadImage(DataError):
     """A file that cannot be turned into an image; ``reason`` is one of REASONS."""
 
     def __init__(self, path: str | os.PathLike, reason: str, detail: str) -> None:
@@ -102,7 +102,7 @@ def _classify(exc: BaseException) -> str:
 
 
 class ImageChanged(CacheError):
-    """A file's bytes are not those the cache row was extracted from (wrong --image-root, replaced file)."""
+    """A file's bytes are not those the cache row was extracted from (wrong --cache-image-root, replaced file)."""
 
 
 def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, digest: str | None = None,
@@ -129,7 +129,7 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, dige
 
 def image_changed(path, row, got: str, want: str) -> ImageChanged:
     return ImageChanged(f"{path}: not the image cache row {row} was extracted from (sha256 {got[:12]}..., the cache "
-                        f"stored {want[:12]}...); --image-root / --cache-image-root probably maps to other images "
+                        f"stored {want[:12]}...); --cache-image-root probably maps to other images "
                         "with the same names: fix the mapping, or re-extract the cache from these images")
 
 

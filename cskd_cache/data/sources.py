@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..errors import DataError
 from .images import file_digest
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -55,7 +56,7 @@ class Plan:
         return h.hexdigest()
 
 
-class SourceError(ValueError):
+class SourceError(DataError):
     """Bad --images/--list argument; the message names the path and the fix."""
 
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import ConfigError
+
 __all__ = [
     "ViewPolicy",
     "eval_box",
@@ -26,9 +28,11 @@ __all__ = [
     "render_view",
     "to_tensor",
     "render_tensor",
+    "render",
+    "random_resized_crop",
 ]
 
-_RESAMPLE = {
+INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -57,26 +61,26 @@ class ViewPolicy:
             ratio = tuple(float(v) for v in self.ratio)
             flip_p = float(self.flip_p)
         except (TypeError, ValueError):
-            raise ValueError(
+            raise ConfigError(
                 f"scale/ratio must be pairs of numbers and flip_p a number, "
                 f"got scale={self.scale!r} ratio={self.ratio!r} flip_p={self.flip_p!r}"
             ) from None
         for name in ("n_views", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool | float) or not hasattr(value, "__index__"):
-                raise ValueError(f"{name} must be an int, got {value!r}")
+                raise ConfigError(f"{name} must be an int, got {value!r}")
             object.__setattr__(self, name, int(value))
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "ratio", ratio)
         object.__setattr__(self, "flip_p", flip_p)
         if self.n_views < 1:
-            raise ValueError(f"n_views must be >= 1, got {self.n_views}")
+            raise ConfigError(f"n_views must be >= 1, got {self.n_views}")
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"scale must satisfy 0 < scale[0] <= scale[1] <= 1, got {scale}")
+            raise ConfigError(f"scale must satisfy 0 < scale[0] <= scale[1] <= 1, got {scale}")
         if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1] < math.inf:
-            raise ValueError(f"ratio must satisfy 0 < ratio[0] <= ratio[1] (finite), got {ratio}")
+            raise ConfigError(f"ratio must satisfy 0 < ratio[0] <= ratio[1] (finite), got {ratio}")
         if not 0 <= flip_p <= 1:
-            raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+            raise ConfigError(f"flip_p must be in [0, 1], got {flip_p}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples as lists)."""
@@ -88,7 +92,7 @@ class ViewPolicy:
         """Inverse of to_dict; missing keys take defaults, unknown keys are an error."""
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown ViewPolicy keys: {sorted(unknown)}")
+            raise ConfigError(f"unknown ViewPolicy keys: {sorted(unknown)}")
         return cls(**d)
 
 
@@ -98,7 +102,7 @@ def eval_box(preprocess_cfg: dict, width: int, height: int) -> tuple[float, floa
     if mode in ("squash", "longest"):  # squash keeps everything; longest pads, so nothing is cut
         return (0.0, 0.0, 1.0, 1.0)
     if mode != "shortest":
-        raise ValueError(f"unknown resize_mode {mode!r} (expected 'shortest', 'squash' or 'longest')")
+        raise ConfigError(f"unknown resize_mode {mode!r} (expected 'shortest', 'squash' or 'longest')")
     size_h, size_w = preprocess_cfg["size"]
     crop_pct = preprocess_cfg.get("crop_pct") or 1.0
     resize_to = math.floor(max(size_h, size_w) / crop_pct)
@@ -113,7 +117,7 @@ def view_seed(seed: int, view_key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{view_key}".encode()).digest()[:8], "little")
 
 
-def _random_resized_crop(rng: np.random.Generator, width: int, height: int,
+def random_resized_crop(rng: np.random.Generator, width: int, height: int,
                          scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[int, int, int, int]:
     """torchvision RandomResizedCrop.get_params, with numpy randomness; returns (left, top, w, h)."""
     area = width * height
@@ -147,7 +151,7 @@ def sample_views(policy: ViewPolicy, view_key: str, width: int, height: int,
     out[0] = (*first_box, 0.0)
     rng = np.random.Generator(np.random.PCG64(view_seed(policy.seed, view_key)))
     for k in range(1, policy.n_views):
-        left, top, w, h = _random_resized_crop(rng, width, height, policy.scale, policy.ratio)
+        left, top, w, h = random_resized_crop(rng, width, height, policy.scale, policy.ratio)
         flip = rng.random() < policy.flip_p  # drawn even when flip_p is 0 so boxes do not depend on it
         out[k] = (left / width, top / height, (left + w) / width, (top + h) / height, float(flip))
     return out
@@ -163,14 +167,14 @@ def _hw(size: int | Sequence[int]) -> tuple[int, int]:
 def render_view(img: Image.Image, view: Sequence[float], size: int | Sequence[int],
                 interpolation: str = "bicubic") -> Image.Image:
     """Crop ``view``'s box from ``img`` and resize it to ``size`` (int or (H, W)), then maybe flip."""
-    if interpolation not in _RESAMPLE:
-        raise ValueError(f"unknown interpolation {interpolation!r}; one of {sorted(_RESAMPLE)}")
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"unknown interpolation {interpolation!r}; one of {sorted(INTERPOLATIONS)}")
     x0, y0, x1, y1, flip = (float(v) for v in view)
     h, w = _hw(size)
     W, H = img.size
     # One resize with a float box: sub-pixel exact, and filters use real pixels outside the box
     # instead of the clamped edge a crop-then-resize would see.
-    out = img.resize((w, h), _RESAMPLE[interpolation], box=(x0 * W, y0 * H, x1 * W, y1 * H))
+    out = img.resize((w, h), INTERPOLATIONS[interpolation], box=(x0 * W, y0 * H, x1 * W, y1 * H))
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip >= 0.5 else out
 
 
@@ -189,3 +193,10 @@ def render_tensor(img: Image.Image, view: Sequence[float], size: int | Sequence[
                   mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """render_view then to_tensor: the exact input a model sees for this view."""
     return to_tensor(render_view(img, view, size, interpolation), mean, std)
+
+
+def render(img: Image.Image, view: Sequence[float], input_cfg: dict) -> torch.Tensor:
+    """This box of this image at this model's input size and normalisation: the one way every stage (extract,
+    align, finetune, distill, teacher predictions, scoring) turns a view into the tensor a model sees."""
+    c = input_cfg
+    return render_tensor(img, view, c["size"], c["interpolation"], c["mean"], c["std"])

@@ -33,10 +33,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from ..cache.manifest import atomic_write_text, write_json
+from ..errors import EvaluateError
+from ..train.config import CommandConfig
 from .metrics import evaluate_predictions
 
 __all__ = ["EvalConfig", "EvalResult", "EvaluateError", "run_evaluate", "plot_scatter"]
@@ -44,23 +47,23 @@ __all__ = ["EvalConfig", "EvalResult", "EvaluateError", "run_evaluate", "plot_sc
 ALPHA = 0.05
 
 
-class EvaluateError(ValueError):
-    """Bad evaluation input (empty split, too few readable images); the message names the fix."""
-
-
 @dataclass
-class EvalConfig:
+class EvalConfig(CommandConfig):
     model: str
     labels: str
     out: str
     split: str = "test"
-    image_root: str | None = None
+    label_image_root: str | None = None
     batch_size: int = 32
     num_workers: int = 2
     bootstrap: int = 1000
     seed: int = 0
     device: str = "auto"
     trust_code: bool = False
+
+    command: ClassVar[str] = "evaluate"
+    error: ClassVar[type] = EvaluateError
+    renamed: ClassVar[dict] = {"image_root": ("label_image_root", 1)}
 
 
 @dataclass
@@ -134,18 +137,18 @@ def run_evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None
     """Load the model and the split's labels, score the images, compute the metrics and write cfg.out."""
     from ..labels import load_labels
     from ..models.scorer import load_iaa_model
-    from .scoring import score_files
     from ..train.engine import resolve_device
+    from .scoring import score_files
 
     if cfg.bootstrap < 0:
         raise EvaluateError(f"bootstrap must be >= 0 resamples, got {cfg.bootstrap}")
-    from ..outdir import claim_out_dir
+    from ..files import claim_out_dir
 
     # refuses a file, or a folder of someone's files; the folder is for metrics.json, predictions.csv, scatter.png
     claim_out_dir(cfg.out, "metrics.json", "evaluation", EvaluateError)
     # The disk check happens while scoring (a missing file is one more skip reason), so every skipped row keeps
     # its key, and the images are looked at once.
-    labels = load_labels(cfg.labels, image_root=cfg.image_root, check_images=False)
+    labels = load_labels(cfg.labels, image_root=cfg.label_image_root, check_images=False)
     part = labels.split(cfg.split)
     n_labels = len(part)
     if n_labels == 0:
@@ -163,7 +166,7 @@ def run_evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None
     if ok.sum() < 2:
         raise EvaluateError(f"{cfg.labels} {cfg.split}: only {int(ok.sum())} of {n_labels} images could be scored "
                             f"({n_missing} missing, {len(skipped) - n_missing} unreadable) and the metrics need at "
-                            "least 2; check --image-root")
+                            "least 2; check --label-image-root")
 
     y_true = part.scores()[ok]
     y_pred = scored.score[ok]

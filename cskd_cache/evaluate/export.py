@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ..cache.manifest import write_json
+from ..errors import EvaluateError
 from .scoring import EVAL_VIEW
 
 __all__ = ["EXPORT_FORMATS", "ExportError", "ExportParityError", "ExportResult", "ScoreModule", "bake_pos_embed",
@@ -55,7 +56,7 @@ VERSION = 1
 EXTRA_FILE = "cskd_export.json"
 
 
-class ExportError(ValueError):
+class ExportError(EvaluateError):
     """Bad export request (format, opset, missing runtime); the message names the fix."""
 
 
@@ -224,15 +225,7 @@ def _require_onnxruntime() -> None:
                           "pip install onnxruntime (or pip install -e '.[export]')") from None
 
 
-def run_export(model: str | os.PathLike, fmt: str, out: str | os.PathLike, dynamic_batch: bool = True,
-               batch_size: int = 1, opset: int = 17, atol: float = 1e-4, seed: int = 0,
-               on_status=None, trust_code: bool = False) -> ExportResult:
-    """Export the IAA model in RUN_DIR ``model`` to ``out`` and check it (see the module docstring).
-
-    ``batch_size`` is the batch the graph is traced at, and the only one it accepts when ``dynamic_batch`` is
-    False. Raises ExportParityError (file removed) when the check fails."""
-    from ..models.scorer import load_iaa_model
-
+def _check_request(fmt: str, batch_size: int, atol: float, opset: int, out: Path) -> None:
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
     if batch_size < 1:
@@ -244,10 +237,51 @@ def run_export(model: str | os.PathLike, fmt: str, out: str | os.PathLike, dynam
             raise ExportError(f"opset {opset} is outside what torch's ONNX exporter writes (9..20); "
                               "17 is a safe choice")
         _require_onnxruntime()
-    t0 = time.perf_counter()
-    out = Path(out)
     if out.is_dir():
         raise ExportError(f"--out {out} is a folder; name the file to write, e.g. {out / ('model.' + fmt)}")
+
+
+def _first_line(e: Exception) -> str:
+    # torch appends the whole IR graph to some messages; the first line says what failed
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
+def _parity(fmt: str, tmp: Path, reference: nn.Module, cfg: dict, batches: list[int], seed: int, model, out: Path,
+            atol: float) -> tuple[dict, str]:
+    """({check input: max |exported - PyTorch|}, runtime); raises ExportParityError above ``atol``."""
+    run, runtime = _runner(fmt, tmp)
+    diffs = {}
+    for name, x in parity_inputs(cfg, batches, seed):
+        with torch.no_grad():
+            ref = [t.numpy() for t in reference(x)]
+        try:
+            got = run(x)
+        except Exception as e:  # noqa: BLE001 - e.g. a batch size baked into the graph
+            raise ExportParityError(f"the {fmt} export of {model} fails on the check input {name!r} "
+                                    f"({type(e).__name__}: {_first_line(e)}); {out} was not written") from e
+        d = max(float(np.max(np.abs(np.asarray(g, dtype=np.float64) - r))) for g, r in zip(got, ref))
+        diffs[name] = d if np.isfinite(d) else float("inf")
+    worst = max(diffs.values())
+    if not worst <= atol:
+        detail = ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+        raise ExportParityError(f"{fmt} export of {model} differs from PyTorch by {worst:.3g} > --atol {atol:g} "
+                                f"({detail}); {out} was not written. Loosen --atol if this is float noise, "
+                                "or export the other format")
+    return diffs, runtime
+
+
+def run_export(model: str | os.PathLike, fmt: str, out: str | os.PathLike, dynamic_batch: bool = True,
+               batch_size: int = 1, opset: int = 17, atol: float = 1e-4, seed: int = 0,
+               on_status=None, trust_code: bool = False) -> ExportResult:
+    """Export the IAA model in RUN_DIR ``model`` to ``out`` and check it (see the module docstring).
+
+    ``batch_size`` is the batch the graph is traced at, and the only one it accepts when ``dynamic_batch`` is
+    False. Raises ExportParityError (file removed) when the check fails."""
+    from ..models.scorer import load_iaa_model
+
+    out = Path(out)
+    _check_request(fmt, batch_size, atol, opset, out)
+    t0 = time.perf_counter()
     scorer = load_iaa_model(model, device="cpu", trust_code=trust_code)
     cfg = scorer.input_cfg
     reference = ScoreModule(scorer).eval()
@@ -261,8 +295,8 @@ def run_export(model: str | os.PathLike, fmt: str, out: str | os.PathLike, dynam
     batches = sorted({1, trace_b + 1}) if dynamic_batch else [batch_size]
     example = torch.randn(trace_b, 3, *cfg["size"], generator=torch.Generator().manual_seed(seed + 1))
     names = module.output_names
-    bins = scorer.meta["head"].get("bins")
-    inputs, outputs = _io_spec(names, cfg["size"], bins, "batch" if dynamic_batch else batch_size)
+    inputs, outputs = _io_spec(names, cfg["size"], scorer.meta["head"].get("bins"),
+                               "batch" if dynamic_batch else batch_size)
     input_cfg = {"size": list(cfg["size"]), "mean": list(cfg["mean"]), "std": list(cfg["std"]),
                  "interpolation": cfg.get("interpolation", "bicubic"), **EVAL_VIEW}
     meta = {"format": FORMAT, "version": VERSION, "export_format": fmt, "model": str(model),
@@ -283,31 +317,11 @@ def run_export(model: str | os.PathLike, fmt: str, out: str | os.PathLike, dynam
             else:
                 _export_onnx(module, example, tmp, opset, dynamic_batch)
         except Exception as e:  # noqa: BLE001 - tracer/exporter failures come in many types
-            # torch appends the whole IR graph to some messages; the first line says what failed
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             other = "torchscript" if fmt == "onnx" else "onnx"
             raise ExportError(f"{fmt} export of {scorer.meta['encoder']['spec']} from {model} failed "
-                              f"({type(e).__name__}: {first}); try --format {other}") from e
-        run, runtime = _runner(fmt, tmp)
-        diffs = {}
-        for name, x in parity_inputs(cfg, batches, seed):
-            with torch.no_grad():
-                ref = [t.numpy() for t in reference(x)]
-            try:
-                got = run(x)
-            except Exception as e:  # noqa: BLE001 - e.g. a batch size baked into the graph
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                raise ExportParityError(f"the {fmt} export of {model} fails on the check input {name!r} "
-                                        f"({type(e).__name__}: {first}); {out} was not written") from e
-            d = max(float(np.max(np.abs(np.asarray(g, dtype=np.float64) - r))) for g, r in zip(got, ref))
-            diffs[name] = d if np.isfinite(d) else float("inf")
-        worst = max(diffs.values())
-        if not worst <= atol:
-            detail = ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
-            raise ExportParityError(f"{fmt} export of {model} differs from PyTorch by {worst:.3g} > --atol {atol:g} "
-                                    f"({detail}); {out} was not written. Loosen --atol if this is float noise, "
-                                    "or export the other format")
-        meta["parity"] = {"max_abs_diff": worst, "atol": atol, "runtime": runtime, "inputs": diffs}
+                              f"({type(e).__name__}: {_first_line(e)}); try --format {other}") from e
+        diffs, runtime = _parity(fmt, tmp, reference, cfg, batches, seed, model, out, atol)
+        meta["parity"] = {"max_abs_diff": max(diffs.values()), "atol": atol, "runtime": runtime, "inputs": diffs}
         os.chmod(tmp, _file_mode())  # mkstemp made it private; the result is an ordinary file
         os.replace(tmp, out)
     except BaseException:
@@ -316,5 +330,5 @@ def run_export(model: str | os.PathLike, fmt: str, out: str | os.PathLike, dynam
     sidecar = sidecar_path(out)
     write_json(sidecar, meta)
     os.chmod(sidecar, _file_mode())
-    return ExportResult(out, sidecar, fmt, worst, diffs, atol, runtime, out.stat().st_size,
+    return ExportResult(out, sidecar, fmt, max(diffs.values()), diffs, atol, runtime, out.stat().st_size,
                         time.perf_counter() - t0, names)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import EvaluateError
+
 __all__ = ["KnnIndex", "build_index", "faiss_available", "normalise", "neighbours_excluding_self"]
 
 DEFAULT_IVF_THRESHOLD = 1_000_000
@@ -140,12 +142,12 @@ def build_index(x, backend: str = "auto", ivf_threshold: int = DEFAULT_IVF_THRES
     data = normalise(x)
     n, d = data.shape
     if backend not in ("auto", "faiss", "torch"):
-        raise ValueError(f"unknown index backend {backend!r}: auto, faiss or torch")
+        raise EvaluateError(f"unknown index backend {backend!r}: auto, faiss or torch")
     if n == 0:
-        raise ValueError("cannot index zero rows")
+        raise EvaluateError("cannot index zero rows")
     have = faiss_available()
     if backend == "faiss" and not have:
-        raise ValueError("backend faiss asked for but faiss is not installed (pip install faiss-cpu)")
+        raise EvaluateError("backend faiss asked for but faiss is not installed (pip install faiss-cpu)")
     if backend == "torch" or not have:
         note = None if backend == "torch" else "faiss not installed: exact torch search (pip install faiss-cpu)"
         return KnnIndex(data, "flat", "torch", str(device), note=note)

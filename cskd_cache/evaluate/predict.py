@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cache.manifest import atomic_write_text
+from ..errors import EvaluateError
 
 __all__ = ["FORMATS", "PredictResult", "collect_paths", "output_format", "run_predict", "write_predictions"]
 
@@ -37,7 +38,7 @@ def output_format(out: str | os.PathLike) -> str:
     """"csv" or "json" from the output's suffix; ValueError for any other suffix."""
     suffix = Path(out).suffix.lower()
     if suffix not in FORMATS:
-        raise ValueError(f"--out {out}: unknown output format {suffix or '(no suffix)'!r}; name the file .csv or .json")
+        raise EvaluateError(f"--out {out}: unknown output format {suffix or '(no suffix)'!r}; name the file .csv or .json")
     return suffix[1:]
 
 
@@ -123,15 +124,15 @@ def run_predict(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
     Raises ValueError for a bad ``out`` suffix or no inputs, FileNotFoundError for a missing model; the file is
     written even when nothing could be scored (every row then has its error)."""
     from ..models.scorer import load_iaa_model
-    from .scoring import score_files
     from ..train.engine import resolve_device
+    from .scoring import score_files
 
     fmt = output_format(out)
     if Path(out).is_dir():
-        raise ValueError(f"--out {out} is a folder; name a .csv or .json file")
+        raise EvaluateError(f"--out {out} is a folder; name a .csv or .json file")
     paths = collect_paths(inputs)
     if not paths:
-        raise ValueError(f"no images found in {', '.join(map(str, inputs)) or '(no paths given)'}; pass image files "
+        raise EvaluateError(f"no images found in {', '.join(map(str, inputs)) or '(no paths given)'}; pass image files "
                          f"or folders holding {', '.join(sorted(_exts()))} files")
     dev = resolve_device(device)
     scorer = load_iaa_model(model, device=dev, trust_code=trust_code)

@@ -1,8 +1,8 @@
 """Score image files with a trained `IAAScorer`: the shared engine of `cskd evaluate` and `cskd predict`.
 
 Each file is decoded in a DataLoader worker (`images.load_rgb`: EXIF-rotated, alpha over white) and put through
-the model's eval transform, `eval_tensor`: the shortest-side centre square, rendered by `views.render_tensor` at
-``input_cfg["size"]`` with its interpolation, mean and std. It is `iaa_data_sets.eval_tensor` itself, the view
+the model's eval transform, `eval_tensor`: the shortest-side centre square, rendered by `data.views.render` at
+``input_cfg["size"]`` with its interpolation, mean and std. It is `data.transforms.eval_tensor` itself, the view
 `cskd finetune` / `cskd distill` validate on, so a score here is bit-for-bit what the run's validation saw.
 
 A file that cannot be read (missing, not an image, corrupt, truncated, too large) never stops a run: it gets an
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.datasets import EVAL_VIEW, eval_tensor
 from ..data.images import DEFAULT_MAX_PIXELS, BadImage, load_rgb
+from ..data.transforms import EVAL_VIEW, eval_tensor
 
 __all__ = ["EVAL_VIEW", "ImageFiles", "Scores", "eval_tensor", "load_eval_tensor", "score_files"]
 

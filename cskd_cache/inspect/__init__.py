@@ -1,1 +1,9 @@
-"""inspect."""
+"""Diagnosis and reporting: what a person looks at to understand a cache, a run or a model.
+
+- `neighbors`: nearest neighbours, the training-free kNN probe and near-duplicates, as an HTML page;
+- `attention`: per-layer attention distance and entropy (feature collapse);
+- `report`: a run's static HTML report; `contact_sheet`: the image grids and page helpers they share;
+- `proxy_quality`: the degradation proxy set (`cskd proxy-set`); `samples`: procedural sample photos.
+
+The top layer. May import: every layer below. Nothing in the library imports it.
+"""

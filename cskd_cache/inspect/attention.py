@@ -4,7 +4,7 @@ Models
 ------
 ``open_clip:NAME[@PRETRAINED|none]`` (open_clip VisionTransformer towers, or a timm ViT trunk),
 ``timm:NAME[@...]`` (timm VisionTransformer family: DeiT, registers, ...), ``run:DIR`` (an aligned run's student,
-`encoders.load_encoder`, or the encoder of a finetune/distill run, `iaa_model.load_iaa_model`). A bare directory
+`models.runs.load_run_encoder`: an align run's student, or the encoder of a finetune/distill run). A bare directory
 is read as ``run:DIR``. Supported attention modules: timm's ``Attention`` (``qkv``, ``q_norm``/``k_norm``,
 ``scale``), torch ``nn.MultiheadAttention`` (open_clip's default block) and open_clip's own ``Attention`` (with or
 without qk-norm). A model without any (a CNN) raises `NotAttentionModel`; a ViT whose attention is another kind
@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import EvaluateError, MissingFile
+
 __all__ = ["NotAttentionModel", "UnsupportedAttention", "AttentionModel", "from_module", "load_attention_model",
            "attention_probs", "distance_matrix", "attention_stats", "measure", "select_images", "plot_attention",
            "run_attention",
@@ -71,11 +73,11 @@ DEFINITIONS = {
 }
 
 
-class NotAttentionModel(ValueError):
+class NotAttentionModel(EvaluateError):
     """The model has no self-attention over patch tokens (a CNN, say)."""
 
 
-class UnsupportedAttention(ValueError):
+class UnsupportedAttention(EvaluateError):
     """A ViT whose attention modules cskd cannot recompute faithfully."""
 
 
@@ -164,7 +166,7 @@ def attention_stats(probs: torch.Tensor, num_prefix: int, dist: torch.Tensor) ->
     a = patch_q[..., p:]
     a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
     if a.shape[-1] != dist.shape[0]:
-        raise ValueError(f"attention over {a.shape[-1]} patch keys but a distance matrix for {dist.shape[0]} patches")
+        raise EvaluateError(f"attention over {a.shape[-1]} patch keys but a distance matrix for {dist.shape[0]} patches")
     distance = (a * dist.to(a.device)).sum(-1).mean(-1)
     entropy = -torch.special.xlogy(a, a).sum(-1).mean(-1)
     return {"distance": distance, "entropy": entropy, "prefix_mass": prefix_mass.mean(-1)}
@@ -255,13 +257,13 @@ def _run_dir(spec: str) -> Path | None:
 
 
 def _student_transform(input_cfg: dict):
-    from ..models.teachers import _pp_cfg, _py_transform
+    from ..models.teachers import make_preprocess_cfg, py_transform
 
     # The student's eval view: what `cskd align` shows it for view 0 of a shortest-side teacher (resize the short
     # side, centre crop), at the student's own size and normalisation.
-    cfg = _pp_cfg(input_cfg["size"], "shortest", 1.0, input_cfg.get("interpolation", "bicubic"),
+    cfg = make_preprocess_cfg(input_cfg["size"], "shortest", 1.0, input_cfg.get("interpolation", "bicubic"),
                   input_cfg["mean"], input_cfg["std"])
-    return _py_transform(cfg), tuple(cfg["size"])
+    return py_transform(cfg), tuple(cfg["size"])
 
 
 def from_module(module: nn.Module, transform: Callable, input_size: Sequence[int], spec: str = "module",
@@ -284,9 +286,9 @@ def load_attention_model(spec: str, device: str | torch.device = "cpu", label: s
     spec = spec.strip()
     run_dir = _run_dir(spec)
     if run_dir is not None:
-        from .neighbors import load_feature_encoder
+        from ..models.runs import load_run_encoder
 
-        encoder, _ = load_feature_encoder(run_dir, device=device, trust_code=trust_code)
+        encoder, _ = load_run_encoder(run_dir, device=device, trust_code=trust_code)
         transform, size = _student_transform(encoder.input_cfg)
         return from_module(encoder.model, transform, size, spec, forward=encoder.__call__, label=label,
                            family_prefix="run/")
@@ -294,7 +296,7 @@ def load_attention_model(spec: str, device: str | torch.device = "cpu", label: s
 
     parsed = parse_spec(spec)
     if parsed.kind == "py":
-        raise ValueError(f"{spec}: py: models have no known patch geometry; use an open_clip:, timm: or run: spec "
+        raise EvaluateError(f"{spec}: py: models have no known patch geometry; use an open_clip:, timm: or run: spec "
                          "(or cskd_cache.inspect.attention.from_module from Python)")
     teacher = build_teacher(parsed, device=device)
     return from_module(teacher.model, teacher.preprocess, teacher.preprocess_cfg["size"], spec, label=label)
@@ -373,7 +375,7 @@ def measure(model: AttentionModel, images: Sequence[str | os.PathLike], batch_si
             if xs:
                 x = torch.stack(xs).to(device)
                 if tuple(x.shape[-2:]) != model.input_size:
-                    raise ValueError(f"{model.spec}: preprocessing gave {tuple(x.shape[-2:])}, expected "
+                    raise EvaluateError(f"{model.spec}: preprocessing gave {tuple(x.shape[-2:])}, expected "
                                      f"{model.input_size}")
                 model.forward(x)
                 rec.images += len(xs)
@@ -381,7 +383,7 @@ def measure(model: AttentionModel, images: Sequence[str | os.PathLike], batch_si
             if on_progress:
                 on_progress(done, len(images))
     if rec.images == 0:
-        raise FileNotFoundError(f"none of the {len(images)} images could be read")
+        raise MissingFile(f"none of the {len(images)} images could be read")
     if any(s is None for s in rec.sums):
         raise UnsupportedAttention(f"{model.spec}: some attention modules never ran in a forward pass")
     ud, ue = _uniform(rec.dist)
@@ -443,10 +445,10 @@ def select_images(folder: str | os.PathLike, max_images: int | None, seed: int =
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder of images")
+        raise MissingFile(f"{folder}: not a folder of images")
     paths = [str(p) for p in scan_images(folder)]
     if not paths:
-        raise FileNotFoundError(f"{folder}: no image files found (looked for .jpg, .png, .webp, ...)")
+        raise MissingFile(f"{folder}: no image files found (looked for .jpg, .png, .webp, ...)")
     if max_images and len(paths) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(len(paths), max_images, replace=False))
         paths = [paths[i] for i in keep]
@@ -462,8 +464,8 @@ def run_attention(specs: Sequence[str], images: str | os.PathLike, out: str | os
     from ..cache.manifest import write_json
 
     if not specs:
-        raise ValueError("no model given")
-    from ..outdir import claim_out_dir
+        raise EvaluateError("no model given")
+    from ..files import claim_out_dir
 
     claim_out_dir(out, "attention.json", "attention report")
     paths = select_images(images, max_images, seed)

@@ -41,30 +41,33 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from ..data.images import DEFAULT_MAX_PIXELS
 from ..cache.manifest import atomic_write_text, write_json
+from ..data.images import DEFAULT_MAX_PIXELS
+from ..errors import EvaluateError
+from ..train.config import CommandConfig
 
-__all__ = ["NeighborsConfig", "NeighborsError", "load_feature_encoder", "embed_rows", "knn_probe", "run_neighbors",
+__all__ = ["NeighborsConfig", "NeighborsError", "embed_rows", "knn_probe", "run_neighbors",
            "FORMAT", "VERSION"]
 
 FORMAT = "cskd-neighbors"
 VERSION = 1
 
 
-class NeighborsError(ValueError):
+class NeighborsError(EvaluateError):
     """Bad input to `cskd neighbors`; the message names the file or option and the fix."""
 
 
 @dataclass
-class NeighborsConfig:
+class NeighborsConfig(CommandConfig):
     cache: str
     out: str
     labels: str | None = None
-    image_root: list[str] = field(default_factory=list)
+    cache_image_root: list[str] = field(default_factory=list)
     model: str | None = None
     k: int = 10
     queries: int = 12
@@ -84,6 +87,10 @@ class NeighborsConfig:
     thumb: int = 128
     max_pixels: int = DEFAULT_MAX_PIXELS
 
+    command: ClassVar[str] = "neighbors"
+    error: ClassVar[type] = NeighborsError
+    renamed: ClassVar[dict] = {"image_root": ("cache_image_root", 1)}
+
     def validate(self) -> None:
         if self.k < 1:
             raise NeighborsError(f"k must be >= 1, got {self.k}")
@@ -100,24 +107,6 @@ class NeighborsConfig:
 # --- features -----------------------------------------------------------------------------------------------
 
 
-def load_feature_encoder(run_dir: str | os.PathLike, device: str | torch.device = "cpu", trust_code: bool = False):
-    """(encoder, info): the image encoder of a finished run, called as ``encoder(x) -> (pooled, grid)`` with an
-    ``input_cfg`` and ``model`` attribute. An align run (student.json) via `load_encoder`, a finetune/distill run
-    (iaa_model.json) via `load_iaa_model`'s encoder. ``run:DIR`` is accepted for DIR."""
-    from ..models.runs import STUDENT_JSON, load_encoder
-    from ..models.scorer import IAA_JSON, load_iaa_model
-
-    text = str(run_dir)
-    run_dir = Path(os.path.expanduser(text[4:] if text.startswith("run:") else text))
-    if (run_dir / STUDENT_JSON).is_file():
-        return load_encoder(run_dir, device=device, trust_code=trust_code), {"model": str(run_dir), "run": "align"}
-    if (run_dir / IAA_JSON).is_file():
-        scorer = load_iaa_model(run_dir, device=device, trust_code=trust_code)
-        return scorer.model.encoder, {"model": str(run_dir), "run": "iaa"}
-    raise FileNotFoundError(f"{run_dir}: neither {STUDENT_JSON} (a `cskd align` run) nor {IAA_JSON} (a "
-                            "`cskd finetune`/`cskd distill` run) here; point at a finished run directory")
-
-
 @torch.no_grad()
 def embed_rows(cache, encoder, paths: list[str], batch_size: int = 64, num_workers: int = 2,
                device: str | torch.device = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -125,11 +114,13 @@ def embed_rows(cache, encoder, paths: list[str], batch_size: int = 64, num_worke
     """(N, C) float32 L2-normalised pooled features of every cache row's view 0 rebuilt at the encoder's size."""
     from torch.utils.data import DataLoader
 
-    from ..cache.paths import AlignDataset, check_images, collate
+    from ..cache.paths import check_images
+    from ..data.datasets import CachedViews, collate
 
     n = len(cache)
     check_images(cache, paths, range(n))
-    ds = AlignDataset(cache, np.arange(n), encoder.input_cfg, paths, tokens=False, view=0, max_pixels=max_pixels)
+    ds = CachedViews(paths, encoder.input_cfg, rows=np.arange(n), boxes=cache.boxes, view=0, max_pixels=max_pixels,
+                     digests=cache.digests)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     device = torch.device(device)
     out, done = [], 0
@@ -185,12 +176,12 @@ def _link(cfg: NeighborsConfig, cache, image_root: dict) -> _Labels:
     from ..labels.link import link_labels
 
     # Images are checked through the cache rows, not at the label paths: a moved dataset still links by path
-    # (after --image-root) or by content.
+    # (after --cache-image-root) or by content.
     labelset = load_labels(cfg.labels, check_images=False)
     link = link_labels(labelset, cache, image_root)
     if link.linked == 0:
         raise NeighborsError(f"--labels {cfg.labels}: none of its {len(labelset.labels)} labels matches a row of "
-                             f"cache {cache.path} by path or content; check --image-root or the label spec")
+                             f"cache {cache.path} by path or content; check --cache-image-root or the label spec")
     row_split: list[str | None] = [None] * len(cache)
     row_score: list[float | None] = [None] * len(cache)
     for lb, r in zip(labelset.labels, link.rows):
@@ -333,52 +324,24 @@ def _html(cfg: NeighborsConfig, result: dict, out: Path, paths: list[str], dup_p
     return html_page(f"cskd neighbors: {Path(cfg.cache).name}", sections)
 
 
-def run_neighbors(cfg: NeighborsConfig, on_progress: Callable[[str, int, int], None] | None = None,
-                  on_status: Callable[[str], None] | None = None) -> dict:
-    """The whole command; returns what neighbors.json holds. Every input is checked before anything is written."""
-    from ..cache.paths import parse_image_root, resolve_paths
-    from .contact_sheet import Cell, render_sheet
-    from ..evaluate.knn_index import build_index, neighbours_excluding_self
-    from ..cache.reader import open_cache
-    from ..train.engine import resolve_device
+def _features(cfg: NeighborsConfig, cache, paths: list[str], device, on_progress) -> tuple[np.ndarray, dict]:
+    """(N, D) features of every row's view 0: the cached teacher's, or a run's encoder's (computed now)."""
+    from ..models.runs import load_run_encoder
 
-    cfg.validate()
-    from ..outdir import claim_out_dir
-
-    claim_out_dir(cfg.out, "neighbors.json", "neighbours page", NeighborsError)
-    status = on_status or (lambda m: None)
-    cache = open_cache(cfg.cache, verify=not cfg.no_verify)
-    if len(cache) < 2:
-        raise NeighborsError(f"{cfg.cache}: {len(cache)} row(s); neighbours need at least 2")
-    try:
-        image_root = parse_image_root(cfg.image_root)
-    except ValueError as e:
-        raise NeighborsError(str(e)) from None
-    paths = resolve_paths(cache, image_root)
-    labels = _link(cfg, cache, image_root) if cfg.labels else None
-    if labels:
-        status(labels.link.summary())
-    device = resolve_device(cfg.device)
-
-    if cfg.model:
-        encoder, info = load_feature_encoder(cfg.model, device=device, trust_code=cfg.trust_code)
-        bar = (lambda d, t: on_progress("embed", d, t)) if on_progress else None
-        feats = embed_rows(cache, encoder, paths, cfg.batch_size, cfg.num_workers, device, cfg.max_pixels, bar)
-        features = {"source": "model", **info, "dim": int(feats.shape[1]), "view": 0,
-                    "input_size": list(encoder.input_cfg["size"])}
-        del encoder
-    else:
+    if not cfg.model:
         feats = cache.embed[:, 0].astype(np.float32)
-        features = {"source": "cache", "model": None, "teacher": cache.manifest["teacher"]["spec"],
-                    "dim": int(feats.shape[1]), "view": 0}
+        return feats, {"source": "cache", "model": None, "teacher": cache.manifest["teacher"]["spec"],
+                       "dim": int(feats.shape[1]), "view": 0}
+    encoder, info = load_run_encoder(cfg.model, device=device, trust_code=cfg.trust_code)
+    bar = (lambda d, t: on_progress("embed", d, t)) if on_progress else None
+    feats = embed_rows(cache, encoder, paths, cfg.batch_size, cfg.num_workers, device, cfg.max_pixels, bar)
+    return feats, {"source": "model", **info, "dim": int(feats.shape[1]), "view": 0,
+                   "input_size": list(encoder.input_cfg["size"])}
 
-    index_kwargs = dict(backend=cfg.backend, ivf_threshold=cfg.ivf_threshold, nlist=cfg.nlist, nprobe=cfg.nprobe,
-                        seed=cfg.seed, gpu=cfg.gpu, device=str(device))
-    index = build_index(feats, **index_kwargs)
-    if index.note:
-        status(index.note)
-    probe = _probe(cfg, labels, feats, index_kwargs) if labels else None
-    dup_pairs, dup_summary = _duplicates(index, cache, labels, cfg.dup_threshold)
+
+def _queries(cfg: NeighborsConfig, cache, index, labels: _Labels | None) -> list[dict]:
+    """A seeded sample of query rows, each with its k neighbours."""
+    from ..evaluate.knn_index import neighbours_excluding_self
 
     n_q = min(cfg.queries, len(cache))
     q_rows = np.sort(np.random.default_rng(cfg.seed).choice(len(cache), n_q, replace=False)) if n_q else \
@@ -391,14 +354,79 @@ def run_neighbors(cfg: NeighborsConfig, on_progress: Callable[[str, int, int], N
         q["neighbors"] = [{**_row_info(cache, int(j), labels), "similarity": round(float(s), 6)}
                           for s, j in zip(sims[n], ids[n]) if j >= 0]
         queries.append(q)
+    return queries
 
+
+def _labels_summary(labels: _Labels | None) -> dict | None:
+    if not labels:
+        return None
+    return {"spec": labels.spec, "name": labels.labelset.name, "total": len(labels.labelset.labels),
+            "linked": labels.link.linked, "by_path": labels.link.by_path, "by_content": labels.link.by_content,
+            "unlinked": len(labels.link.unlinked), "splits": dict(Counter(s for s in labels.row_split if s))}
+
+
+def _render_sheets(cfg: NeighborsConfig, folder: Path, paths: list[str], queries: list[dict], dup_pairs: list[dict],
+                   on_progress) -> tuple[int, str | None]:
+    """One contact sheet per query (+ one of the most similar pairs) into ``folder``; (placeholders, dup sheet)."""
+    from .contact_sheet import Cell, render_sheet
+
+    total = len(queries) + (1 if dup_pairs else 0)
+    placeholders = 0
+    for n, q in enumerate(queries):
+        cells = [Cell(paths[q["row"]], q["key"], ["query"] + _caption(q), highlight=True)]
+        cells += [Cell(paths[nb["row"]], nb["key"], [f"#{i + 1}  cos={nb['similarity']:.3f}"] + _caption(nb))
+                  for i, nb in enumerate(q["neighbors"])]
+        placeholders += render_sheet([cells], folder / f"query-{n:03d}.png", cfg.thumb,
+                                     title=f"query {n + 1}: {q['source']}/{q['key']}",
+                                     max_pixels=cfg.max_pixels)["placeholders"]
+        if on_progress:
+            on_progress("sheets", n + 1, total)
+    if not dup_pairs:
+        return placeholders, None
+    rows = [[Cell(paths[p["row_a"]], p["key_a"], [f"cos={p['cosine']:.4f}", p["split_a"] or p["source_a"]]),
+             Cell(paths[p["row_b"]], p["key_b"], [" ".join(f for f in ("cross_split", "cross_source") if p[f]) or "-",
+                                                  p["split_b"] or p["source_b"]])]
+            for p in dup_pairs[:12]]
+    placeholders += render_sheet(rows, folder / "duplicates.png", cfg.thumb,
+                                 title=f"most similar pairs (cos >= {cfg.dup_threshold})",
+                                 max_pixels=cfg.max_pixels)["placeholders"]
+    if on_progress:
+        on_progress("sheets", total, total)
+    return placeholders, "sheets/duplicates.png"
+
+
+def run_neighbors(cfg: NeighborsConfig, on_progress: Callable[[str, int, int], None] | None = None,
+                  on_status: Callable[[str], None] | None = None) -> dict:
+    """The whole command; returns what neighbors.json holds. Every input is checked before anything is written."""
+    from ..cache.paths import parse_image_root, resolve_paths
+    from ..cache.reader import open_cache
+    from ..evaluate.knn_index import build_index
+    from ..files import claim_out_dir
+    from ..train.engine import resolve_device
+
+    cfg.validate()
+    claim_out_dir(cfg.out, "neighbors.json", "neighbours page", NeighborsError)
+    status = on_status or (lambda m: None)
+    cache = open_cache(cfg.cache, verify=not cfg.no_verify)
+    if len(cache) < 2:
+        raise NeighborsError(f"{cfg.cache}: {len(cache)} row(s); neighbours need at least 2")
+    image_root = parse_image_root(cfg.cache_image_root)
+    paths = resolve_paths(cache, image_root)
+    labels = _link(cfg, cache, image_root) if cfg.labels else None
+    if labels:
+        status(labels.link.summary())
+    device = resolve_device(cfg.device)
+    feats, features = _features(cfg, cache, paths, device, on_progress)
+    index_kwargs = dict(backend=cfg.backend, ivf_threshold=cfg.ivf_threshold, nlist=cfg.nlist, nprobe=cfg.nprobe,
+                        seed=cfg.seed, gpu=cfg.gpu, device=str(device))
+    index = build_index(feats, **index_kwargs)
+    if index.note:
+        status(index.note)
+    probe = _probe(cfg, labels, feats, index_kwargs) if labels else None
+    dup_pairs, dup_summary = _duplicates(index, cache, labels, cfg.dup_threshold)
+    queries = _queries(cfg, cache, index, labels)
     result = {"format": FORMAT, "version": VERSION, "cache": str(cache.path), "rows": len(cache),
-              "features": features, "index": index.describe(), "k": cfg.k,
-              "labels": None if not labels else {
-                  "spec": labels.spec, "name": labels.labelset.name, "total": len(labels.labelset.labels),
-                  "linked": labels.link.linked, "by_path": labels.link.by_path,
-                  "by_content": labels.link.by_content, "unlinked": len(labels.link.unlinked),
-                  "splits": dict(Counter(s for s in labels.row_split if s))},
+              "features": features, "index": index.describe(), "k": cfg.k, "labels": _labels_summary(labels),
               "probe": probe, "duplicates": {**dup_summary, "csv": "duplicates.csv"}, "queries": queries,
               "seed": cfg.seed, "config": {k: v for k, v in asdict(cfg).items() if k not in ("cache", "out")}}
 
@@ -410,30 +438,8 @@ def run_neighbors(cfg: NeighborsConfig, on_progress: Callable[[str, int, int], N
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        total = len(queries) + (1 if dup_pairs else 0)
-        placeholders = 0
-        for n, q in enumerate(queries):
-            cells = [Cell(paths[q["row"]], q["key"], ["query"] + _caption(q), highlight=True)]
-            cells += [Cell(paths[nb["row"]], nb["key"], [f"#{i + 1}  cos={nb['similarity']:.3f}"] + _caption(nb))
-                      for i, nb in enumerate(q["neighbors"])]
-            placeholders += render_sheet([cells], tmp / f"query-{n:03d}.png", cfg.thumb,
-                                         title=f"query {n + 1}: {q['source']}/{q['key']}",
-                                         max_pixels=cfg.max_pixels)["placeholders"]
-            if on_progress:
-                on_progress("sheets", n + 1, total)
-        dup_sheet = None
-        if dup_pairs:
-            rows = [[Cell(paths[p["row_a"]], p["key_a"], [f"cos={p['cosine']:.4f}", p["split_a"] or p["source_a"]]),
-                     Cell(paths[p["row_b"]], p["key_b"], [" ".join(f for f in ("cross_split", "cross_source")
-                                                                   if p[f]) or "-", p["split_b"] or p["source_b"]])]
-                    for p in dup_pairs[:12]]
-            placeholders += render_sheet(rows, tmp / "duplicates.png", cfg.thumb,
-                                         title=f"most similar pairs (cos >= {cfg.dup_threshold})",
-                                         max_pixels=cfg.max_pixels)["placeholders"]
-            dup_sheet = "sheets/duplicates.png"
-            if on_progress:
-                on_progress("sheets", total, total)
-        result["missing_images_in_sheets"] = placeholders
+        result["missing_images_in_sheets"], dup_sheet = _render_sheets(cfg, tmp, paths, queries, dup_pairs,
+                                                                       on_progress)
         page = _html(cfg, result, out, paths, dup_pairs, dup_sheet)
         atomic_write_text(out / "duplicates.csv", _csv_text(dup_pairs))
         if (out / "sheets").exists():

@@ -67,6 +67,7 @@ from PIL import Image, ImageFilter
 
 from ..data.images import BadImage, load_rgb
 from ..data.sources import scan_images
+from ..errors import DataError
 
 __all__ = ["KINDS", "LEVELS", "build_proxy_set", "degrade", "level_score", "score_dist", "summarise"]
 
@@ -91,7 +92,7 @@ CASTS = {"warm": (1.0, 0.0, -1.0), "cool": (-1.0, 0.0, 1.0), "green": (-0.5, 1.0
 def level_score(level: int) -> float:
     """Severity level (0 = pristine .. 5) -> quality score on 1..10: ``10 - 1.8 * level``."""
     if not 0 <= level <= LEVELS:
-        raise ValueError(f"level must be in 0..{LEVELS}, got {level}")
+        raise DataError(f"level must be in 0..{LEVELS}, got {level}")
     return round(10.0 - 1.8 * level, 6)
 
 
@@ -122,9 +123,9 @@ def _u8(a: np.ndarray) -> Image.Image:
 def degrade(im: Image.Image, kind: str, level: int, rng: np.random.Generator) -> tuple[Image.Image | bytes, str]:
     """Apply one degradation to an RGB image; returns (image, or the JPEG file's bytes for 'jpeg', param text)."""
     if kind not in KINDS:
-        raise ValueError(f"unknown degradation {kind!r}; use one of {', '.join(KINDS)}")
+        raise DataError(f"unknown degradation {kind!r}; use one of {', '.join(KINDS)}")
     if not 1 <= level <= LEVELS:
-        raise ValueError(f"level must be in 1..{LEVELS}, got {level}")
+        raise DataError(f"level must be in 1..{LEVELS}, got {level}")
     i = level - 1
     if kind == "blur":
         return im.filter(ImageFilter.GaussianBlur(BLUR_SIGMA[i])), f"sigma={BLUR_SIGMA[i]:g}"
@@ -152,10 +153,10 @@ def _source_names(paths: Sequence[Path]) -> list[str]:
     names = [p.stem for p in paths]
     dup = sorted(n for n, c in Counter(names).items() if c > 1)
     if dup:
-        raise ValueError(f"source file names must be unique (they name the outputs); repeated: {', '.join(dup[:5])}")
+        raise DataError(f"source file names must be unique (they name the outputs); repeated: {', '.join(dup[:5])}")
     bad = [n for n in names if "__" in n or "/" in n or n.startswith(".")]
     if bad:
-        raise ValueError(f"source file names must not contain '__' or start with '.': {', '.join(bad[:5])}")
+        raise DataError(f"source file names must not contain '__' or start with '.': {', '.join(bad[:5])}")
     return names
 
 
@@ -200,7 +201,7 @@ def _claim(out_dir: Path) -> None:
     except (OSError, UnicodeDecodeError):
         header = []
     if header != list(COLUMNS):
-        raise ValueError(f"--out {out_dir} is not empty and is not a proxy set made by `cskd proxy-set` (no labels.csv "
+        raise DataError(f"--out {out_dir} is not empty and is not a proxy set made by `cskd proxy-set` (no labels.csv "
                          "of its own); a rebuild deletes files there, so choose a new or empty folder")
 
 
@@ -256,6 +257,29 @@ def _process(src: Path, name: str, split: str, out_dir: Path, size: int, seed: i
     return rows, extra
 
 
+def _check_request(kinds: tuple[str, ...], levels: int, per_image: int, unlabelled_per_image: int, size: int) -> None:
+    if not kinds or any(k not in KINDS for k in kinds) or len(set(kinds)) != len(kinds):
+        raise DataError(f"kinds must be distinct names from {', '.join(KINDS)}; got {kinds}")
+    if not 1 <= levels <= LEVELS:
+        raise DataError(f"levels must be in 1..{LEVELS}, got {levels}")
+    if not 0 <= per_image <= levels * len(kinds):
+        raise DataError(f"per_image must be in 0..{levels * len(kinds)} (levels x kinds), got {per_image}")
+    if not 0 <= unlabelled_per_image <= levels * len(kinds) - per_image:
+        raise DataError(f"unlabelled_per_image must be in 0..{levels * len(kinds) - per_image} (the pairs left "
+                        f"after per_image), got {unlabelled_per_image}")
+    if size < 8:
+        raise DataError(f"size must be >= 8, got {size}")
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        w.writeheader()
+        w.writerows({k: r[k] for k in columns} for r in rows)
+    os.replace(tmp, path)
+
+
 def build_proxy_set(src_images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, levels: int = LEVELS,
                     kinds: Sequence[str] = KINDS, per_image: int = 4, seed: int = 0, size: int = 256,
                     workers: int = 1, unlabelled_per_image: int = 0) -> Path:
@@ -268,20 +292,10 @@ def build_proxy_set(src_images: Sequence[str | os.PathLike], out_dir: str | os.P
     workers > 1 processes sources in parallel; the output does not depend on it.
     """
     kinds = tuple(kinds)
-    if not kinds or any(k not in KINDS for k in kinds) or len(set(kinds)) != len(kinds):
-        raise ValueError(f"kinds must be distinct names from {', '.join(KINDS)}; got {kinds}")
-    if not 1 <= levels <= LEVELS:
-        raise ValueError(f"levels must be in 1..{LEVELS}, got {levels}")
-    if not 0 <= per_image <= levels * len(kinds):
-        raise ValueError(f"per_image must be in 0..{levels * len(kinds)} (levels x kinds), got {per_image}")
-    if not 0 <= unlabelled_per_image <= levels * len(kinds) - per_image:
-        raise ValueError(f"unlabelled_per_image must be in 0..{levels * len(kinds) - per_image} (the pairs left "
-                         f"after per_image), got {unlabelled_per_image}")
-    if size < 8:
-        raise ValueError(f"size must be >= 8, got {size}")
+    _check_request(kinds, levels, per_image, unlabelled_per_image, size)
     srcs = [Path(p) for p in src_images]
     if not srcs:
-        raise ValueError("no source images")
+        raise DataError("no source images")
     names = _source_names(srcs)
     splits = split_sources(names, seed)
     out_dir = Path(out_dir)
@@ -309,23 +323,12 @@ def build_proxy_set(src_images: Sequence[str | os.PathLike], out_dir: str | os.P
             rows.extend(res[0])
             extra.extend(res[1])
     if not rows:
-        raise ValueError(f"none of the {len(srcs)} source images could be decoded")
+        raise DataError(f"none of the {len(srcs)} source images could be decoded")
     labels = out_dir / "labels.csv"
-    tmp = labels.with_name("labels.csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r[k] for k in COLUMNS})
-    os.replace(tmp, labels)
+    _write_csv(labels, COLUMNS, rows)
     unl = out_dir / "unlabelled.csv"
     if unlabelled_per_image:
-        tmp = unl.with_name("unlabelled.csv.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=UNLABELLED_COLUMNS, lineterminator="\n")
-            w.writeheader()
-            w.writerows({k: r[k] for k in UNLABELLED_COLUMNS} for r in extra)
-        os.replace(tmp, unl)
+        _write_csv(unl, UNLABELLED_COLUMNS, extra)
     elif unl.exists():  # a rebuild without extras must not leave the last build's list behind
         unl.unlink()
     # Nor its images: a folder scan (`cskd extract --images OUT/unlabelled`) would otherwise pick up versions no

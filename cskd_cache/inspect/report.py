@@ -6,7 +6,7 @@ files exist; one folder may give several sections, and several folders may give 
 
 - run (align / finetune / distill): config.yaml (shown as YAML), metrics.jsonl (train records summarised as
   first / last / min of each number; the newest ``last`` eval records as a table), loss_curve.png (drawn with
-  `trainer.plot_losses` when missing), student.json or iaa_model.json (the model's description).
+  `train.run_log.plot_losses` when missing), student.json or iaa_model.json (the model's description).
 - evaluation (`cskd evaluate`): metrics.json read generically: every scalar field (nested objects flattened as
   ``a.b``) in a table, a field ``NAME_ci`` = [lo, hi] shown beside NAME as ``0.812 [0.79, 0.83]``;
   scatter.png; a link to predictions.csv.
@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from ..errors import EvaluateError
+
 __all__ = ["ReportError", "Output", "find_outputs", "build_report", "format_value", "REPORT_NAME"]
 
 REPORT_NAME = "report.html"
@@ -52,7 +54,7 @@ KIND_TITLE = {"run": "Run", "evaluate": "Evaluation", "neighbors": "Neighbours",
 MAX_ROWS = 200  # a summary table of a big JSON stays readable; the file itself is linked
 
 
-class ReportError(ValueError):
+class ReportError(EvaluateError):
     """Nothing to report, or a file the report needs cannot be read; the message names the file and the fix."""
 
 
@@ -253,7 +255,7 @@ def _loss_curve(folder: Path, records: list[dict], page: _Page, out: Path) -> Pa
     train = [r for r in records if r.get("type") == "train"]
     if not train or not all("loss" in r for r in train):  # what plot_losses draws
         return None
-    from ..train.engine import plot_losses
+    from ..train.run_log import plot_losses
 
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / folder.name / "loss_curve.png"  # plot_losses titles the plot with the folder name
@@ -266,7 +268,7 @@ def _loss_curve(folder: Path, records: list[dict], page: _Page, out: Path) -> Pa
 
 
 def _run_section(folder: Path, page: _Page, out: Path, last: int) -> str:
-    from ..train.engine import read_metrics
+    from ..train.run_log import read_metrics
 
     parts = []
     records: list[dict] = []

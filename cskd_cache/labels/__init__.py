@@ -12,7 +12,11 @@
 
 Thresholds other than AVA's 5.0 are conventions (the middle of the scale), not part of those datasets.
 AADB and PARA were written from their public documentation, not checked against real files.
-See docs/datasets.md for the on-disk formats.
+See docs/datasets.md for the on-disk formats. Beside the readers: `targets` (train subsets by fraction, the head a
+label set asks for, per-image targets and score scaling) and `link` (each label to its feature-cache row, by path
+or by content).
+
+May import: `errors`, `files`, `data` (decoding), `cache` (linking to rows). Never: models, train or anything above.
 """
 
 from .labelset import SPLITS, Label, LabelSet

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .labelset import number, Label, LabelSet, finish, first_existing
+from ..errors import LabelError
+from .labelset import Label, LabelSet, finish, first_existing, number
 
 SCALE = (0.0, 1.0)
 BINS = None
@@ -36,7 +37,7 @@ def read_aadb(root: str | Path, image_root: str | Path | None = None, val_fracti
             if not parts:
                 continue
             if len(parts) < 2:
-                raise ValueError(f"{path}:{n}: expected 'image_name score', got {line!r}")
+                raise LabelError(f"{path}:{n}: expected 'image_name score', got {line!r}")
             key, score = parts[0], number(parts[1], f"{path}:{n}")
             labels.append(Label(key, str(images / key), split, score, None))
     return finish("aadb", labels, SCALE, BINS, THRESHOLD, check_images)

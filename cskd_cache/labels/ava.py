@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .labelset import number, Label, LabelSet, column, finish, first_existing, read_csv, val_or_train
+from ..errors import LabelError, MissingFile
+from .labelset import Label, LabelSet, column, finish, first_existing, number, read_csv, val_or_train
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ _VALUES = np.arange(1, BINS + 1, dtype=np.float64)
 def _label(key: str, votes: list[str], where: str, images: Path, split: str) -> Label | None:
     counts = np.array([number(v, where, "vote count") for v in votes])
     if counts.shape != (BINS,) or (counts < 0).any():
-        raise ValueError(f"{where}: expected {BINS} non-negative vote counts, got {votes}")
+        raise LabelError(f"{where}: expected {BINS} non-negative vote counts, got {votes}")
     total = counts.sum()
     if total <= 0:
         return None  # an image nobody rated has no label
@@ -53,7 +54,7 @@ def _read_official(txt: Path, test_list: Path, images: Path, val_fraction: float
             if not parts:
                 continue
             if len(parts) < 12:
-                raise ValueError(f"{txt}:{n}: expected 'index image_id n1..n10 tag1 tag2 challenge', got {line!r}")
+                raise LabelError(f"{txt}:{n}: expected 'index image_id n1..n10 tag1 tag2 challenge', got {line!r}")
             key = parts[1]
             split = "test" if key in test_ids else val_or_train(key, val_fraction, seed)
             lb = _label(key, parts[2:12], f"{txt}:{n}", images, split)
@@ -93,6 +94,6 @@ def read_ava(root: str | Path, image_root: str | Path | None = None, val_fractio
     elif list(root.glob("tanet_ava_*.csv")):
         labels = _read_tanet(root, images)
     else:
-        raise FileNotFoundError(f"no AVA labels under {root}: expected AVA.txt (or AVA_dataset/AVA.txt) "
+        raise MissingFile(f"no AVA labels under {root}: expected AVA.txt (or AVA_dataset/AVA.txt) "
                                 "with aesthetics_image_lists/generic_test.jpgl, or TANet's tanet_ava_{train,val,test}.csv")
     return finish("ava", labels, SCALE, BINS, THRESHOLD, check_images)

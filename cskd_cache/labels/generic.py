@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .labelset import number, Label, LabelSet, finish, norm_split, normalise_dist, read_csv, seeded_split
+from ..errors import LabelError, MissingFile
+from .labelset import Label, LabelSet, finish, norm_split, normalise_dist, number, read_csv, seeded_split
 
 
 def _parse_dist(value, where: str) -> np.ndarray | None:
@@ -34,7 +35,7 @@ def _parse_dist(value, where: str) -> np.ndarray | None:
         try:
             value = json.loads(text) if text.startswith("[") else [float(v) for v in text.split(";") if v.strip()]
         except ValueError:
-            raise ValueError(f"{where}: dist {text!r} is neither a JSON list nor ';'-separated numbers") from None
+            raise LabelError(f"{where}: dist {text!r} is neither a JSON list nor ';'-separated numbers") from None
     return normalise_dist(value, where)
 
 
@@ -44,7 +45,7 @@ def _to_labels(records: list[tuple[str, dict]], base: Path, name: str, val_fract
     for where, rec in records:
         path = str(rec.get("path") or "").strip()
         if not path:
-            raise ValueError(f"{where}: no 'path'; every row needs an image path")
+            raise LabelError(f"{where}: no 'path'; every row needs an image path")
         dcols = []
         while f"d{len(dcols) + 1}" in rec:
             dcols.append(rec[f"d{len(dcols) + 1}"])
@@ -52,10 +53,10 @@ def _to_labels(records: list[tuple[str, dict]], base: Path, name: str, val_fract
         raw = rec.get("score")
         score = None if raw is None or str(raw).strip() == "" else number(raw, where)
         if dist is None and score is None:
-            raise ValueError(f"{where}: needs a 'score' or a 'dist' (or d1..dK columns)")
+            raise LabelError(f"{where}: needs a 'score' or a 'dist' (or d1..dK columns)")
         if dist is not None:
             if bins is not None and len(dist) != bins:
-                raise ValueError(f"{where}: {len(dist)} bins, earlier rows have {bins}")
+                raise LabelError(f"{where}: {len(dist)} bins, earlier rows have {bins}")
             bins = len(dist)
         if score is None:
             score = float(dist @ np.arange(1, len(dist) + 1))
@@ -67,7 +68,7 @@ def _to_labels(records: list[tuple[str, dict]], base: Path, name: str, val_fract
         full = Path(path) if Path(path).is_absolute() else base / path
         labels.append(Label(key, str(full), split, score, dist))
     if not labels:
-        raise ValueError(f"{name}: no label rows")
+        raise LabelError(f"{name}: no label rows")
     if has_score:
         s = np.array([lb.score for lb in labels])
         scale = (float(s.min()), float(s.max()))
@@ -86,7 +87,7 @@ def read_csv_labels(file: str | Path, image_root: str | Path | None = None, val_
                     check_images: bool = True) -> LabelSet:
     file = Path(file)
     if not file.is_file():
-        raise FileNotFoundError(f"label file {file} not found")
+        raise MissingFile(f"label file {file} not found")
     header, rows = read_csv(file)
     records = [(f"{file}:{n}", dict(zip(header, (c.strip() for c in row)))) for n, row in enumerate(rows, 2)]
     return _to_labels(records, Path(image_root) if image_root else file.parent, file.stem, val_fraction, seed,
@@ -97,16 +98,16 @@ def read_jsonl_labels(file: str | Path, image_root: str | Path | None = None, va
                       seed: int = 0, check_images: bool = True) -> LabelSet:
     file = Path(file)
     if not file.is_file():
-        raise FileNotFoundError(f"label file {file} not found")
+        raise MissingFile(f"label file {file} not found")
     records = []
     for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{file}:{n}: not valid JSON ({e.msg})") from None
+                raise LabelError(f"{file}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{file}:{n}: expected a JSON object per line, got {type(rec).__name__}")
+                raise LabelError(f"{file}:{n}: expected a JSON object per line, got {type(rec).__name__}")
             records.append((f"{file}:{n}", rec))
     return _to_labels(records, Path(image_root) if image_root else file.parent, file.stem, val_fraction, seed,
                       check_images)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .labelset import number, Label, LabelSet, column, finish, first_existing, norm_split, normalise_dist, read_csv
+from ..errors import LabelError
+from .labelset import Label, LabelSet, column, finish, first_existing, norm_split, normalise_dist, number, read_csv
 
 SCALE = (1.0, 100.0)
 BINS = 5
@@ -45,7 +46,7 @@ def read_koniq(root: str | Path, image_root: str | Path | None = None, val_fract
         key = row[ki].strip()
         split = _PYIQA_SPLITS.get(row[si].strip()) if pyiqa else norm_split(row[si], where)
         if split is None:
-            raise ValueError(f"{where}: unknown split {row[si]!r}; pyiqa uses 0/1/2 for train/val/test")
+            raise LabelError(f"{where}: unknown split {row[si]!r}; pyiqa uses 0/1/2 for train/val/test")
         dist = normalise_dist([row[i] for i in ci], where)
         labels.append(Label(key, str(images / key), split, number(row[mi], where), dist))
     return finish("koniq", labels, SCALE, BINS, THRESHOLD, check_images)

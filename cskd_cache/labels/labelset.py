@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import LabelError, MissingFile
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -66,7 +68,7 @@ class LabelSet:
 
     def split(self, name: str) -> LabelSet:
         if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
+            raise LabelError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
         miss = [p for p in self.missing if self._missing_split.get(p) == name]
         return replace(self, labels=[lb for lb in self.labels if lb.split == name], missing=miss,
                        _missing_split={p: name for p in miss})
@@ -82,11 +84,11 @@ class LabelSet:
 
     def dists(self) -> np.ndarray:
         if self.bins is None:
-            raise ValueError(f"{self.name} has no score distributions (only mean scores)")
+            raise LabelError(f"{self.name} has no score distributions (only mean scores)")
         if not self.labels:
             return np.zeros((0, self.bins))
         if any(lb.dist is None for lb in self.labels):
-            raise ValueError(f"{self.name}: some labels have no distribution")
+            raise LabelError(f"{self.name}: some labels have no distribution")
         return np.stack([lb.dist for lb in self.labels]).astype(np.float64)
 
     def normalised_score(self) -> np.ndarray:
@@ -156,7 +158,7 @@ def seeded_split(key: str, val_fraction: float, seed: int) -> str:
 def norm_split(value: str, where: str) -> str:
     s = _SPLIT_ALIASES.get(str(value).strip().lower())
     if s is None:
-        raise ValueError(f"{where}: unknown split {value!r}; use train, val or test")
+        raise LabelError(f"{where}: unknown split {value!r}; use train, val or test")
     return s
 
 
@@ -166,9 +168,9 @@ def number(value, where: str, what: str = "score") -> float:
     try:
         x = float(str(value).strip()) if not isinstance(value, (int, float)) else float(value)
     except ValueError:
-        raise ValueError(f"{where}: {what} {value!r} is not a number; fix or drop this row") from None
+        raise LabelError(f"{where}: {what} {value!r} is not a number; fix or drop this row") from None
     if not np.isfinite(x):
-        raise ValueError(f"{where}: {what} {value!r} is not finite; fix or drop this row")
+        raise LabelError(f"{where}: {what} {value!r} is not finite; fix or drop this row")
     return x
 
 
@@ -176,7 +178,7 @@ def normalise_dist(values, where: str) -> np.ndarray:
     d = np.asarray([number(v, where, "vote") for v in values], dtype=np.float64)
     total = d.sum()
     if d.ndim != 1 or not np.isfinite(total) or total <= 0 or (d < 0).any():
-        raise ValueError(f"{where}: not a distribution (needs non-negative values with a positive sum): {values!r}")
+        raise LabelError(f"{where}: not a distribution (needs non-negative values with a positive sum): {values!r}")
     return d / total
 
 
@@ -185,7 +187,7 @@ def read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
     if not rows:
-        raise ValueError(f"{path}: empty file")
+        raise LabelError(f"{path}: empty file")
     return [h.strip() for h in rows[0]], rows[1:]
 
 
@@ -194,14 +196,14 @@ def column(header: list[str], name: str, path: Path) -> int:
     try:
         return header.index(name)
     except ValueError:
-        raise ValueError(f"{path}: no column {name!r}; the header is {header}") from None
+        raise LabelError(f"{path}: no column {name!r}; the header is {header}") from None
 
 
 def first_existing(candidates: list[Path], what: str) -> Path:
     for p in candidates:
         if p.exists():
             return p
-    raise FileNotFoundError(f"{what} not found; looked for " + ", ".join(str(p) for p in candidates))
+    raise MissingFile(f"{what} not found; looked for " + ", ".join(str(p) for p in candidates))
 
 
 def _existing_files(paths: list[str]) -> set[str]:
@@ -225,7 +227,7 @@ def finish(name: str, labels: list[Label], scale: tuple[float, float], bins: int
     seen: set[str] = set()
     for lb in labels:
         if lb.key in seen:
-            raise ValueError(f"{name}: image key {lb.key!r} appears twice in the label files")
+            raise LabelError(f"{name}: image key {lb.key!r} appears twice in the label files")
         seen.add(lb.key)
     missing: list[str] = []
     if check_images:

@@ -1,7 +1,7 @@
 """Link labelled images to feature-cache rows, so training can reuse cached views and keep val/test images out.
 
 A label links to the cache row whose image is the same file: first by resolved absolute path (the row's image
-path after the optional image_root remap, as `align_data.resolve_paths` gives it, symlinks resolved), then, for
+path after the optional image_root remap, as `cache.paths.resolve_paths` gives it, symlinks resolved), then, for
 labels still unlinked, by file content (sha256 of the label's image file == the row's stored ``digest``; this
 catches images that were copied, renamed or moved after extraction). Digests are computed only for labels not
 linked by path, because hashing a whole dataset is the slow part. Extraction stores byte-identical files once,
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..cache.paths import resolve_paths
-from .labelset import LabelSet
-from ..data.images import file_digest
 from ..cache.reader import FeatureCache
+from ..data.images import file_digest
+from .labelset import LabelSet
 
 
 @dataclass

@@ -17,7 +17,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .labelset import number, Label, LabelSet, column, finish, first_existing, normalise_dist, read_csv, val_or_train
+from ..errors import LabelError
+from .labelset import Label, LabelSet, column, finish, first_existing, normalise_dist, number, read_csv, val_or_train
 
 SCALE = (1.0, 5.0)
 THRESHOLD = 3.0
@@ -37,7 +38,7 @@ def read_para(root: str | Path, image_root: str | Path | None = None, val_fracti
         votes = sorted((float(m.group(1)), i) for i, h in enumerate(header) if (m := _VOTE.match(h)))
         vi = [i for _, i in votes]
         if bins is not None and len(vi) != bins:
-            raise ValueError(f"{path}: {len(vi)} vote columns, but the other PARA file has {bins}")
+            raise LabelError(f"{path}: {len(vi)} vote columns, but the other PARA file has {bins}")
         bins = len(vi)
         for n, row in enumerate(rows, 2):
             session, name = row[si].strip(), row[ni].strip()

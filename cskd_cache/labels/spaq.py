@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .labelset import number, Label, LabelSet, column, finish, first_existing, read_csv, seeded_split
+from .labelset import Label, LabelSet, column, finish, first_existing, number, read_csv, seeded_split
 
 SCALE = (0.0, 100.0)
 BINS = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import LabelError, MissingFile
 from .aadb import read_aadb
 from .ava import read_ava
 from .generic import read_csv_labels, read_jsonl_labels
@@ -31,10 +32,10 @@ def parse_spec(spec: str) -> tuple[str, Path]:
     name, sep, path = str(spec).partition(":")
     name = name.strip().lower()
     if not sep or not path.strip():
-        raise ValueError(f"bad dataset spec {spec!r}: write NAME:PATH, one of {_FORMS} "
+        raise LabelError(f"bad dataset spec {spec!r}: write NAME:PATH, one of {_FORMS} "
                          f"(e.g. 'ava:/data/AVA' or 'csv:/data/labels.csv')")
     if name not in READERS:
-        raise ValueError(f"bad dataset spec {spec!r}: unknown dataset {name!r}; use one of {_FORMS}")
+        raise LabelError(f"bad dataset spec {spec!r}: unknown dataset {name!r}; use one of {_FORMS}")
     return name, Path(path.strip()).expanduser()
 
 
@@ -48,9 +49,9 @@ def load_labels(spec: str, image_root: str | None = None, val_fraction: float = 
     rows without an image go to ``missing``, summarised in one logged line, never raised.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise LabelError(f"val_fraction must be in [0, 1), got {val_fraction}")
     name, path = parse_spec(spec)
     if not path.exists():
         what = "file" if name in ("csv", "jsonl") else "dataset root"
-        raise FileNotFoundError(f"dataset spec {spec!r}: {what} {path} does not exist")
+        raise MissingFile(f"dataset spec {spec!r}: {what} {path} does not exist")
     return READERS[name](path, image_root=image_root, val_fraction=val_fraction, seed=seed, check_images=check_images)

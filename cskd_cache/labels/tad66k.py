@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .labelset import number, Label, LabelSet, column, finish, first_existing, read_csv, val_or_train
+from .labelset import Label, LabelSet, column, finish, first_existing, number, read_csv, val_or_train
 
 SCALE = (1.0, 10.0)
 BINS = None

@@ -1,53 +1,25 @@
-"""Alignment losses, one per file (as dinov2/loss/), combined by `AlignLoss` with their weights.
+"""Losses, one per file (as dinov2/loss/), and the two objectives that weigh them: `align.AlignLoss` (Stage I) and
+`iaa.IAALoss` (Stage II).
 
-| name        | file                | compares                                         | default weight              |
-|-------------|---------------------|--------------------------------------------------|-----------------------------|
-| ``global``  | cosine.py           | projected embedding vs cached embedding, 1 - cos | 1.0                         |
-| ``token``   | token_smooth_l1.py  | token head vs LayerNorm-whitened cached tokens   | 1.0 with tokens, 0 without  |
-| ``mse``     | mse.py              | projected embedding vs cached embedding, MSE     | 0.0                         |
+| name        | file                | compares                                         | used by                       |
+|-------------|---------------------|--------------------------------------------------|-------------------------------|
+| ``global``  | cosine.py           | projected embedding vs cached embedding, 1 - cos | align (1.0); distill lambda_f |
+| ``token``   | token_smooth_l1.py  | token head vs LayerNorm-whitened cached tokens   | align (1.0 with tokens)       |
+| ``mse``     | mse.py              | projected embedding vs cached embedding, MSE     | align (0.0)                   |
+| ``sup``     | emd.py / MSE        | score distribution (EMD) or 0..1 score (MSE)     | finetune, distill             |
+| ``plcc``    | plcc_loss.py        | 1 - PLCC of a batch's scores                     | finetune, distill (0.0)       |
+| ``distill`` | emd.py / kl.py      | student vs teacher prediction on the same view   | distill (lambda_u)            |
+
+Pure torch.
+
+May import: `errors`. Never: anything else of cskd.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
+from .align import AlignLoss
 from .cosine import CosineLoss
 from .mse import MSELoss
 from .token_smooth_l1 import TokenSmoothL1Loss
 
 __all__ = ["AlignLoss", "CosineLoss", "MSELoss", "TokenSmoothL1Loss"]
-
-
-class AlignLoss(nn.Module):
-    """Weighted sum of the alignment losses; a loss with weight 0 is not computed at all.
-
-    ``forward(out, batch)`` takes the model's ``{"embed", "tokens"}`` and the batch's ``embed``/``tokens``
-    targets and returns ``{"loss": total, "global": ..., "token": ..., "mse": ...}`` (only the active terms,
-    unweighted, so they can be logged and compared across weightings).
-    """
-
-    def __init__(self, w_global: float = 1.0, w_token: float = 0.0, w_mse: float = 0.0, token_beta: float = 2.0):
-        super().__init__()
-        for name, w in (("global", w_global), ("token", w_token), ("mse", w_mse)):
-            if w < 0:
-                raise ValueError(f"loss weight for {name} must be >= 0, got {w}")
-        if w_global == w_token == w_mse == 0:
-            raise ValueError("every loss weight is 0: nothing to train (set --w-global, --w-token or --w-mse)")
-        self.weights = {"global": float(w_global), "token": float(w_token), "mse": float(w_mse)}
-        self.terms = nn.ModuleDict({"global": CosineLoss(), "token": TokenSmoothL1Loss(token_beta), "mse": MSELoss()})
-
-    @property
-    def uses_tokens(self) -> bool:
-        return self.weights["token"] > 0
-
-    def forward(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
-        parts = {}
-        if self.weights["global"]:
-            parts["global"] = self.terms["global"](out["embed"], batch["embed"])
-        if self.weights["token"]:
-            parts["token"] = self.terms["token"](out["tokens"], batch["tokens"])
-        if self.weights["mse"]:
-            parts["mse"] = self.terms["mse"](out["embed"], batch["embed"])
-        parts["loss"] = sum(self.weights[k] * v for k, v in parts.items())
-        return parts

@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .scorer import build_head
+from ..errors import MissingFile, ModelError
+from ..files import write_json
 from ..losses.emd import EMDLoss
-from ..cache.manifest import write_json
+from .scorer import build_head
+from .weights import load_weights
 
 __all__ = ["CacheHead", "fit_cache_head", "predict_embeddings", "save_cache_head", "load_cache_head",
            "HEAD_JSON", "HEAD_WEIGHTS"]
@@ -58,7 +60,7 @@ def fit_cache_head(embed: np.ndarray, targets: dict[str, np.ndarray], kind: str,
     """Fit on embed (n, V, D) with per-image targets ``dist`` (n, K) or ``unit`` (n,); returns (head, info)."""
     n, v, d = embed.shape
     if n == 0:
-        raise ValueError("no labelled train image is linked to the feature cache, so the cache-head teacher has "
+        raise ModelError("no labelled train image is linked to the feature cache, so the cache-head teacher has "
                          "nothing to fit; extract the labelled images into the cache or use --teacher run:DIR")
     x = torch.from_numpy(embed.reshape(n * v, d).astype(np.float32))
     key = "dist" if kind == "distribution" else "unit"
@@ -109,16 +111,15 @@ def save_cache_head(dir: str | os.PathLike, head: CacheHead, labels_meta: dict, 
 
 
 def load_cache_head(dir: str | os.PathLike) -> tuple[CacheHead, dict]:
-    from safetensors.torch import load_model
 
     dir = Path(dir)
     meta_path = dir / HEAD_JSON
     if not meta_path.is_file() or not (dir / HEAD_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{dir}: no {HEAD_JSON} + {HEAD_WEIGHTS} here")
+        raise MissingFile(f"{dir}: no {HEAD_JSON} + {HEAD_WEIGHTS} here")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{meta_path}: not a cskd cache head (format {meta.get('format')!r})")
+        raise ModelError(f"{meta_path}: not a cskd cache head (format {meta.get('format')!r})")
     head = CacheHead(int(meta["in_dim"]), meta["kind"], meta.get("bins"), int(meta.get("hidden") or 0),
                      dropout=0.1 if meta.get("hidden") else 0.0)
-    load_model(head, str(dir / HEAD_WEIGHTS), strict=True)
+    load_weights(head, str(dir / HEAD_WEIGHTS), "cache-head")
     return head.eval(), meta

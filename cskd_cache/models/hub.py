@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import socket
 
+from ..errors import ModelError
+
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -86,6 +88,6 @@ def require_weights_reachable(spec) -> None:
         return
     why = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub (huggingface.co) cannot be reached"
     example = f"{spec.kind}:{spec.name}@/path/to/{'ckpt.pt' if spec.kind == 'open_clip' else 'model.safetensors'}"
-    raise ValueError(f"{spec.raw}: the weights of tag {spec.pretrained!r} are not in the local cache and {why}; "
+    raise ModelError(f"{spec.raw}: the weights of tag {spec.pretrained!r} are not in the local cache and {why}; "
                      f"fetch them once on a machine with network (the same cache dir), or pass a local file: "
                      f"{example}")

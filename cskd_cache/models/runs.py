@@ -1,22 +1,33 @@
-"""Trained students on disk: what `cskd align` leaves in its run directory for the later stages.
+"""The one loader of run directories: every ``run:`` spec, ``--model RUN_DIR`` and `load_encoder` comes here.
 
-RUN_DIR/student.json        {"spec", "size_override", "input_cfg", "pooled_dim", "grid_dim", "grid_size", ...}
-RUN_DIR/student.safetensors the encoder's weights only (the alignment heads are training scaffolding)
+An align run leaves its student:
 
-`load_encoder(RUN_DIR)` and the spec `run:RUN_DIR` rebuild the architecture from ``spec`` with random weights
-(nothing is fetched) and load these weights into it.
+    RUN_DIR/student.json        {"spec", "size_override", "input_cfg", "pooled_dim", "grid_dim", "grid_size", ...}
+    RUN_DIR/student.safetensors the encoder's weights only (the alignment heads are training scaffolding)
+
+a finetune/distill run its scorer (`scorer`: iaa_model.json + iaa_model.safetensors). `build_encoder` turns any
+encoder spec into a trainable encoder (``run:`` here, ``timm:``/``py:`` in `students`); `load_encoder` reads an
+align run's student; `load_run_encoder` the image encoder of either kind of run. Architectures are rebuilt from
+the recorded spec with random weights (nothing is fetched) and the weights loaded strictly; a ``py:`` spec found
+in a run directory is imported only with ``trust_code`` (`trust`). This module sits above `students` and
+`scorer` and neither imports it, so no loader depends on another in a circle.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from ..cache.manifest import default_file_mode, write_json
-from .trust import check_spec_from_file
+from ..errors import MissingFile, ModelError
+from ..files import default_file_mode, read_json, write_json
+from .scorer import IAA_JSON, load_iaa_model
+from .students import build_student, rebuild_student, size_hw
+from .weights import load_weights
+
+__all__ = ["STUDENT_JSON", "STUDENT_WEIGHTS", "save_encoder", "load_encoder", "load_run_encoder", "build_encoder",
+           "run_dir_of"]
 
 STUDENT_JSON = "student.json"
 STUDENT_WEIGHTS = "student.safetensors"
@@ -39,22 +50,49 @@ def save_encoder(encoder, run_dir: str | os.PathLike, extra: dict | None = None)
 def load_encoder(run_dir: str | os.PathLike, device: str | torch.device = "cpu", trust_code: bool = False):
     """The trained student of a `cskd align` run (a StudentEncoder in eval mode, without the heads). A ``py:``
     spec in its student.json is imported only with ``trust_code`` (`trust`)."""
-    from safetensors.torch import load_model
-
-    from .students import build_student
 
     run_dir = Path(os.path.expanduser(str(run_dir)))
     meta_path, weights = run_dir / STUDENT_JSON, run_dir / STUDENT_WEIGHTS
     if not meta_path.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"{run_dir}: no {STUDENT_JSON} + {STUDENT_WEIGHTS} here; point at the --out of a "
+        raise MissingFile(f"{run_dir}: no {STUDENT_JSON} + {STUDENT_WEIGHTS} here; point at the --out of a "
                                 "finished `cskd align` run")
-    meta = json.loads(meta_path.read_text())
-    check_spec_from_file(meta.get("spec"), meta_path, trust_code)
-    encoder = build_student(meta["spec"], pretrained_ok=False, size=meta.get("size_override"), trust_code=trust_code)
-    load_model(encoder.model, str(weights), strict=True)
-    if list(encoder.input_cfg["size"]) != list(meta["input_cfg"]["size"]):
-        raise ValueError(f"{run_dir}: rebuilt student expects input {encoder.input_cfg['size']}, the run trained "
-                         f"at {meta['input_cfg']['size']}")
-    encoder.input_cfg = dict(meta["input_cfg"])
-    encoder.size_override = meta.get("size_override")
+    encoder = rebuild_student(read_json(meta_path, ModelError, "re-run the `cskd align`"), meta_path, trust_code)
+    load_weights(encoder.model, str(weights), "student")
     return encoder.to(device).eval()
+
+
+def run_dir_of(spec: str | os.PathLike) -> Path:
+    """``run:DIR`` or a bare DIR -> DIR (``~`` expanded)."""
+    text = str(spec)
+    return Path(os.path.expanduser(text[4:] if text.startswith("run:") else text))
+
+
+def build_encoder(spec: str, pretrained_ok: bool = True, size: int | list[int] | None = None,
+                  trust_code: bool = False):
+    """A trainable encoder (StudentEncoder, train mode) from any encoder spec: ``run:RUN_DIR`` (an align run's
+    student, at the input size it was trained at) or ``timm:``/``py:`` (`students.build_student`)."""
+    raw = spec.strip() if isinstance(spec, str) else ""
+    if not raw.startswith("run:"):
+        return build_student(raw, pretrained_ok=pretrained_ok, size=size, trust_code=trust_code)
+    encoder = load_encoder(raw[4:], trust_code=trust_code)
+    # Its weights learnt one input size; a matching request is a no-op, a different one would silently change
+    # what the aligned features mean.
+    trained = list(encoder.input_cfg["size"])
+    if size is not None and size_hw(size) != trained:
+        raise ModelError(f"a run: student keeps the input size it was trained at ({trained[0]}x{trained[1]}), not "
+                         f"{'x'.join(map(str, size_hw(size)))}; leave the input size unset")
+    return encoder.train()
+
+
+def load_run_encoder(run_dir: str | os.PathLike, device: str | torch.device = "cpu", trust_code: bool = False):
+    """(encoder, info): the image encoder of a finished run, called as ``encoder(x) -> (pooled, grid)`` with an
+    ``input_cfg`` and ``model`` attribute. An align run (student.json) via `load_encoder`, a finetune/distill run
+    (iaa_model.json) via `scorer.load_iaa_model`'s encoder. ``run:DIR`` is accepted for DIR."""
+    run_dir = run_dir_of(run_dir)
+    if (run_dir / STUDENT_JSON).is_file():
+        return load_encoder(run_dir, device=device, trust_code=trust_code), {"model": str(run_dir), "run": "align"}
+    if (run_dir / IAA_JSON).is_file():
+        scorer = load_iaa_model(run_dir, device=device, trust_code=trust_code)
+        return scorer.model.encoder, {"model": str(run_dir), "run": "iaa"}
+    raise MissingFile(f"{run_dir}: neither {STUDENT_JSON} (a `cskd align` run) nor {IAA_JSON} (a "
+                      "`cskd finetune`/`cskd distill` run) here; point at a finished run directory")

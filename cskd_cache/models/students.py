@@ -9,8 +9,8 @@ Spec strings
 ``py:package.module:factory``
     ``factory()`` is called with no arguments and returns a *user student* (below).
 ``run:RUN_DIR``
-    The student a finished ``cskd align`` run wrote to RUN_DIR (``student.safetensors`` + ``student.json``),
-    rebuilt with its trained weights and input config; the same as ``cskd_cache.load_encoder(RUN_DIR)``.
+    The student a finished ``cskd align`` run wrote to RUN_DIR, resolved by `runs.build_encoder` (the one loader
+    of run directories), which hands the ``timm:``/``py:`` spec recorded there back to this module.
 
 User student interface (``py:`` specs)
 --------------------------------------
@@ -23,7 +23,7 @@ The factory returns a ``torch.nn.Module`` with:
     ``x`` is a ``(B, 3, H, W)`` batch normalised with ``mean``/``std``; ``pooled`` is ``(B, Cp)``, ``grid`` is
     ``(B, C, h, w)`` (NCHW). Every parameter should take part in ``pooled`` or ``grid`` (DDP expects it).
 
-A ``--student-size`` override only changes ``input_cfg["size"]`` of a py student; the module must accept it.
+A ``--size`` override only changes ``input_cfg["size"]`` of a py student; the module must accept it.
 
 Every student is wrapped in `StudentEncoder`, whose ``forward(x)`` returns ``(pooled (B, Cp), grid (B, C, h, w))``
 for all three kinds, and whose ``input_cfg`` is ``{size [H, W], mean, std, interpolation}``: exactly what
@@ -38,15 +38,17 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..data.views import INTERPOLATIONS
+from ..errors import ModelError
 from .teachers import load_object, parse_spec
-from ..data.views import _RESAMPLE
+from .trust import check_spec_from_file
 
 __all__ = ["StudentEncoder", "build_student", "STUDENT_SCHEMES"]
 
 STUDENT_SCHEMES = ("timm", "py", "run")
 
 
-def _size2(size) -> list[int]:
+def size_hw(size) -> list[int]:
     if isinstance(size, (int, float)):
         return [int(size), int(size)]
     h, w = size
@@ -54,8 +56,8 @@ def _size2(size) -> list[int]:
 
 
 def _input_cfg(size, mean, std, interpolation) -> dict:
-    interpolation = interpolation if interpolation in _RESAMPLE else "bicubic"
-    return {"size": _size2(size), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+    interpolation = interpolation if interpolation in INTERPOLATIONS else "bicubic"
+    return {"size": size_hw(size), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
             "interpolation": interpolation}
 
 
@@ -79,7 +81,7 @@ class StudentEncoder(nn.Module):
             pooled, grid = self(torch.zeros(1, 3, *input_cfg["size"]))
         model.train(was_training)
         if pooled.ndim != 2 or grid.ndim != 4:
-            raise ValueError(f"{spec}: student must give pooled (B, C) and grid (B, C, h, w), got "
+            raise ModelError(f"{spec}: student must give pooled (B, C) and grid (B, C, h, w), got "
                              f"{tuple(pooled.shape)} and {tuple(grid.shape)}")
         self.pooled_dim = int(pooled.shape[1])
         self.grid_dim = int(grid.shape[1])
@@ -119,18 +121,18 @@ def _patch_grid(model: nn.Module, x: torch.Tensor, n: int) -> tuple[int, int]:
             return int(h), int(w)
     side = math.isqrt(n)
     if side * side != n:
-        raise ValueError(f"cannot lay {n} patch tokens out as a grid for {type(model).__name__}")
+        raise ModelError(f"cannot lay {n} patch tokens out as a grid for {type(model).__name__}")
     return side, side
 
 
 def _py_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out = model.forward_features(x)
     if not isinstance(out, (tuple, list)) or len(out) != 2:
-        raise ValueError(f"{type(model).__name__}.forward_features must return (pooled, grid)")
+        raise ModelError(f"{type(model).__name__}.forward_features must return (pooled, grid)")
     return out[0], out[1]
 
 
-class _SizeError(ValueError):
+class _SizeError(ModelError):
     pass
 
 
@@ -140,7 +142,7 @@ def _create_at_size(timm, name: str, kwargs: dict, size) -> nn.Module:
     img_size (relative-position ViTs) are built at that size; CNNs take any size as they are."""
     if size is None:
         return timm.create_model(name, **kwargs)
-    hw = _size2(size)
+    hw = size_hw(size)
     last = None
     for extra in ({"dynamic_img_size": True}, {"img_size": hw}, {}):
         try:
@@ -156,7 +158,7 @@ def _create_at_size(timm, name: str, kwargs: dict, size) -> nn.Module:
             continue
         return model.train()
     raise _SizeError(f"timm model {name} does not run at input size {hw} ({type(last).__name__}: {last}); "
-                     "pick another --student-size")
+                     "pick another --size")
 
 
 def _build_timm(spec, pretrained_ok: bool, size, raw: str) -> StudentEncoder:
@@ -178,8 +180,8 @@ def _build_timm(spec, pretrained_ok: bool, size, raw: str) -> StudentEncoder:
         raise
     except Exception as e:  # noqa: BLE001 - timm raises many kinds for bad weights / offline fetches
         if spec.weights_path:
-            raise ValueError(f"checkpoint {spec.weights_path!r} does not fit {spec.name} ({spec.raw}): {e}") from e
-        raise RuntimeError(f"{spec.raw}: could not create/fetch timm weights ({e}); offline? pass a local file "
+            raise ModelError(f"checkpoint {spec.weights_path!r} does not fit {spec.name} ({spec.raw}): {e}") from e
+        raise ModelError(f"{spec.raw}: could not create/fetch timm weights ({e}); offline? pass a local file "
                            f"(timm:{spec.name}@/path/to/model.pth) or @none for random init") from e
     # The classifier is never used (pooled features come from forward_head(pre_logits=True)); dropping it keeps
     # DDP from seeing parameters without gradients.
@@ -191,23 +193,38 @@ def _build_timm(spec, pretrained_ok: bool, size, raw: str) -> StudentEncoder:
     try:
         return StudentEncoder(model, _timm_features, cfg, raw)
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{raw}: the student does not run at input size {cfg['size']} ({type(e).__name__}: {e}); "
-                         "pick another --student-size") from e
+        raise ModelError(f"{raw}: the student does not run at input size {cfg['size']} ({type(e).__name__}: {e}); "
+                         "pick another --size") from e
 
 
 def _build_py(spec, size) -> StudentEncoder:
     model = load_object(spec.name)()
     where = f"{spec.raw}: factory returned {type(model).__name__}"
     if not isinstance(model, nn.Module):
-        raise ValueError(f"{where}, expected a torch.nn.Module (see cskd_cache.models.students docstring)")
+        raise ModelError(f"{where}, expected a torch.nn.Module (see cskd_cache.models.students docstring)")
     if not callable(getattr(model, "forward_features", None)):
-        raise ValueError(f"{where} without forward_features(x) -> (pooled, grid) (see cskd_cache.models.students)")
+        raise ModelError(f"{where} without forward_features(x) -> (pooled, grid) (see cskd_cache.models.students)")
     user = getattr(model, "input_cfg", None)
     if not isinstance(user, dict) or not {"size", "mean", "std"} <= user.keys():
-        raise ValueError(f"{where} without an input_cfg dict holding size, mean and std")
+        raise ModelError(f"{where} without an input_cfg dict holding size, mean and std")
     cfg = _input_cfg(size if size is not None else user["size"], user["mean"], user["std"],
                      user.get("interpolation", "bicubic"))
     return StudentEncoder(model, _py_features, cfg, spec.raw)
+
+
+def rebuild_student(meta: dict, meta_path, trust_code: bool = False) -> StudentEncoder:
+    """The architecture a run recorded (``meta``: its ``spec``, ``size_override``, ``input_cfg``), with random weights
+    and nothing fetched, for its saved weights to be loaded into. A ``py:`` spec read from ``meta_path`` is imported
+    only with ``trust_code`` (`trust`)."""
+    check_spec_from_file(meta.get("spec"), meta_path, trust_code)
+    encoder = build_student(meta["spec"], pretrained_ok=False, size=meta.get("size_override"), trust_code=trust_code)
+    trained = list(meta["input_cfg"]["size"])
+    if list(encoder.input_cfg["size"]) != trained:
+        raise ModelError(f"{meta_path}: the rebuilt encoder expects input {encoder.input_cfg['size']}, the run "
+                         f"trained at {trained}")
+    encoder.input_cfg = dict(meta["input_cfg"])
+    encoder.size_override = meta.get("size_override")
+    return encoder
 
 
 def build_student(spec: str, pretrained_ok: bool = True, size: int | list[int] | None = None,
@@ -222,23 +239,14 @@ def build_student(spec: str, pretrained_ok: bool = True, size: int | list[int] |
     raw = spec.strip() if isinstance(spec, str) else ""
     kind = raw.split(":", 1)[0] if ":" in raw else ""
     if kind == "run":
-        from .runs import load_encoder
-
-        encoder = load_encoder(raw.split(":", 1)[1], trust_code=trust_code)
-        # Its weights learnt one input size; a matching request is a no-op, a different one would silently
-        # change what the aligned features mean.
-        trained = list(encoder.input_cfg["size"])
-        if size is not None and _size2(size) != trained:
-            raise ValueError(f"a run: student keeps the input size it was trained at "
-                             f"({trained[0]}x{trained[1]}), not {'x'.join(map(str, _size2(size)))}; "
-                             "leave the input size unset")
-        return encoder.train()
+        raise ModelError(f"{spec!r}: a run: spec names a trained run; build it with `models.runs.build_encoder`, "
+                         "the one loader of run directories")
     if kind not in ("timm", "py"):
-        raise ValueError(f"malformed student spec {spec!r}: expected timm:MODEL[@PRETRAINED], "
+        raise ModelError(f"malformed student spec {spec!r}: expected timm:MODEL[@PRETRAINED], "
                          "py:package.module:factory or run:RUN_DIR")
     # Without pretrained weights the @ part is never read, so a weights file deleted since training must not
     # stop a run: student from being rebuilt; the full spec is still what gets recorded.
     parsed = parse_spec(raw if pretrained_ok or kind != "timm" else raw.split("@", 1)[0])
     module = _build_timm(parsed, pretrained_ok, size, raw) if kind == "timm" else _build_py(parsed, size)
-    module.size_override = _size2(size) if size is not None else None
+    module.size_override = size_hw(size) if size is not None else None
     return module.train()

@@ -61,6 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ModelError
+
 SCHEMES = ("open_clip", "timm", "py")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 
@@ -91,24 +93,24 @@ def parse_spec(spec: str) -> EncoderSpec:
     raw = spec.strip() if isinstance(spec, str) else ""
     usage = "expected open_clip:MODEL[@PRETRAINED], timm:MODEL[@PRETRAINED] or py:package.module:factory"
     if ":" not in raw:
-        raise ValueError(f"malformed encoder spec {spec!r}: {usage}")
+        raise ModelError(f"malformed encoder spec {spec!r}: {usage}")
     kind, rest = raw.split(":", 1)
     if kind not in SCHEMES:
-        raise ValueError(f"unknown scheme {kind!r} in spec {raw!r} (closest: {_closest(kind, SCHEMES)}); {usage}")
+        raise ModelError(f"unknown scheme {kind!r} in spec {raw!r} (closest: {_closest(kind, SCHEMES)}); {usage}")
     if kind == "py":
         module, _, attr = rest.partition(":")
         if not module or not attr or "@" in rest or not all(p.isidentifier() for p in module.split(".") + [attr]):
-            raise ValueError(f"malformed py spec {raw!r}: expected py:package.module:factory (no @weights part)")
+            raise ModelError(f"malformed py spec {raw!r}: expected py:package.module:factory (no @weights part)")
         return EncoderSpec("py", rest, None, raw)
 
     name, _, pretrained = rest.partition("@")  # model names never contain '@'; paths may
     if not name:
-        raise ValueError(f"malformed spec {raw!r}: missing model name; {usage}")
+        raise ModelError(f"malformed spec {raw!r}: missing model name; {usage}")
     pretrained = os.path.expanduser(pretrained) if pretrained else None
     if pretrained is not None and pretrained.lower() == "none":
         pretrained = None
     if pretrained and not os.path.isfile(pretrained) and _looks_like_path(pretrained):
-        raise ValueError(f"checkpoint file {pretrained!r} in spec {raw!r} does not exist; fix the path or use @none")
+        raise ModelError(f"checkpoint file {pretrained!r} in spec {raw!r} does not exist; fix the path or use @none")
     (_check_open_clip if kind == "open_clip" else _check_timm)(name, pretrained, raw)
     return EncoderSpec(kind, name, pretrained, raw)
 
@@ -130,7 +132,7 @@ def check_teacher_spec(spec: str) -> EncoderSpec:
     parsed = parse_spec(spec)
     if parsed.kind in ("open_clip", "timm") and "@" not in parsed.raw \
             and not parsed.name.startswith(("hf-hub:", "local-dir:")):
-        raise ValueError(f"teacher spec {parsed.raw!r} names no weights; add @TAG (a pretrained tag), @/path/to/"
+        raise ModelError(f"teacher spec {parsed.raw!r} names no weights; add @TAG (a pretrained tag), @/path/to/"
                          f"checkpoint, or @none to really mean random weights (e.g. {parsed.raw}@none)")
     if parsed.kind in ("open_clip", "timm") and parsed.pretrained and not parsed.weights_path:
         from .hub import require_weights_reachable
@@ -144,16 +146,16 @@ def _check_open_clip(name: str, pretrained: str | None, raw: str) -> None:
 
     if name.startswith(("hf-hub:", "local-dir:")):
         if pretrained:
-            raise ValueError(f"spec {raw!r}: {name.split(':')[0]} models carry their own weights; drop '@{pretrained}'")
+            raise ModelError(f"spec {raw!r}: {name.split(':')[0]} models carry their own weights; drop '@{pretrained}'")
         return
     models = open_clip.list_models()
     if name.replace("/", "-") not in models:
-        raise ValueError(f"unknown open_clip model {name!r} in spec {raw!r} (closest: {_closest(name, models)}); "
+        raise ModelError(f"unknown open_clip model {name!r} in spec {raw!r} (closest: {_closest(name, models)}); "
                          "run `python -c 'import open_clip; print(open_clip.list_models())'`")
     if pretrained and not os.path.isfile(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
-            raise ValueError(f"unknown open_clip pretrained tag {pretrained!r} in spec {raw!r}; "
+            raise ModelError(f"unknown open_clip pretrained tag {pretrained!r} in spec {raw!r}; "
                              f"tags for {name}: {', '.join(tags) or 'none'}; or give a local checkpoint path")
 
 
@@ -161,14 +163,14 @@ def _check_timm(name: str, pretrained: str | None, raw: str) -> None:
     import timm
 
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r} in spec {raw!r} "
+        raise ModelError(f"unknown timm model {name!r} in spec {raw!r} "
                          f"(closest: {_closest(name, timm.list_models())}); "
                          "run `python -c 'import timm; print(timm.list_models(\"*vit*\"))'`")
     if pretrained and not os.path.isfile(pretrained) and pretrained.lower() != "true":
         tagged = f"{name}.{pretrained}"
         if "." in name or not timm.list_pretrained(tagged):
             known = [k.split(".", 1)[1] for k in timm.list_pretrained(f"{name.split('.')[0]}.*")]
-            raise ValueError(f"unknown timm pretrained tag {pretrained!r} in spec {raw!r}; "
+            raise ModelError(f"unknown timm pretrained tag {pretrained!r} in spec {raw!r}; "
                              f"use @true, a local file, or one of: {', '.join(known[:12]) or 'none'}")
 
 
@@ -176,17 +178,17 @@ def load_object(target: str):
     """Import ``package.module:attr`` (attr may be dotted) and return the object."""
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"malformed target {target!r}: expected package.module:attr")
+        raise ModelError(f"malformed target {target!r}: expected package.module:attr")
     try:
         obj = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - any import-time failure is a user-config problem
-        raise ValueError(f"cannot import module {module_name!r} for {target!r}: {type(e).__name__}: {e} "
+        raise ModelError(f"cannot import module {module_name!r} for {target!r}: {type(e).__name__}: {e} "
                          f"(is it on PYTHONPATH / sys.path?)") from e
     try:
         for part in attr.split("."):
             obj = getattr(obj, part)
     except AttributeError as e:
-        raise ValueError(f"module {module_name!r} has no attribute {attr!r} (from {target!r})") from e
+        raise ModelError(f"module {module_name!r} has no attribute {attr!r} (from {target!r})") from e
     return obj
 
 
@@ -253,12 +255,12 @@ def _run_open_clip_timm(visual, x, take):
 def _run_py(module, x, take):
     out = module.extract(x, layers=tuple(take or ()))
     if not isinstance(out, dict) or "embed" not in out or "tokens" not in out:
-        raise ValueError(f"{type(module).__name__}.extract must return a dict with 'embed' and 'tokens'")
+        raise ModelError(f"{type(module).__name__}.extract must return a dict with 'embed' and 'tokens'")
     fix = _nhwc if getattr(module, "tokens_format", "NHWC") == "NCHW" else (lambda t: t)
     got = out.get("layers") or {}
     missing = [i for i in take or () if i not in got]
     if missing:
-        raise ValueError(f"{type(module).__name__}.extract did not return requested layers {missing}")
+        raise ModelError(f"{type(module).__name__}.extract did not return requested layers {missing}")
     return out["embed"], fix(out["tokens"]), out.get("prefix"), [fix(got[i]) for i in take or ()]
 
 
@@ -293,7 +295,7 @@ class Teacher(nn.Module):
 
     def _absolute(self, i: int) -> int:
         if not -self.num_blocks <= i < self.num_blocks:
-            raise ValueError(f"layer index {i} out of range for {self.spec.raw} ({self.num_blocks} blocks)")
+            raise ModelError(f"layer index {i} out of range for {self.spec.raw} ({self.num_blocks} blocks)")
         return i % self.num_blocks
 
     @torch.no_grad()
@@ -332,7 +334,7 @@ class Teacher(nn.Module):
         }
 
 
-def _pp_cfg(size, resize_mode, crop_pct, interpolation, mean, std) -> dict:
+def make_preprocess_cfg(size, resize_mode, crop_pct, interpolation, mean, std) -> dict:
     size = [int(size), int(size)] if isinstance(size, (int, float)) else [int(s) for s in size]
     return {"size": size, "resize_mode": resize_mode, "crop_pct": float(crop_pct), "interpolation": interpolation,
             "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
@@ -384,10 +386,10 @@ def _build_open_clip(spec: EncoderSpec, device):
     elif isinstance(visual, TimmModel):
         runner = _run_open_clip_timm
     else:
-        raise ValueError(f"{spec.raw}: unsupported open_clip image tower {type(visual).__name__}")
+        raise ModelError(f"{spec.raw}: unsupported open_clip image tower {type(visual).__name__}")
     pp = visual.preprocess_cfg
     # open_clip's eval transform resizes straight to the crop size, i.e. crop_pct 1.0
-    cfg = _pp_cfg(pp["size"], pp.get("resize_mode", "shortest"), 1.0, pp.get("interpolation", "bicubic"),
+    cfg = make_preprocess_cfg(pp["size"], pp.get("resize_mode", "shortest"), 1.0, pp.get("interpolation", "bicubic"),
                   pp["mean"], pp["std"])
     return visual, runner, preprocess, cfg
 
@@ -410,16 +412,16 @@ def _build_timm(spec: EncoderSpec, device, role: str):
     except Exception as e:  # noqa: BLE001
         raise _creation_error(spec, e, f"timm:{spec.name}@/path/to/model.pth") from e
     if not hasattr(model, "forward_intermediates"):
-        raise ValueError(f"{spec.raw}: timm model {spec.name} has no forward_intermediates; pick another model")
+        raise ModelError(f"{spec.raw}: timm model {spec.name} has no forward_intermediates; pick another model")
     data_cfg = resolve_model_data_config(model)
     preprocess = create_transform(**data_cfg, is_training=False)
     modes = {"center": "shortest", "squash": "squash", "border": "longest"}
-    cfg = _pp_cfg(data_cfg["input_size"][1:], modes[data_cfg.get("crop_mode") or "center"], data_cfg["crop_pct"],
+    cfg = make_preprocess_cfg(data_cfg["input_size"][1:], modes[data_cfg.get("crop_mode") or "center"], data_cfg["crop_pct"],
                   data_cfg["interpolation"], data_cfg["mean"], data_cfg["std"])
     return model, _run_timm, preprocess, cfg
 
 
-def _py_transform(cfg: dict):
+def py_transform(cfg: dict):
     from torchvision import transforms as T
 
     size, crop_pct = cfg["size"], cfg["crop_pct"]
@@ -433,7 +435,7 @@ def _py_transform(cfg: dict):
 
         resize = [ResizeKeepRatio(size, interpolation=cfg["interpolation"], longest=1), CenterCropOrPad(size)]
     else:
-        raise ValueError(f"resize_mode must be shortest, squash or longest, got {cfg['resize_mode']!r}")
+        raise ModelError(f"resize_mode must be shortest, squash or longest, got {cfg['resize_mode']!r}")
     return T.Compose(resize + [T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])])
 
 
@@ -442,15 +444,15 @@ def _build_py(spec: EncoderSpec, device):
     model = factory()
     where = f"{spec.raw}: factory returned {type(model).__name__}"
     if not isinstance(model, nn.Module):
-        raise ValueError(f"{where}, expected a torch.nn.Module (see cskd_cache.models.teachers docstring)")
+        raise ModelError(f"{where}, expected a torch.nn.Module (see cskd_cache.models.teachers docstring)")
     if not callable(getattr(model, "extract", None)):
-        raise ValueError(f"{where} without an extract(x, layers=()) method (see cskd_cache.models.teachers docstring)")
+        raise ModelError(f"{where} without an extract(x, layers=()) method (see cskd_cache.models.teachers docstring)")
     user_cfg = getattr(model, "preprocess_cfg", None)
     if not isinstance(user_cfg, dict) or not {"size", "mean", "std"} <= user_cfg.keys():
-        raise ValueError(f"{where} without a preprocess_cfg dict holding size, mean and std")
-    cfg = _pp_cfg(user_cfg["size"], user_cfg.get("resize_mode", "shortest"), user_cfg.get("crop_pct", 1.0),
+        raise ModelError(f"{where} without a preprocess_cfg dict holding size, mean and std")
+    cfg = make_preprocess_cfg(user_cfg["size"], user_cfg.get("resize_mode", "shortest"), user_cfg.get("crop_pct", 1.0),
                   user_cfg.get("interpolation", "bicubic"), user_cfg["mean"], user_cfg["std"])
-    return model, _run_py, _py_transform(cfg), cfg
+    return model, _run_py, py_transform(cfg), cfg
 
 
 def build_teacher(spec: str | EncoderSpec, device: str | torch.device = "cpu", role: str = "teacher") -> Teacher:

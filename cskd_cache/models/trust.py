@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 
+from ..errors import ModelError
 
-class UntrustedCode(ValueError):
+
+class UntrustedCode(ModelError):
     """A run directory names Python code to run and the user did not allow it."""
 
 

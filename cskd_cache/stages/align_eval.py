@@ -1,6 +1,6 @@
 """How well a student reproduces the teacher, measured on a held-out slice of the cache.
 
-The slice is chosen by hashing each row's ``source/key`` (``sha256 % 100 < eval_pct``), so it is the same
+The slice is chosen by hashing each row's ``source/key`` (``(sha256 % 100) / 100 < eval_fraction``), so it is the same
 on every run, machine and rank, survives re-extraction and never depends on row order.
 
 Metrics, all on the eval view (view 0) of the held-out rows:
@@ -24,19 +24,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 __all__ = ["heldout_mask", "split_rows", "knn_indices", "knn_agreement", "evaluate"]
 
 
-def heldout_mask(sources: Sequence[str], keys: Sequence[str], eval_pct: float) -> np.ndarray:
+def heldout_mask(sources: Sequence[str], keys: Sequence[str], eval_fraction: float) -> np.ndarray:
     def bucket(s: str, k: str) -> int:
         return int.from_bytes(hashlib.sha256(f"{s}/{k}".encode()).digest()[:8], "little") % 100
 
-    return np.array([bucket(s, k) < eval_pct for s, k in zip(sources, keys)], dtype=bool)
+    # bucket / 100 (not bucket < fraction * 100, where 0.07 * 100 = 7.000000000000001 would take bucket 7 too)
+    return np.array([bucket(s, k) / 100 < eval_fraction for s, k in zip(sources, keys)], dtype=bool)
 
 
-def split_rows(cache, eval_pct: float) -> tuple[np.ndarray, np.ndarray]:
+def split_rows(cache, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """(train rows, held-out rows) of a FeatureCache."""
-    mask = heldout_mask(cache.sources, cache.keys, eval_pct)
+    mask = heldout_mask(cache.sources, cache.keys, eval_fraction)
     return np.nonzero(~mask)[0], np.nonzero(mask)[0]
 
 
@@ -45,7 +48,7 @@ def knn_indices(x: torch.Tensor, k: int, backend: str = "auto") -> np.ndarray:
     from ..evaluate.knn_index import build_index, neighbours_excluding_self
 
     if backend not in ("auto", "faiss", "torch"):
-        raise ValueError(f"unknown kNN backend {backend!r} (auto, faiss or torch)")
+        raise ConfigError(f"unknown kNN backend {backend!r} (auto, faiss or torch)")
     # Always exact (never IVF): the agreement metric compares two spaces and must not carry search error.
     index = build_index(x.float().cpu().numpy(), backend=backend, ivf_threshold=np.iinfo(np.int64).max, gpu=False)
     return neighbours_excluding_self(index, k)[1]

@@ -2,12 +2,12 @@
 
 Data:
 
-- **unlabelled** = every feature-cache row except those linked to a val or test label (`label_link`): a
+- **unlabelled** = every feature-cache row except those linked to a val or test label (`labels.link`): a
   val/test image must never be trained on, not even without its label, or the val/test numbers leak. Each item
   is one cached view (box + flip from the cache) rebuilt at the student's size; its target is the teacher's
-  prediction on exactly that view (a predictions cache, `predictions`) and, with ``lambda_f`` > 0, the cached
+  prediction on exactly that view (a predictions cache, `teacher_predictions`) and, with ``lambda_f`` > 0, the cached
   CLIP embedding of that view. With ``jitter_views`` (the default) the student sees a mild crop + flip inside
-  the cached view instead, against the same targets (`iaa_data_sets`): a consistency augmentation. Without it
+  the cached view instead, against the same targets (`data.datasets`): a consistency augmentation. Without it
   the student memorises the V fixed inputs of each row (proxy benchmark: val SRCC peaked at epoch 4 and fell;
   with it, it kept rising and test SRCC went from 0.528 to 0.627);
 - **labelled** = the train-split labels (after ``label_fraction``). A label linked to a cache row shows that
@@ -21,15 +21,15 @@ Teachers (``teacher``):
   embeddings of the linked train labels (`cache_head`), saved as RUN_DIR/teacher/cache_head.*; its predictions
   go to RUN_DIR/teacher/predictions. Needs no image decoding and fits in seconds;
 - ``run:TEACHER_RUN``: a `cskd finetune` (or distill) run; its predictions on every cached view are computed
-  once into TEACHER_RUN/predictions/<ID>/ (`predictions.default_predictions_dir`; or ``predictions``) and
-  reused by later runs whose teacher weights and feature cache match (`predictions` documents the fingerprint;
+  once into TEACHER_RUN/predictions/<ID>/ (`teacher_predictions.default_predictions_dir`; or ``predictions``) and
+  reused by later runs whose teacher weights and feature cache match (`teacher_predictions` documents the fingerprint;
   a stale directory is recomputed, or refused with ``stale_predictions="error"``). Under torchrun each rank
   computes a share.
 
 Teacher and student heads agree: a distribution head on datasets with vote histograms (distillation loss EMD
 between the softmaxed outputs, or KL at ``temperature``), a scalar head otherwise (MSE to the teacher's 0..1
-score). Loss = labelled + ``lambda_u`` x distillation + ``lambda_f`` x feature alignment (`iaa_train.IAALoss`);
-``unlabelled_ratio`` unlabelled items per labelled item in each step. Everything else is `iaa_train`'s.
+score). Loss = labelled + ``lambda_u`` x distillation + ``lambda_f`` x feature alignment (`losses.iaa.IAALoss`);
+``unlabelled_ratio`` unlabelled items per labelled item in each step. Everything else is `iaa_task`'s and the engine's.
 """
 
 from __future__ import annotations
@@ -39,29 +39,42 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from .. import dist
 from ..cache.paths import check_images, parse_image_root, resolve_paths
-from ..models.cache_head import HEAD_JSON, HEAD_WEIGHTS, fit_cache_head, load_cache_head, predict_embeddings, save_cache_head
-from ..labels.labelset import LabelSet
-from ..data.datasets import ViewImages
-from ..models.scorer import IAA_JSON, IAA_WEIGHTS, IAAScorer
-from .iaa_train import (
-    IAATrainConfig, Stream, TrainError, label_targets, labels_meta, prepare_labels, prepare_run_dir, resolve_head,
-    train_iaa,
-)
-from ..labels.link import LinkResult, link_labels
+from ..cache.reader import FeatureCache, open_cache
+from ..data.datasets import CachedViews
+from ..errors import MissingFile, TrainError
 from ..evaluate.metrics import evaluate_predictions
+from ..labels.labelset import LabelSet
+from ..labels.link import LinkResult, link_labels
+from ..labels.targets import label_targets, labels_meta
+from ..models.cache_head import (
+    HEAD_JSON,
+    HEAD_WEIGHTS,
+    fit_cache_head,
+    load_cache_head,
+    predict_embeddings,
+    save_cache_head,
+)
+from ..models.runs import build_encoder
+from ..models.scorer import IAA_JSON, IAA_WEIGHTS, head_to_scores
+from ..train.engine import fit, plan_steps, resolve_device, seed_everything
+from ..train.run_dir import prepare_run_dir
+from .finetune import report_labels
+from .iaa_task import IAATask, IAATrainConfig, Stream, prepare_labels
 from .teacher_predictions import (
-    Predictions, check_predictions_dir, default_predictions_dir, describe_teacher, ensure_predictions,
+    Predictions,
+    check_predictions_dir,
+    default_predictions_dir,
+    describe_teacher,
+    ensure_predictions,
     run_teacher_compute,
 )
-from ..cache.reader import FeatureCache, open_cache
-from ..models.students import build_student
-from ..train.engine import resolve_device, seed_everything
 
 __all__ = ["DistillConfig", "DistillError", "run_distill", "unlabelled_pool"]
 
@@ -89,12 +102,12 @@ class DistillConfig(IAATrainConfig):
     teacher_batch_size: int = 64
     augment: bool = True
     jitter_views: bool = True
-    no_verify: bool = False  # skip the one-time sha256 check of the cache's shards (`integrity`)
+    no_verify: bool = False  # skip the one-time sha256 check of the cache's shards (`cache.integrity`)
     labels_outside_cache: bool = False  # the labelled images are deliberately not in the cache: 0 links is fine
 
-    error = DistillError
-    command = "distill"
-    required = ("cache", "student", "labels", "out")
+    error: ClassVar[type] = DistillError
+    command: ClassVar[str] = "distill"
+    required: ClassVar[tuple[str, ...]] = ("cache", "student", "labels", "out")
 
     def validate(self) -> None:
         super().validate()
@@ -129,7 +142,7 @@ def _teacher_val(preds: Predictions, val: LabelSet, rows: np.ndarray) -> dict | 
         return None
     name = "logits" if preds.kind == "distribution" else "score"
     out = torch.from_numpy(preds.arrays[name][rows[ok], 0])
-    mapped = IAAScorer(None, {"head": {"kind": preds.kind}, "labels": {"scale": list(preds.scale)}}).outputs(out)
+    mapped = head_to_scores(out, preds.kind, preds.scale)
     truth = val.scores()[ok]
     m = evaluate_predictions(truth, mapped["score"].numpy().astype(np.float64), val.threshold)
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in m.items()}
@@ -167,6 +180,63 @@ def _ensure(cfg: DistillConfig, cache: FeatureCache, teacher: dict, pred_dir: Pa
                               on_progress=on_teacher_progress if main else None)
 
 
+def _link(cfg: DistillConfig, labels: LabelSet, cache: FeatureCache, status) -> tuple[LinkResult, dict, np.ndarray,
+                                                                                 np.ndarray, list[str]]:
+    """(link, label key -> cache row, unlabelled pool, held-out rows, image path per cache row)."""
+    image_root = parse_image_root(cfg.cache_image_root)
+    link = link_labels(labels, cache, image_root)
+    if link.linked == 0 and not cfg.labels_outside_cache:
+        roots = "; ".join(f"{n}: {r}" for n, r in cache.roots.items())
+        raise DistillError(f"none of the {len(labels.labels):,} labels of {cfg.labels} links to a row of cache "
+                           f"{cache.path}, by path or by content: the label paths probably do not match the cache's "
+                           f"images (its roots: {roots}). Extract the labelled images into the cache, map the "
+                           "cache's roots with --cache-image-root OLD=NEW, or pass --labels-outside-cache if the "
+                           "cache deliberately holds only other images")
+    pool, held = unlabelled_pool(labels, link, len(cache))
+    if len(pool) == 0:
+        raise DistillError(f"{cache.path}: every cache row belongs to a val/test label, so no unlabelled data is "
+                           "left; extract unlabelled images into the cache")
+    status(link.summary())
+    if len(held):
+        status(f"{len(held)} cache rows are val/test images and were left out of the unlabelled pool")
+    paths = resolve_paths(cache, image_root)
+    check_images(cache, paths, pool)
+    return link, {lb.key: int(r) for lb, r in zip(labels.labels, link.rows)}, pool, held, paths
+
+
+def _run_teacher(cfg: DistillConfig, cache: FeatureCache, paths: list[str], device, status):
+    """(teacher description, predictions dir, make_compute) of a ``run:`` teacher."""
+    tdir = Path(cfg.teacher[4:]).expanduser()
+    if not (tdir / IAA_JSON).is_file() or not (tdir / IAA_WEIGHTS).is_file():
+        raise MissingFile(f"--teacher {cfg.teacher}: no {IAA_JSON} + {IAA_WEIGHTS} in {tdir}; point at the --out of "
+                          "a finished `cskd finetune` run")
+
+    def make_compute():
+        from ..models.scorer import load_iaa_model
+
+        check_images(cache, paths, range(len(cache)))
+        scorer = load_iaa_model(tdir, device, trust_code=cfg.trust_code)
+        status(f"computing teacher predictions on {len(cache)} rows x {cache.n_views} views")
+        return run_teacher_compute(scorer, cache, paths, device, cfg.teacher_batch_size, cfg.num_workers, cfg.amp,
+                                   cfg.max_pixels)
+    pred_dir = Path(cfg.predictions) if cfg.predictions else default_predictions_dir(tdir, cache)
+    return describe_teacher("run", cfg.teacher, tdir, IAA_JSON, IAA_WEIGHTS), pred_dir, make_compute
+
+
+def _streams(cfg: DistillConfig, cache: FeatureCache, train: LabelSet, train_rows, pool, paths, preds: Predictions,
+             kind: str, input_cfg: dict) -> list[Stream]:
+    embed = cache.embed if cfg.lambda_f > 0 else None
+    name = "logits" if kind == "distribution" else "score"
+    lab = CachedViews(train.paths(), input_cfg, rows=train_rows, boxes=cache.boxes, embed=embed,
+                      targets=label_targets(train, kind), augment=cfg.augment, jitter=cfg.jitter_views,
+                      seed=cfg.seed, max_pixels=cfg.max_pixels, digests=cache.digests)
+    unl = CachedViews([paths[r] for r in pool], input_cfg, rows=pool, boxes=cache.boxes, embed=embed,
+                      digests=cache.digests, teacher={name: preds.arrays[name]}, jitter=cfg.jitter_views,
+                      seed=cfg.seed, max_pixels=cfg.max_pixels)
+    return [Stream("labelled", lab, cfg.batch_size),
+            Stream("unlabelled", unl, max(1, round(cfg.batch_size * cfg.unlabelled_ratio)))]
+
+
 def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None = None,
                 on_status: Callable[[str], None] | None = None,
                 on_teacher_progress: Callable[[int, int], None] | None = None) -> dict:
@@ -183,37 +253,10 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     dist.init_if_needed()
     device = resolve_device(cfg.device)
     run_dir = Path(cfg.out)
-
-    labels, train, val = prepare_labels(cfg)
-    kind, bins = resolve_head(cfg, labels)
-    if labels.missing_summary():
-        status(labels.missing_summary())
-    for part in (train, val):
-        if part.unreadable_summary():
-            status(part.unreadable_summary())
+    labels, train, val, kind, bins = prepare_labels(cfg)
+    report_labels(labels, train, val, status)
     cache = open_cache(cfg.cache, verify=not cfg.no_verify)
-    try:
-        image_root = parse_image_root(cfg.cache_image_root)
-    except ValueError as e:
-        raise DistillError(str(e)) from e
-    link = link_labels(labels, cache, image_root)
-    if link.linked == 0 and not cfg.labels_outside_cache:
-        roots = "; ".join(f"{n}: {r}" for n, r in cache.roots.items())
-        raise DistillError(f"none of the {len(labels.labels):,} labels of {cfg.labels} links to a row of cache "
-                           f"{cache.path}, by path or by content: the label paths probably do not match the cache's "
-                           f"images (its roots: {roots}). Extract the labelled images into the cache, map the "
-                           "cache's roots with --cache-image-root OLD=NEW, or pass --labels-outside-cache if the "
-                           "cache deliberately holds only other images")
-    row_of = {lb.key: int(r) for lb, r in zip(labels.labels, link.rows)}
-    pool, held = unlabelled_pool(labels, link, len(cache))
-    if len(pool) == 0:
-        raise DistillError(f"{cache.path}: every cache row belongs to a val/test label, so no unlabelled data is "
-                           "left; extract unlabelled images into the cache")
-    status(link.summary())
-    if len(held):
-        status(f"{len(held)} cache rows are val/test images and were left out of the unlabelled pool")
-    paths = resolve_paths(cache, image_root)
-    check_images(cache, paths, pool)
+    link, row_of, pool, held, paths = _link(cfg, labels, cache, status)
     train_rows = np.array([row_of[lb.key] for lb in train.labels], np.int64)
     val_rows = np.array([row_of[lb.key] for lb in val.labels], np.int64)
     ckpt = prepare_run_dir(cfg, run_dir)
@@ -227,62 +270,34 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
         def make_compute():
             return lambda a, b: predict_embeddings(head, cache.embed[a:b])
     else:
-        tdir = Path(cfg.teacher[4:]).expanduser()
-        if not (tdir / IAA_JSON).is_file() or not (tdir / IAA_WEIGHTS).is_file():
-            raise FileNotFoundError(f"--teacher {cfg.teacher}: no {IAA_JSON} + {IAA_WEIGHTS} in {tdir}; point at "
-                                    "the --out of a finished `cskd finetune` run")
-        teacher = describe_teacher("run", cfg.teacher, tdir, IAA_JSON, IAA_WEIGHTS)
-        pred_dir = Path(cfg.predictions) if cfg.predictions else default_predictions_dir(tdir, cache)
-
-        def make_compute():
-            from ..models.scorer import load_iaa_model
-
-            check_images(cache, paths, range(len(cache)))
-            scorer = load_iaa_model(tdir, device, trust_code=cfg.trust_code)
-            status(f"computing teacher predictions on {len(cache)} rows x {cache.n_views} views")
-            return run_teacher_compute(scorer, cache, paths, device, cfg.teacher_batch_size, cfg.num_workers,
-                                       cfg.amp, cfg.max_pixels)
+        teacher, pred_dir, make_compute = _run_teacher(cfg, cache, paths, device, status)
     _check_teacher(cfg, teacher, kind, bins, labels)
     preds, computed = _ensure(cfg, cache, teacher, pred_dir, make_compute, status, on_teacher_progress)
-    t_val = _teacher_val(preds, val, val_rows)
 
     seed_everything(cfg.seed)
     try:
-        student = build_student(cfg.student, pretrained_ok=ckpt is None, size=cfg.size, trust_code=cfg.trust_code)
+        student = build_encoder(cfg.student, pretrained_ok=ckpt is None, size=cfg.size, trust_code=cfg.trust_code)
     except (ValueError, FileNotFoundError) as e:
         raise DistillError(f"--student {cfg.student}: {e}") from e
-    icfg = student.input_cfg
-    embed = cache.embed if cfg.lambda_f > 0 else None
-    name = "logits" if kind == "distribution" else "score"
-    lab_ds = ViewImages(train.paths(), icfg, rows=train_rows, boxes=cache.boxes, embed=embed,
-                        targets=label_targets(train, kind), augment=cfg.augment, jitter=cfg.jitter_views,
-                        seed=cfg.seed, max_pixels=cfg.max_pixels, digests=cache.digests)
-    unl_ds = ViewImages([paths[r] for r in pool], icfg, rows=pool, boxes=cache.boxes, embed=embed,
-                        digests=cache.digests,
-                        teacher={name: preds.arrays[name]}, jitter=cfg.jitter_views, seed=cfg.seed,
-                        max_pixels=cfg.max_pixels)
-    val_ds = ViewImages(val.paths(), icfg, max_pixels=cfg.max_pixels) if len(val) else None
-    ub = max(1, round(cfg.batch_size * cfg.unlabelled_ratio))
+    streams = _streams(cfg, cache, train, train_rows, pool, paths, preds, kind, student.input_cfg)
+    val_ds = CachedViews(val.paths(), student.input_cfg, max_pixels=cfg.max_pixels) if len(val) else None
     link_info = {"by_path": link.by_path, "by_content": link.by_content, "unlinked": len(link.unlinked),
                  "first_unlinked": link.unlinked[:5]}
     teacher_info = {"kind": teacher["kind"], "spec": teacher["spec"], "predictions": str(pred_dir),
-                    "computed": computed, "val": t_val}
-    resolved = {"label_counts": labels.counts(), "train_labels_used": len(train),
-                "train_labels_linked": int((train_rows >= 0).sum()), "link": link_info,
-                "unlabelled_rows": len(pool), "heldout_rows": len(held),
-                "cache": {"path": str(cache.path), "fingerprint": cache.manifest.get("fingerprint"),
-                          "rows": len(cache), "views": cache.n_views},
-                "teacher": {k: v for k, v in teacher_info.items() if k != "computed"},
-                "predictions_fingerprint": preds.manifest["fingerprint"]}
-    result = train_iaa(cfg, run_dir=run_dir, ckpt=ckpt, encoder=student, kind=kind, bins=bins, labels=labels,
-                       val_labels=val, streams=[Stream("labelled", lab_ds, cfg.batch_size),
-                                                Stream("unlabelled", unl_ds, ub)],
-                       val=val_ds, device=device, lambda_u=cfg.lambda_u, lambda_f=cfg.lambda_f,
-                       embed_dim=cache.embed_dim, distill_loss=cfg.distill_loss, temperature=cfg.temperature,
-                       resolved=resolved, extra_meta={"labels_spec": cfg.labels, "teacher": cfg.teacher,
-                                                      "cache": str(cache.path),
-                                                      "cache_fingerprint": cache.manifest.get("fingerprint")},
-                       on_progress=on_progress, on_status=status)
+                    "computed": computed, "val": _teacher_val(preds, val, val_rows)}
+    facts = {"label_counts": labels.counts(), "train_labels_used": len(train),
+             "train_labels_linked": int((train_rows >= 0).sum()), "link": link_info, "unlabelled_rows": len(pool),
+             "heldout_rows": len(held), "cache": {"path": str(cache.path), "fingerprint": cache.manifest.get(
+                 "fingerprint"), "rows": len(cache), "views": cache.n_views},
+             "teacher": {k: v for k, v in teacher_info.items() if k != "computed"},
+             "predictions_fingerprint": preds.manifest["fingerprint"]}
+    task = IAATask(cfg, encoder=student, kind=kind, bins=bins, labels=labels, val_labels=val, streams=streams,
+                   val=val_ds, device=device, lambda_u=cfg.lambda_u, lambda_f=cfg.lambda_f, embed_dim=cache.embed_dim,
+                   distill_loss=cfg.distill_loss, temperature=cfg.temperature, facts=facts, status=status,
+                   extra_meta={"labels_spec": cfg.labels, "teacher": cfg.teacher, "cache": str(cache.path),
+                               "cache_fingerprint": cache.manifest.get("fingerprint")})
+    result = fit(task, cfg, run_dir=run_dir, ckpt=ckpt, device=device, plan=plan_steps(cfg, task.steps_per_epoch()),
+                 on_progress=on_progress, on_status=status)
     result.update({"train_labels": len(train), "train_labels_linked": int((train_rows >= 0).sum()),
                    "train_labels_total": labels.counts()["train"], "val_labels": len(val), "link": link_info,
                    "unlabelled_rows": len(pool), "heldout_rows": len(held), "teacher": teacher_info,

@@ -18,29 +18,39 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .. import __version__
-from .. import dist
-from ..data.images import DEFAULT_MAX_PIXELS
-from ..cache.manifest import (
-    DUPLICATES_NAME, MANIFEST_NAME, SCHEMA_VERSION, SKIPPED_NAME, CacheError, fingerprint, read_manifest,
-    file_sha256, shard_name, sidecar_name, write_json,
-)
+from .. import __version__, dist
 from ..cache.lock import DirLock, remove_dead_temporaries
-from ..outdir import claim_out_dir
+from ..cache.manifest import (
+    DUPLICATES_NAME,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    SKIPPED_NAME,
+    CacheError,
+    file_sha256,
+    fingerprint,
+    read_manifest,
+    shard_name,
+    sidecar_name,
+    write_json,
+)
 from ..cache.shards import DiskFull, ShardWriter, check_free_space, estimate_shard_bytes
+from ..data.extract_views import ExtractViews, collate
+from ..data.images import DEFAULT_MAX_PIXELS
 from ..data.sources import Item, Plan, plan_sources, sources_to_json
-from ..data.extract_views import ImageViews, collate
 from ..data.views import ViewPolicy
+from ..files import claim_out_dir
+from ..train.config import CommandConfig
 
 
 @dataclass
-class ExtractConfig:
+class ExtractConfig(CommandConfig):
     teacher: str
     out: str
     images: Sequence[str] = ()
@@ -59,6 +69,9 @@ class ExtractConfig:
     shard_size: int = 1024
     compression: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+
+    command: ClassVar[str] = "extract"
+    error: ClassVar[type] = CacheError
 
     def policy(self) -> ViewPolicy:
         return ViewPolicy(n_views=self.views, scale=tuple(self.view_scale), ratio=tuple(self.view_ratio),
@@ -418,7 +431,7 @@ def _extract_shards(cfg, teacher, plan, manifest, shards, out, device, timings, 
         for b in range(0, len(items), cfg.batch_size):
             batches.append(list(range(start + b, start + min(b + cfg.batch_size, len(items)))))
         start += len(items)
-    dataset = ImageViews(flat, teacher.preprocess, teacher.preprocess_cfg, cfg.policy(), cfg.max_pixels)
+    dataset = ExtractViews(flat, teacher.preprocess, teacher.preprocess_cfg, cfg.policy(), cfg.max_pixels)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if cfg.num_workers > 0 else None)

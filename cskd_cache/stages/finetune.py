@@ -2,11 +2,11 @@
 
 Both the labels-only baseline and the Stage II teacher (``cskd distill --teacher run:RUN_DIR``). The encoder is any
 student spec (``timm:MODEL[@PRETRAINED]``, ``py:module:factory``) or an aligned run (``run:ALIGN_RUN``); images
-are read from disk with the eval view (`iaa_data_sets`), plus a mild random resized crop (80-100 % of the
+are read from disk with the eval view (`data.transforms`), plus a mild random resized crop (80-100 % of the
 eval view's area) and horizontal flip unless ``augment`` is off. The head, losses, schedule, validation, model
-selection (best val SRCC by default, see `iaa_train`), checkpoints, resume and DDP are `iaa_train`'s.
+selection (best val SRCC by default, see `iaa_task`), checkpoints, resume and DDP are the engine's (`train.engine`).
 
-``label_fraction`` keeps a seeded, key-hashed fraction of the train labels (`iaa_train.keep_fraction`), for
+``label_fraction`` keeps a seeded, key-hashed fraction of the train labels (`labels.targets.keep_fraction`), for
 few-label experiments; val and test are never thinned.
 """
 
@@ -17,14 +17,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from .. import dist
-from ..data.datasets import ViewImages
-from .iaa_train import (
-    IAATrainConfig, Stream, TrainError, label_targets, prepare_labels, prepare_run_dir, resolve_head, train_iaa,
-)
-from ..models.students import build_student
-from ..train.engine import resolve_device, seed_everything
+from ..data.datasets import CachedViews
+from ..errors import TrainError
+from ..labels.targets import label_targets
+from ..models.runs import build_encoder
+from ..train.engine import fit, plan_steps, resolve_device, seed_everything
+from ..train.run_dir import prepare_run_dir
+from .iaa_task import IAATask, IAATrainConfig, Stream, prepare_labels
 
 __all__ = ["FinetuneConfig", "FinetuneError", "run_finetune"]
 
@@ -38,9 +40,18 @@ class FinetuneConfig(IAATrainConfig):
     model: str = ""
     augment: bool = True
 
-    error = FinetuneError
-    command = "finetune"
-    required = ("model", "labels", "out")
+    error: ClassVar[type] = FinetuneError
+    command: ClassVar[str] = "finetune"
+    required: ClassVar[tuple[str, ...]] = ("model", "labels", "out")
+
+
+def report_labels(labels, train, val, status) -> None:
+    """One status line per problem the label files had (missing or unreadable images), for finetune and distill."""
+    if labels.missing_summary():
+        status(labels.missing_summary())
+    for part in (train, val):
+        if part.unreadable_summary():
+            status(part.unreadable_summary())
 
 
 def run_finetune(cfg: FinetuneConfig, on_progress: Callable[[dict], None] | None = None,
@@ -54,34 +65,28 @@ def run_finetune(cfg: FinetuneConfig, on_progress: Callable[[dict], None] | None
     t0 = time.perf_counter()
     dist.init_if_needed()
     device = resolve_device(cfg.device)
-    run_dir = Path(cfg.out)
-
-    labels, train, val = prepare_labels(cfg)
-    kind, bins = resolve_head(cfg, labels)
-    if labels.missing_summary():
-        status(labels.missing_summary())
-    for part in (train, val):
-        if part.unreadable_summary():
-            status(part.unreadable_summary())
-    ckpt = prepare_run_dir(cfg, run_dir)
+    labels, train, val, kind, bins = prepare_labels(cfg)
+    report_labels(labels, train, val, status)
+    ckpt = prepare_run_dir(cfg, Path(cfg.out))
     dist.barrier()
 
     seed_everything(cfg.seed)
     try:
-        encoder = build_student(cfg.model, pretrained_ok=ckpt is None, size=cfg.size, trust_code=cfg.trust_code)
+        encoder = build_encoder(cfg.model, pretrained_ok=ckpt is None, size=cfg.size, trust_code=cfg.trust_code)
     except (ValueError, FileNotFoundError) as e:
         raise FinetuneError(f"--model {cfg.model}: {e}") from e
     icfg = encoder.input_cfg
-    train_ds = ViewImages(train.paths(), icfg, targets=label_targets(train, kind), augment=cfg.augment,
-                          seed=cfg.seed, max_pixels=cfg.max_pixels)
-    val_ds = ViewImages(val.paths(), icfg, max_pixels=cfg.max_pixels) if len(val) else None
+    train_ds = CachedViews(train.paths(), icfg, targets=label_targets(train, kind), augment=cfg.augment,
+                           seed=cfg.seed, max_pixels=cfg.max_pixels)
+    val_ds = CachedViews(val.paths(), icfg, max_pixels=cfg.max_pixels) if len(val) else None
     counts = labels.counts()
-    resolved = {"label_counts": counts, "train_labels_used": len(train), "missing_images": len(labels.missing),
-                "broken_images": [p for p, _ in train.unreadable + val.unreadable]}
-    result = train_iaa(cfg, run_dir=run_dir, ckpt=ckpt, encoder=encoder, kind=kind, bins=bins, labels=labels,
-                       val_labels=val, streams=[Stream("labelled", train_ds, cfg.batch_size)], val=val_ds,
-                       device=device, resolved=resolved, extra_meta={"labels_spec": cfg.labels},
-                       on_progress=on_progress, on_status=status)
+    facts = {"label_counts": counts, "train_labels_used": len(train), "missing_images": len(labels.missing),
+             "broken_images": [p for p, _ in train.unreadable + val.unreadable]}
+    task = IAATask(cfg, encoder=encoder, kind=kind, bins=bins, labels=labels, val_labels=val,
+                   streams=[Stream("labelled", train_ds, cfg.batch_size)], val=val_ds, device=device, facts=facts,
+                   extra_meta={"labels_spec": cfg.labels}, status=status)
+    result = fit(task, cfg, run_dir=Path(cfg.out), ckpt=ckpt, device=device,
+                 plan=plan_steps(cfg, task.steps_per_epoch()), on_progress=on_progress, on_status=status)
     result.update({"train_labels": len(train), "train_labels_total": counts["train"], "val_labels": len(val),
                    "missing_images": len(labels.missing),
                    "broken_images": len(train.unreadable) + len(val.unreadable), "seconds": time.perf_counter() - t0})

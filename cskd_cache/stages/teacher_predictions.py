@@ -45,12 +45,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__, dist
-from ..data.images import DEFAULT_MAX_PIXELS, RowImages
-from ..cache.manifest import MANIFEST_NAME, CacheError, canonical_json, file_sha256, sidecar_name, write_json
 from ..cache.lock import DirLock, remove_dead_temporaries
+from ..cache.manifest import MANIFEST_NAME, CacheError, canonical_json, file_sha256, sidecar_name, write_json
 from ..cache.reader import FeatureCache
 from ..cache.shards import ShardWriter
-from ..data.views import render_tensor
+from ..data.images import DEFAULT_MAX_PIXELS, RowImages
+from ..data.views import render
+from ..errors import ConfigError
+from ..files import read_json
 
 __all__ = ["FORMAT", "Predictions", "PredictionsError", "StalePredictions", "ensure_predictions",
            "read_predictions", "predictions_fingerprint", "rows_sha256", "describe_teacher", "run_teacher_compute",
@@ -138,12 +140,8 @@ def read_predictions(path: str | os.PathLike, cache: FeatureCache | None = None,
     """Open a complete predictions cache; with ``cache``, check it is row-aligned with that feature cache."""
     path = Path(path)
     mpath = path / MANIFEST_NAME
-    if not mpath.is_file():
-        raise PredictionsError(f"{path}: no {MANIFEST_NAME}; not a predictions cache")
-    try:
-        m = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise PredictionsError(f"{mpath}: unreadable ({e}); delete {path} to have it recomputed") from e
+    m = read_json(mpath, PredictionsError, f"not a predictions cache, or a damaged one: delete {path} to have it "
+                                           "recomputed")
     if m.get("format") != FORMAT or m.get("version") != VERSION or not m.get("complete"):
         raise PredictionsError(f"{mpath}: not a complete {FORMAT} v{VERSION} cache; delete {path} to recompute it")
     if fingerprint is not None and m.get("fingerprint") != fingerprint:
@@ -196,7 +194,7 @@ def ensure_predictions(path: str | os.PathLike, cache: FeatureCache, teacher: di
     scores, the head's raw output.
     """
     if stale not in ("recompute", "error"):
-        raise ValueError(f"stale must be 'recompute' or 'error', got {stale!r}")
+        raise ConfigError(f"stale must be 'recompute' or 'error', got {stale!r}")
     path = Path(path)
     lock = DirLock(path.parent, f"teacher predictions {path.name}", name=f".{path.name}.lock")
     if dist.rank() == 0:
@@ -342,7 +340,7 @@ class _RowViews(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         img = self.images.load(self.paths[i], self.first_row + i)
         c = self.cfg
-        return torch.stack([render_tensor(img, b, c["size"], c["interpolation"], c["mean"], c["std"])
+        return torch.stack([render(img, b, c)
                             for b in self.boxes[i]])
 
 

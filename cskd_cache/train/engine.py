@@ -1,32 +1,49 @@
-"""Training plumbing shared by the training stages (`align` now, `distill`/`finetune` next).
+"""The one training loop: align, finetune and distill each plug a `Task` into `fit`.
 
-Kept free of any one stage's model or loss: schedules, seeding, checkpoints, the NaN guard, run-directory
-files (config.yaml, metrics.jsonl, loss-curve PNG) and DDP wrapping. Patterns follow dinov2 (per-iteration
-schedules precomputed, NaN check in the loop, metrics as JSON lines) and timm (args.yaml in the run dir).
+As in timm's ``task/``: a task owns its model (exactly the trainable module DDP wraps), turns a batch into a dict
+of losses (``loss`` is the one optimised, the others are logged unweighted) and says how to evaluate; the engine
+owns everything else: the per-step learning-rate schedule (precomputed, dinov2's CosineScheduler), AdamW, AMP
+(bf16, else fp16 with a scaler, CUDA only), gradient clipping, the NaN guard (checked before the update, so every
+checkpoint holds finite weights), the weight EMA, metrics.jsonl and config.yaml, epoch checkpoints, resume and
+DDP.
+
+Resume identity: a resumed run reaches the same weights, byte for byte, as an uninterrupted one. The learning
+rate at step s is ``schedule[s]``; the checkpoint holds every RNG; a task's batches are a pure function of the
+step (`data.datasets.StepBatches`, DataLoaders with their own generator, so creating an iterator draws nothing
+from the global RNG); and evaluation and checkpointing happen at the same points of the run whether it was
+interrupted or not.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import shutil
+import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .. import dist
+from ..dist import all_reduce_mean, unwrap, wrap_ddp
+from ..errors import ConfigError, CskdError
+from ..files import json_safe
+from .checkpoint import load_checkpoint, save_checkpoint
+from .ema import ModelEma
+from .run_log import MetricsWriter, plot_losses, read_metrics, write_config
 
-__all__ = [
-    "cosine_schedule", "seed_everything", "resolve_device", "autocast_for", "param_groups", "NonFiniteLoss",
-    "check_finite", "MetricsWriter", "read_metrics", "write_config", "plot_losses", "save_checkpoint",
-    "latest_checkpoint", "load_checkpoint", "wrap_ddp", "unwrap", "all_reduce_mean", "json_safe",
-]
+__all__ = ["Task", "Plan", "plan_steps", "fit", "train_step", "cosine_schedule", "seed_everything",
+           "resolve_device", "autocast_for", "param_groups", "NonFiniteLoss", "check_finite",
+           "CONFIG_NAME", "METRICS_NAME", "CURVE_NAME", "CKPT_DIR"]
+
+CONFIG_NAME = "config.yaml"
+METRICS_NAME = "metrics.jsonl"
+CURVE_NAME = "loss_curve.png"
+CKPT_DIR = "checkpoints"
 
 
 def cosine_schedule(total_iters: int, warmup_iters: int = 0, final: float = 0.0) -> np.ndarray:
@@ -52,7 +69,10 @@ def seed_everything(seed: int) -> None:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {device!r}: {e}; use auto, cpu, cuda or cuda:N") from None
 
 
 def autocast_for(device: torch.device, enabled: bool = True):
@@ -78,11 +98,11 @@ def param_groups(named: list[tuple[str, nn.Module]], lrs: list[float], weight_de
     return groups
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(CskdError, RuntimeError):
     """Training produced NaN/inf; raised so a run stops with a message instead of writing NaN weights."""
 
 
-def check_finite(values: dict[str, float], step: int, epoch: int, lr_flags: str = "--lr (or --lr-student)") -> None:
+def check_finite(values: dict[str, float], step: int, epoch: int, lr_flags: str = "--lr (or --lr-encoder)") -> None:
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
         shown = ", ".join(f"{k}={v}" for k, v in values.items())
@@ -92,186 +112,203 @@ def check_finite(values: dict[str, float], step: int, epoch: int, lr_flags: str 
             "--clip-grad on, and check the cache with `cskd cache verify`")
 
 
-class MetricsWriter:
-    """Appends one JSON object per line (rank 0 only); flushed per record so a crash loses nothing."""
-
-    def __init__(self, path: str | os.PathLike, enabled: bool = True):
-        self.path = Path(path)
-        self.enabled = enabled
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records past ``step``: a resumed run re-does them, and must not log them twice."""
-        if self.enabled and self.path.exists():
-            keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-            self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep), encoding="utf-8")
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+@dataclass(frozen=True)
+class Plan:
+    """How many optimiser steps, in how many epochs, with which learning-rate multiplier at each step."""
+
+    steps_per_epoch: int
+    total: int
+    epochs: int
+    warmup: int
+    schedule: np.ndarray
+
+    def describe(self) -> dict:
+        return {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total, "epochs": self.epochs,
+                "warmup_steps": self.warmup}
 
 
-def write_config(path: str | os.PathLike, config: dict) -> None:
-    import yaml
-
-    from ..cache.manifest import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
-
-
-def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike, metric: str = "global_cos",
-                label: str = "held-out global cosine") -> None:
-    """Training loss per step and one eval metric per epoch (align: held-out global cosine; finetune/distill:
-    val SRCC), one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(metrics_path)
-    train = [r for r in records if r.get("type") == "train"]
-    evals = [r for r in records if r.get("type") == "eval" and r.get(metric) is not None]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss", color="tab:blue")
-    if evals:
-        ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-", color="tab:orange", label=label)
-        ax2.set_ylabel(label, color="tab:orange")
-    ax.set_title(Path(png_path).parent.name)
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
+def plan_steps(cfg, steps_per_epoch: int) -> Plan:
+    """``cfg.max_steps`` steps if set, else ``cfg.epochs`` epochs; warm-up and decay as fractions of all steps."""
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup = round(total * cfg.warmup_fraction)
+    return Plan(steps_per_epoch, total, math.ceil(total / steps_per_epoch), warmup,
+                cosine_schedule(total, warmup, final=cfg.min_lr_fraction))
 
 
-# Checkpoints: RUN_DIR/checkpoints/epoch-NNNN/{model.safetensors, state.safetensors, state.json}. Written to a
-# temporary folder and renamed, so a folder with the final name is always complete and resume never sees half a
-# checkpoint. The trainer state holds no pickle (state_io), so resuming a downloaded run cannot run its code.
+class Task:
+    """What a training stage plugs into `fit`. Set ``model`` (the trainable module, on its device) before fitting.
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    ``forward(model, batch, autocast)`` -> (loss parts with ``loss``, images in the batch); ``batches(start, plan)``
+    -> an iterator over the batches of steps ``start ..`` (a pure function of the step); ``evaluate(model,
+    autocast)`` -> metrics or None (rank 0 only). The hooks are optional.
+    """
 
+    model: nn.Module
+    lr_flags = "--lr (or --lr-encoder)"
+    eval_tags: dict = {}
+    curve: dict = {}  # keyword arguments of `plot_losses`: which eval metric the PNG shows
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def param_groups(self, cfg) -> list[dict]:
+        raise NotImplementedError
 
+    def resolved(self) -> dict:
+        """Facts of this run for config.yaml's ``resolved`` part (beside the engine's schedule)."""
+        return {}
 
-def save_checkpoint(ckpt_dir: str | os.PathLike, epoch: int, model: nn.Module, optimizer, scaler, step: int,
-                    extra: dict | None = None, keep: int = 0) -> Path:
-    """Save model weights and trainer state (safetensors + JSON); keep the newest ``keep`` (0 = all)."""
-    from safetensors.torch import save_model
+    def batches(self, start: int, plan: Plan) -> Iterator:
+        raise NotImplementedError
 
-    from .state_io import save_state
+    def forward(self, model: nn.Module, batch, autocast) -> tuple[dict[str, torch.Tensor], int]:
+        raise NotImplementedError
 
-    ckpt_dir = Path(ckpt_dir)
-    final = ckpt_dir / f"epoch-{epoch:04d}"
-    tmp = ckpt_dir / f".epoch-{epoch:04d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(unwrap(model), str(tmp / "model.safetensors"))
-    save_state(tmp, {"epoch": epoch, "step": step, "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state(),
-                     **(extra or {})})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if keep > 0:
-        for old in sorted(ckpt_dir.glob("epoch-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    def evaluate(self, model: nn.Module, autocast) -> dict | None:
+        return None
 
+    def eval_message(self, metrics: dict) -> str:
+        return ""
 
-class UnsafeCheckpoint(ValueError):
-    """A checkpoint whose trainer state is a pickle (older cskd): loading it could run code, so it is refused."""
+    def on_resume(self, records: list[dict]) -> None:
+        """The metrics of the run so far (records past the checkpoint already dropped)."""
+
+    def on_eval(self, record: dict | None, epoch: int, step: int, model: nn.Module) -> None:
+        """After each epoch's evaluation, before its checkpoint (rank 0): e.g. keep the best weights."""
+
+    def finish(self, model: nn.Module, records: list[dict], step: int) -> dict:
+        """After the last epoch (rank 0): write the run's product, return what the result adds."""
+        return {}
 
 
-def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
-    from .state_io import STATE_JSON, STATE_TENSORS
-
-    ckpt_dir = Path(ckpt_dir)
-    found = sorted(p for p in ckpt_dir.glob("epoch-*")
-                   if (p / "model.safetensors").is_file() and (p / STATE_JSON).is_file()
-                   and (p / STATE_TENSORS).is_file())
-    if found:
-        return found[-1]
-    pickled = sorted(ckpt_dir.glob("epoch-*/state.pt"))
-    if pickled:
-        raise UnsafeCheckpoint(f"{pickled[-1]}: trainer state in pickle format (an older cskd, or planted), which "
-                               "cskd does not load because unpickling can run code; start a new --out, or resume "
-                               "with the release that wrote it")
-    return None
-
-
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, scaler=None,
-                    restore_rng: bool = True) -> dict:
-    """Load a `save_checkpoint` folder into model (and optimizer/scaler); returns the state dict
-    (epoch, step, extra keys)."""
-    from safetensors.torch import load_model
-
-    from .state_io import load_state
-
-    path = Path(path)
-    load_model(unwrap(model), str(path / "model.safetensors"), strict=True)
-    state = load_state(path)
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
-    if restore_rng:
-        _set_rng_state(state["rng"])
-    return state
+def train_step(model: nn.Module, forward: Callable, batch, optimizer: torch.optim.Optimizer, device: torch.device,
+               params: list[torch.nn.Parameter] | None = None, clip_grad: float = 1.0, autocast=None, scaler=None,
+               step: int = 0, epoch: int = 0, lr_flags: str = "--lr (or --lr-encoder)") -> tuple[dict, int]:
+    """One optimiser step: ``forward(model, batch, autocast)`` -> (parts, images), backward, gradient clipping, the
+    NaN guard and the update, at the learning rates already set on the optimizer. Returns the logged values
+    (unweighted loss terms, ``loss``, ``grad_norm`` when clipping; averaged over DDP ranks) and the image count.
+    ``step``/``epoch`` only label a NonFiniteLoss message."""
+    parts, n = forward(model, batch, autocast or nullcontext())
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(parts["loss"]).backward()
+        scaler.unscale_(optimizer)
+    else:
+        parts["loss"].backward()
+    values = {k: float(v.detach()) for k, v in parts.items()}
+    if clip_grad > 0:
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip_grad))
+    values = all_reduce_mean(values, device)
+    # An inf grad norm is routine under an fp16 scaler (it skips that step), so only the loss counts there.
+    check_finite({k: v for k, v in values.items() if scaler is None or k != "grad_norm"}, step, epoch, lr_flags)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return values, n
 
 
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP around exactly the trainable module when torchrun started several processes; else the model."""
-    if not dist.is_dist():
-        return model
-    from torch.nn.parallel import DistributedDataParallel
+class _Run:
+    """The state of one `fit`: optimizer, scaler, EMA, metrics, step."""
 
-    if device.type == "cuda":
-        return DistributedDataParallel(model, device_ids=[device.index])
-    return DistributedDataParallel(model)
+    def __init__(self, task: Task, cfg, run_dir: Path, device: torch.device, plan: Plan, status):
+        self.task, self.cfg, self.run_dir, self.device, self.plan, self.status = task, cfg, run_dir, device, plan, status
+        self.main, self.world = dist.rank() == 0, dist.world_size()
+        self.model = task.model
+        self.ema = ModelEma(self.model, cfg.ema) if cfg.ema else None
+        self.optimizer = torch.optim.AdamW(task.param_groups(cfg))
+        self.autocast, self.scaler = autocast_for(device, cfg.amp)
+        self.metrics = MetricsWriter(run_dir / METRICS_NAME, enabled=self.main)
+        self.step, self.start_epoch = 0, 0
+
+    def scored(self) -> nn.Module:
+        """The weights that are validated and saved: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else unwrap(self.model)
+
+    def start(self, ckpt: Path | None) -> None:
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, self.model, self.optimizer, self.scaler)
+            self.start_epoch, self.step = int(state["epoch"]), int(state["step"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.metrics.truncate_after(self.step)
+            self.task.on_resume(read_metrics(self.run_dir / METRICS_NAME))
+            self.status(f"resuming {self.run_dir} from {ckpt.name} (step {self.step} of {self.plan.total})")
+            return
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / METRICS_NAME).unlink(missing_ok=True)
+            resolved = {"command": self.cfg.command, **self.plan.describe(), "world_size": self.world,
+                        **self.task.resolved()}
+            write_config(self.run_dir / CONFIG_NAME, {**self.cfg.to_dict(), "resolved": json_safe(resolved)})
+        self.evaluate(0)
+
+    def evaluate(self, epoch: int) -> dict | None:
+        if not self.main:
+            return None
+        t0 = time.perf_counter()
+        m = self.task.evaluate(self.scored(), self.autocast)
+        if m is None:
+            return None
+        record = {"type": "eval", **self.task.eval_tags, "step": self.step, "epoch": epoch, **m,
+                  "eval_s": time.perf_counter() - t0}
+        self.metrics.write(record)
+        self.status(f"epoch {epoch} step {self.step}: {self.task.eval_message(m)}")
+        return record
+
+    def checkpoint(self, epoch: int) -> None:
+        extra = {"config": self.cfg.to_dict(), **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
+        save_checkpoint(self.run_dir / CKPT_DIR, epoch, self.model, self.optimizer, self.scaler, self.step,
+                        extra=extra, keep=self.cfg.keep_checkpoints)
+
+    def train(self, on_progress) -> None:
+        plan, cfg = self.plan, self.cfg
+        self.model = wrap_ddp(self.model, self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        batches = self.task.batches(self.step, plan)
+        t_log, n_log, last = time.perf_counter(), 0, {}
+        for epoch in range(self.start_epoch, plan.epochs):
+            self.model.train()
+            while self.step < min(plan.total, (epoch + 1) * plan.steps_per_epoch):
+                for g in self.optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * plan.schedule[self.step]
+                values, n = train_step(self.model, self.task.forward, next(batches), self.optimizer, self.device,
+                                       params, cfg.clip_grad, self.autocast, self.scaler, self.step, epoch,
+                                       self.task.lr_flags)
+                self.step += 1
+                if self.ema is not None:
+                    self.ema.update(unwrap(self.model), self.step)
+                n_log += n * self.world
+                if self.main and (self.step % cfg.log_every == 0 or self.step == plan.total):
+                    elapsed = time.perf_counter() - t_log
+                    last = {"type": "train", "step": self.step, "epoch": epoch,
+                            "lr": self.optimizer.param_groups[-1]["lr"], **values,
+                            "img_s": n_log / elapsed if elapsed > 0 else None}
+                    self.metrics.write(last)
+                    t_log, n_log = time.perf_counter(), 0
+                if self.main and on_progress:
+                    on_progress({"step": self.step, "total": plan.total, "epoch": epoch, "loss": values["loss"],
+                                 "img_s": last.get("img_s")})
+            record = self.evaluate(epoch + 1)
+            if self.main:
+                self.task.on_eval(record, epoch + 1, self.step, self.scored())
+                self.checkpoint(epoch + 1)
+            dist.barrier()
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) \
-        else model
-
-
-def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average scalars over ranks (one collective); NaN anywhere makes the mean NaN, so every rank stops."""
-    if not dist.is_dist() or not values:
-        return values
-    import torch.distributed as td
-
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    td.all_reduce(t)
-    t /= dist.world_size()
-    return dict(zip(values.keys(), t.tolist()))
-
-
-def json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    return obj
+def fit(task: Task, cfg, *, run_dir: Path, ckpt: Path | None, device: torch.device, plan: Plan,
+        on_progress: Callable[[dict], None] | None = None, on_status: Callable[[str], None] | None = None) -> dict:
+    """Train (or resume from ``ckpt``) ``task.model`` for ``plan``; returns the run summary: ``run_dir``, ``step``,
+    ``epochs``, ``steps_per_epoch`` and what ``task.finish`` adds (rank 0)."""
+    run = _Run(task, cfg, Path(run_dir), device, plan, on_status or (lambda m: None))
+    run.start(ckpt)
+    run.train(on_progress)
+    result = {"run_dir": str(run_dir), "step": run.step, "epochs": plan.epochs, "steps_per_epoch": plan.steps_per_epoch}
+    if run.main:
+        records = read_metrics(Path(run_dir) / METRICS_NAME)
+        result.update(task.finish(run.scored(), records, run.step))
+        plot_losses(Path(run_dir) / METRICS_NAME, Path(run_dir) / CURVE_NAME, **task.curve)
+    dist.barrier()
+    return result

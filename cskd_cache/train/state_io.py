@@ -23,12 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import TrainError
+
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 _TAGS = ("__tuple__", "__items__", "__tensor__", "__ndarray__", "__float__")
 
 
-class StateFormatError(ValueError):
+class StateFormatError(TrainError):
     """A state.json / state.safetensors pair that cskd did not write or that was altered."""
 
 

