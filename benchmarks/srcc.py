@@ -139,7 +139,8 @@ def finetune(args, labels: str, model: str, out: Path, epochs: int, size: int | 
         log(f"finetune {model} -> {out}")
         s = run_finetune(FinetuneConfig(model=model, labels=labels, out=str(out), label_fraction=fraction,
                                         epochs=epochs, batch_size=args.batch_size, size=size, lr=args.lr,
-                                        lr_encoder=lr_encoder, seed=args.seed, num_workers=args.workers, ema=ema))
+                                        lr_encoder=lr_encoder, seed=args.seed, num_workers=args.workers, ema=ema,
+                                        trust_code=True))  # its own runs, whose py: zoo spec it wrote
         log(f"finetune {out.name}: val SRCC {s['val']['srcc']:.3f} (epoch {s['best_epoch']})")
 
 
@@ -165,7 +166,7 @@ def distill(args, labels: str, cache: str, teacher_run: Path, student: str, out:
                                       batch_size=args.batch_size, size=args.size, lr=args.lr,
                                       lambda_u=args.lambda_u, unlabelled_ratio=args.unlabelled_ratio, seed=args.seed,
                                       num_workers=args.workers, ema=args.ema,
-                                      jitter_views=args.jitter_views))
+                                      jitter_views=args.jitter_views, trust_code=True))
         log(f"distill {out.name}: val SRCC {s['val']['srcc']:.3f}; {s['unlabelled_rows']} unlabelled rows, "
             f"{s['heldout_rows']} held out")
 
@@ -176,7 +177,8 @@ def evaluate(args, labels: str, run: Path) -> dict:
     out = run / "eval-test"
     if not done(out, "metrics.json"):
         run_evaluate(EvalConfig(model=str(run), labels=labels, out=str(out), split="test",
-                                num_workers=args.workers, bootstrap=args.bootstrap, seed=args.seed))
+                                num_workers=args.workers, bootstrap=args.bootstrap, seed=args.seed,
+                                trust_code=True))
     m = json.loads((out / "metrics.json").read_text())
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -336,7 +338,12 @@ def main(argv=None) -> int:
         summary["cskd_minus_distill_only"] = {"srcc": d1, "ci": [lo1, hi1]}
     summary["args"] = vars(args)
     (work / "srcc.json").write_text(json.dumps(summary, indent=2, default=str))
-    log(f"done in {time.perf_counter() - t0:.0f} s; numbers in {work / 'srcc.json'}")
+    from cskd_cache.inspect.compare import build_compare
+
+    # the same runs side by side, labels-only first: its paired SRCC differences are the ones printed above
+    order = ["student, labels only", *[n for n in runs if n != "student, labels only"]]
+    page = build_compare([runs[n] for n in order], work / "compare.html", args.bootstrap, args.seed, labels=order)
+    log(f"done in {time.perf_counter() - t0:.0f} s; numbers in {work / 'srcc.json'}, runs side by side in {page['out']}")
     return 0
 
 

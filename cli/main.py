@@ -9,6 +9,7 @@ import typer
 from . import cache as cache_cmd
 from .align import align
 from .attention import attention
+from .demo import demo
 from .distill import distill
 from .evaluate import evaluate
 from .export import export
@@ -44,7 +45,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 # In pipeline order: data, the cache, Stage I, Stage II, deploy, diagnose.
-COMMANDS = {"sample-images": sample_images, "proxy-set": proxy_set, "extract": extract, "align": align,
+COMMANDS = {"demo": demo, "sample-images": sample_images, "proxy-set": proxy_set, "extract": extract, "align": align,
             "finetune": finetune, "distill": distill, "evaluate": evaluate, "predict": predict, "export": export,
             "attention": attention, "neighbors": neighbors, "report": report}
 for _name, _command in COMMANDS.items():

@@ -24,6 +24,8 @@ def predict(
     = 2,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
     trust_code: TrustCodeOpt = False,
+    plot: Annotated[bool, typer.Option(help="Also draw the distribution of the predicted scores as OUT with a .png "
+                                            "suffix.")] = False,
     config: DefaultsOpt = None,
 ) -> None:
     """Score images with a trained IAA model: mean score on the training dataset's scale, and its std and
@@ -38,7 +40,7 @@ def predict(
         raise typer.BadParameter(str(e).removeprefix(f"--out {out}: "), param_hint="--out") from None
     with failing(), progress_bar("predict") as update:
         result = run_predict(model, paths, out, batch_size=batch_size, num_workers=num_workers, device=device,
-                             on_progress=update, trust_code=trust_code)
+                             on_progress=update, trust_code=trust_code, plot=plot)
     if result.n_failed:
         first = ", ".join(f"{p} ({e.split(':')[0]})" for p, e in result.failed[:3])
         err_console.print(f"[yellow]warning:[/] {result.n_failed} of {result.n_inputs} files could not be read and "
@@ -46,7 +48,8 @@ def predict(
                           highlight=False, soft_wrap=True)
     table = Table(title=f"cskd predict -> {result.out}", show_header=False)
     for k, v in (("inputs", f"{result.n_inputs:,}"), ("scored", f"{result.n_scored:,}"),
-                 ("unreadable", f"{result.n_failed:,}"), ("format", result.format)):
+                 ("unreadable", f"{result.n_failed:,}"), ("format", result.format),
+                 *((("plot", str(result.plot)),) if result.plot else ())):
         table.add_row(k, v)
     show(table)
     if result.n_scored == 0:

@@ -130,3 +130,18 @@ def test_help_lists_every_option():
     r = runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "200"})
     for opt in ("--model", "--out", "--batch-size", "--num-workers", "--device", "paths..."):
         assert opt in r.output, opt
+
+
+def test_plot_draws_the_score_distribution_beside_the_table(setup, tmp_path):
+    from PIL import Image
+
+    _, model, imgs, _ = setup
+    out = tmp_path / "scores.csv"
+    r = runner.invoke(app, ["predict", "--model", str(model), *imgs, "--out", str(out), "--num-workers", "0", "--plot"])
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "scores.png") as im:
+        assert im.width > 300 and len(im.getcolors(1 << 16) or range(1000)) > 10
+    assert "scores.png" in r.output
+    r = runner.invoke(app, ["predict", "--model", str(model), imgs[0], "--out", str(tmp_path / "b.csv"),
+                            "--num-workers", "0"])
+    assert r.exit_code == 0 and not (tmp_path / "b.png").exists()  # only when asked

@@ -201,7 +201,8 @@ def test_page_gathers_every_output_that_exists(run):
 
     # attention.json: per layer, each per-head list averaged over the heads
     assert "Per layer: vit, mean of 2 heads" in text
-    assert [r for r in p.rows if r[:1] == ["2"] and len(r) == 4] == [["2", "17", "1.5", "0.2"]]
+    # layers numbered from 1 (attention.json's layer 2 is the third block), as the attention plots number them
+    assert [r for r in p.rows if r[:1] == ["3"] and len(r) == 4] == [["3", "17", "1.5", "0.2"]]
 
     # config.yaml as YAML, student.json as a table, companion files linked
     assert "student: timm:test_resnet" in text and "total_steps: 6" in text
@@ -317,6 +318,7 @@ class Chromium:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=fds_3_and_4, close_fds=False)
         os.close(to_browser)
         os.close(from_browser)
+        self.screenshot_to: Path | None = None  # set before a check() to keep a full-page PNG of that page
         self._q: queue.Queue = queue.Queue()
         self._events: list[dict] = []
         self._id = 0
@@ -364,6 +366,8 @@ class Chromium:
         s = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.call(f"{domain}.enable", session=s)
+        self.call("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 900, "deviceScaleFactor": 1,
+                                                          "mobile": False}, session=s)
         self._events.clear()
         nav = self.call("Page.navigate", {"url": page.resolve().as_uri()}, session=s)
         problems = [f"navigation: {nav['errorText']}"] if nav.get("errorText") else []
@@ -372,6 +376,16 @@ class Chromium:
             Array.from(document.images, i => ({src: i.getAttribute('src').slice(0, 100), alt: i.alt,
               complete: i.complete, width: i.naturalWidth, shown: i.getBoundingClientRect().width > 0}))"""},
                            session=s)["result"]["value"]
+        wide = self.call("Runtime.evaluate", {"returnByValue": True, "expression": """
+            Array.from(document.querySelectorAll('body *')).filter(e => e.getBoundingClientRect().right >
+              window.innerWidth + 1).map(e => e.tagName + '.' + e.className).slice(0, 5)
+              .concat(document.documentElement.scrollWidth > window.innerWidth ? ['page scrolls sideways'] : [])"""},
+                         session=s)["result"]["value"]
+        problems += [f"wider than the 1280 px viewport: {w}" for w in wide]
+        if self.screenshot_to is not None:
+            shot = self.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}, session=s)
+            self.screenshot_to.write_bytes(base64.b64decode(shot["data"]))
+            self.screenshot_to = None
         for e in (e for e in self._events if e.get("sessionId") == s):
             m, prm = e["method"], e.get("params", {})
             if m == "Runtime.exceptionThrown":
@@ -454,3 +468,109 @@ def test_chromium_check_catches_broken_pages(chromium, run, tmp_path):
     problems, _ = chromium.check(scripted)
     assert any(p.startswith("console.error") for p in problems), problems
     assert any(p.startswith("exception: TypeError") for p in problems), problems
+
+
+# ------------------------------------------------------------------------------- the answer first, side by side
+
+
+def _card(text: str) -> dict[str, str]:
+    """data-metric name -> the card's shown value and interval ("0.812 [0.79, 0.83]")."""
+    import re
+
+    card = text.split('<section class="card"', 1)[1].split("</section>", 1)[0]
+    out = {}
+    for name, body in re.findall(r'data-metric="(\w+)">(.*?)</div>', card):
+        val = re.search(r'class="mval">([^<]*)<', body).group(1)
+        ci = re.search(r'class="ci">\[([^<]*)\]<', body)
+        out[name] = val + (f" [{ci.group(1)}]" if ci else "")
+    return out
+
+
+def test_summary_card_shows_the_numbers_of_metrics_json(run):
+    from cskd_cache.inspect.run_summary import fmt3
+
+    assert report(run / "run").exit_code == 0
+    text = (run / "run" / "report.html").read_text()
+    m = json.loads((run / "run" / "eval" / "test" / "metrics.json").read_text())
+    card = _card(text)
+    assert set(card) == {"srcc", "plcc", "acc"}, card
+    for name in ("srcc", "plcc"):
+        lo, hi = m[f"{name}_ci"]
+        assert card[name] == f"{fmt3(m[name])} [{fmt3(lo)}, {fmt3(hi)}]"
+    assert card["acc"].split(" ")[0] == fmt3(m["acc"])
+    assert text.index('class="card"') < text.index("<nav>")  # the answer comes first
+    p = Page(text)
+    assert p.row("stage")[1] == "align" and p.row("model")[1] == "timm:test_resnet"
+    end = [json.loads(x) for x in (run / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert end["type"] == "end" and p.row("wall time")[1] == f"{fmt3(end['seconds'])} s"
+
+
+def _two_runs(run, tmp_path):
+    """Two copies of the fixture's run, evaluated on the same 60 test images; b has another lr and better scores."""
+    from cskd_cache.evaluate.metrics import srcc
+
+    rng = np.random.default_rng(1)
+    truth = rng.uniform(2, 8, 60)
+    preds = {"a": truth + rng.normal(0, 2.0, 60), "b": truth + rng.normal(0, 0.5, 60)}
+    for name in "ab":
+        d = tmp_path / name
+        shutil.copytree(run / "run", d, ignore=shutil.ignore_patterns("report.html", "checkpoints"))
+        rows = "".join(f"k{i},/x/k{i}.png,{float(t)!r},{float(p)!r}\n" for i, (t, p) in enumerate(zip(truth, preds[name])))
+        (d / "eval" / "test" / "predictions.csv").write_text("key,path,true,pred\n" + rows)
+    cfg = (tmp_path / "b" / "config.yaml").read_text()
+    (tmp_path / "b" / "config.yaml").write_text(cfg.replace("lr: 0.001", "lr: 0.002", 1))
+    return tmp_path / "a", tmp_path / "b", srcc(truth, preds["b"]) - srcc(truth, preds["a"])
+
+
+def test_comparison_page_shows_what_differs_and_the_paired_srcc_difference(run, tmp_path):
+    from cskd_cache.inspect.run_summary import fmt3
+
+    a, b, diff = _two_runs(run, tmp_path)
+    out = tmp_path / "cmp" / "compare.html"
+    r = report(a, b, "--out", out)
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    p = Page(text)
+    assert p.row("lr")[1:] == ["0.001", "0.002"]  # only the setting that differs, one column per run
+    assert [row[0] for row in p.rows if row and row[0] not in ("setting", "run", "SRCC difference")] == \
+        ["a", "b", "lr", "b - a"]
+    cell = p.row("b - a")[1]
+    assert cell.startswith(fmt3(diff) + " [") and p.row("b - a")[2] == "60"
+    lo, hi = (float(x) for x in cell.split("[")[1].rstrip("]").split(", "))
+    assert lo < diff < hi and lo > 0  # b is better on the same images, beyond the paired interval
+    # the runs' curves on shared axes, and their attention profiles (the fixture has attention.json) overlaid
+    assert [i["src"] for i in p.imgs] == ["compare.curves.png", "compare.attention.png"]
+    assert all((out.parent / i["src"]).read_bytes()[:8] == PNG for i in p.imgs)
+    r = report(a, tmp_path / "nope", "--out", out)
+    assert r.exit_code == 1 and "no config.yaml" in r.stderr
+
+
+@pytest.mark.browser
+def test_chromium_shows_the_run_page_and_the_comparison_page_within_the_viewport(chromium, run, tmp_path):
+    run_dir, nb = run / "run", run / "elsewhere" / "nbrs"
+    assert report(run_dir, "--include", nb).exit_code == 0
+    shown_cleanly(chromium, run_dir / "report.html", 6)
+    a, b, _ = _two_runs(run, tmp_path)
+    assert report(a, b, "--out", tmp_path / "compare.html").exit_code == 0
+    shown_cleanly(chromium, tmp_path / "compare.html", 2)
+    wide = tmp_path / "wide.html"  # the check itself: a page wider than 1280 px fails it
+    wide.write_text('<!DOCTYPE html><html><body><div style="width:2000px">x</div></body></html>')
+    problems, _ = chromium.check(wide)
+    assert any(p.startswith("wider than the 1280 px viewport") for p in problems), problems
+
+
+def test_contact_sheets_fit_the_page_and_shorten_names_in_the_middle(tmp_path):
+    from PIL import Image, ImageDraw
+
+    from cskd_cache.inspect.contact_sheet import CAPTION_PX, MAX_WIDTH, Cell, _fit, _font, render_sheet
+
+    photo(96, 64, 1).save(tmp_path / "a.png")
+    cells = [Cell(str(tmp_path / "a.png"), f"set{i}/a-very-long-source-folder-name/img{i:04d}.png", ["cos=0.9"])
+             for i in range(11)]  # a query and its 10 neighbours: wider than the page in one line
+    render_sheet([cells], tmp_path / "sheet.png", thumb=128, title="query 1")
+    with Image.open(tmp_path / "sheet.png") as im:
+        assert im.width <= MAX_WIDTH and im.height > 2 * 128  # wrapped onto a second line of cells
+    assert CAPTION_PX >= 12
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    short = _fit(draw, "set3/a-very-long-source-folder-name/img0003.png", _font(CAPTION_PX), 128)
+    assert short.startswith("set3/") and short.endswith("0003.png") and "..." in short

@@ -21,7 +21,11 @@ Output folder (written to temporary names and renamed, so a file with its final 
 ``predictions.csv``
     ``key,path,true,pred`` for every scored image (full float precision).
 ``scatter.png``
-    predicted vs true score with the y = x line; SRCC and PLCC in the title.
+    predicted vs true score with the y = x line and both scores' histograms in the margins; SRCC and PLCC in the
+    title.
+``confusion.png``
+    with a distribution head on a binned dataset: the per-bin confusion (true vs predicted mean score, rounded to
+    a bin; each row as shares of its images).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from ..errors import EvaluateError
 from ..train.config import CommandConfig
 from .metrics import evaluate_predictions
 
-__all__ = ["EvalConfig", "EvalResult", "EvaluateError", "run_evaluate", "plot_scatter"]
+__all__ = ["EvalConfig", "EvalResult", "EvaluateError", "run_evaluate", "plot_scatter", "plot_confusion"]
 
 ALPHA = 0.05
 
@@ -89,16 +93,31 @@ def _same_scale(a, b) -> bool:
     return all(math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b))
 
 
+def save_png(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
 def plot_scatter(y_true: np.ndarray, y_pred: np.ndarray, title: str, path: str | os.PathLike,
                  scale: tuple[float, float] | None = None) -> None:
-    """Predicted vs true with the y = x line, written atomically as a PNG."""
+    """Predicted vs true with the y = x line and each score's histogram in the margins, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(y_true)
-    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=110)
+    fig = plt.figure(figsize=(6, 6), dpi=110)
+    grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4), wspace=0.05, hspace=0.05)
+    ax = fig.add_subplot(grid[1, 0])
+    top, right = fig.add_subplot(grid[0, 0], sharex=ax), fig.add_subplot(grid[1, 1], sharey=ax)
     # small translucent points: AVA's 20k test images would otherwise be one solid blob
     ax.scatter(y_true, y_pred, s=8 if n <= 2000 else 2, alpha=0.6 if n <= 2000 else 0.15, color="tab:blue",
                edgecolors="none")
@@ -108,19 +127,52 @@ def plot_scatter(y_true: np.ndarray, y_pred: np.ndarray, title: str, path: str |
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.3", lw=1, ls="--", label="y = x")
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_ylim(lo - pad, hi + pad)
-    ax.set_aspect("equal")
     ax.set_xlabel("true score")
     ax.set_ylabel("predicted score")
-    ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left")
+    bins = np.linspace(lo - pad, hi + pad, 31)
+    top.hist(y_true, bins=bins, color="0.55")
+    right.hist(y_pred, bins=bins, color="tab:blue", orientation="horizontal")
+    top.set_ylabel("images", fontsize=8)
+    right.set_xlabel("images", fontsize=8)
+    top.tick_params(labelbottom=False)
+    right.tick_params(labelleft=False)
+    top.set_title(title, fontsize=10)
+    save_png(fig, Path(path))
+
+
+def plot_confusion(dist_true: np.ndarray, dist_pred: np.ndarray, path: str | os.PathLike, title: str = "") -> None:
+    """Per-bin confusion of K-bin score distributions: each image's true and predicted mean score rounded to a bin
+    (1..K); rows are true bins, cells the share of that row's images (the count in brackets)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = dist_true.shape[1]
+    values = np.arange(1, k + 1)
+
+    def to_bin(d):
+        return np.clip(np.rint(d @ values / np.maximum(d.sum(1), 1e-12)), 1, k).astype(int) - 1
+
+    counts = np.zeros((k, k), np.int64)
+    np.add.at(counts, (to_bin(dist_true), to_bin(dist_pred)), 1)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6, 5.2), dpi=110)
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if counts[i, j]:
+                ax.text(j, i, f"{share[i, j]:.0%}", ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), values)
+    ax.set_yticks(range(k), values)
+    ax.set_xlabel("predicted bin (rounded mean score)")
+    ax.set_ylabel("true bin (rounded mean score)")
+    ax.set_title(title or "per-bin confusion", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true bin's images")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    save_png(fig, Path(path))
 
 
 def _predictions_csv(keys, paths, y_true, y_pred) -> str:
@@ -205,5 +257,7 @@ def run_evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None
     title = (f"{labels.name} {cfg.split} (n={m['n']}): SRCC {m['srcc']:.3f}, PLCC {m['plcc']:.3f}\n"
              f"{Path(str(cfg.model)).name}")
     plot_scatter(y_true, y_pred, title, out / "scatter.png", labels.scale if same_scale else None)
+    if dist_true is not None and dist_pred is not None and dist_true.shape[1] == dist_pred.shape[1]:
+        plot_confusion(dist_true, dist_pred, out / "confusion.png", f"{labels.name} {cfg.split}: per-bin confusion")
     write_json(out / "metrics.json", metrics)  # last: its presence means the folder is complete
     return EvalResult(out, metrics, notes)

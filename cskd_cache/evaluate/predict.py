@@ -67,6 +67,27 @@ class PredictResult:
     n_scored: int
     n_failed: int
     failed: list[tuple[str, str]]
+    plot: Path | None = None
+
+
+def plot_scores(scores: np.ndarray, scale: tuple[float, float], path: Path, title: str) -> None:
+    """The distribution of predicted scores (finite ones) on the model's scale, as a histogram PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .evaluate import save_png
+
+    s = scores[np.isfinite(scores)]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    ax.hist(s, bins=np.linspace(float(scale[0]), float(scale[1]), 41), color="tab:blue")
+    if len(s):
+        ax.axvline(float(np.median(s)), color="0.3", ls="--", lw=1, label=f"median {np.median(s):.3g}")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="predicted score", ylabel="images", title=f"{title} ({len(s)} images)")
+    fig.tight_layout()
+    save_png(fig, path)
 
 
 def _num(v) -> float | None:
@@ -118,7 +139,8 @@ def write_predictions(scores, scorer, out: str | os.PathLike, model: str = "") -
 
 def run_predict(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
                 batch_size: int = 32, num_workers: int = 2, device: str = "auto",
-                on_progress: Callable[[int, int], None] | None = None, trust_code: bool = False) -> PredictResult:
+                on_progress: Callable[[int, int], None] | None = None, trust_code: bool = False,
+                plot: bool = False) -> PredictResult:
     """Score every image under ``inputs`` and write ``out``; unreadable files are listed, never raised.
 
     Raises ValueError for a bad ``out`` suffix or no inputs, FileNotFoundError for a missing model; the file is
@@ -138,7 +160,11 @@ def run_predict(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
     scorer = load_iaa_model(model, device=dev, trust_code=trust_code)
     scores = score_files(scorer, paths, batch_size, num_workers, dev, on_progress=on_progress)
     write_predictions(scores, scorer, out, str(model))
-    return PredictResult(Path(out), fmt, len(paths), scores.n_ok, scores.n_failed, scores.failed())
+    png = None
+    if plot:  # OUT with .png for its suffix: the picture beside the table
+        png = Path(out).with_suffix(".png")
+        plot_scores(np.asarray(scores.score, np.float64), scorer.scale, png, Path(str(model)).name)
+    return PredictResult(Path(out), fmt, len(paths), scores.n_ok, scores.n_failed, scores.failed(), png)
 
 
 def _exts() -> frozenset[str]:

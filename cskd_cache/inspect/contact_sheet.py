@@ -42,11 +42,17 @@ def _font(size: int):
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """``text``, shortened in the middle to fit ``width``: a file name keeps its start (the folder or source) and
+    its end (the number and extension), which is where names differ."""
     if draw.textlength(text, font=font) <= width:
         return text
-    while text and draw.textlength("..." + text, font=font) > width:
-        text = text[1:]  # keep the end: file names differ at the end more than at the start
-    return "..." + text
+    head, tail = text[:len(text) // 2], text[len(text) // 2:]
+    while (head or tail) and draw.textlength(head + "..." + tail, font=font) > width:
+        if len(head) > len(tail):
+            head = head[:-1]
+        else:
+            tail = tail[1:]
+    return head + "..." + tail
 
 
 def thumbnail(path: str | None, key: str, size: int, max_pixels: int | None = None) -> tuple[Image.Image, bool]:
@@ -87,17 +93,25 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
     return lines + ([cur] if cur else [])
 
 
+CAPTION_PX = 13  # >= 12 px on the page: a sheet is at most MAX_WIDTH wide, so the report never scales it down
+MAX_WIDTH = 1050
+
+
 def render_sheet(rows: Sequence[Sequence[Cell]], path: str | os.PathLike, thumb: int = 128,
                  title: str | None = None, max_pixels: int | None = None) -> dict:
-    """Draw ``rows`` of cells into one PNG at ``path``; returns {"shown", "placeholders"} counts."""
-    pad, line_h = 6, 13
+    """Draw ``rows`` of cells into one PNG at ``path``; returns {"shown", "placeholders"} counts. A row wider than
+    the page (`MAX_WIDTH`) wraps onto the next line, so the sheet is shown at its own size and its captions stay
+    readable."""
+    pad, line_h = 6, CAPTION_PX + 3
+    per_line = max(1, MAX_WIDTH // (thumb + 2 * pad))
+    rows = [row[i:i + per_line] for row in rows for i in range(0, max(1, len(row)), per_line)]
     n_lines = max((len(c.lines) + 1 for r in rows for c in r), default=1)
     cols = max((len(r) for r in rows), default=1)
     cell_w, cell_h = thumb + 2 * pad, thumb + 2 * pad + n_lines * line_h
-    top = 22 if title else 0
+    top = 26 if title else 0
     sheet = Image.new("RGB", (cols * cell_w, top + len(rows) * cell_h), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    font, title_font = _font(10), _font(13)
+    font, title_font = _font(CAPTION_PX), _font(16)
     if title:
         draw.text((pad, 4), _fit(draw, title, title_font, sheet.width - 2 * pad), fill=TEXT, font=title_font)
     shown = placeholders = 0
@@ -140,7 +154,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     def cell(v, tag):
         text = v.html if isinstance(v, Raw) else html.escape("" if v is None else str(v))
         return f"<{tag}>{text}</{tag}>"
-    head = "<tr>" + "".join(cell(h, "th") for h in header) + "</tr>"
+    # a key-value table has no header: an empty header row would show as a blank bar
+    head = "<tr>" + "".join(cell(h, "th") for h in header) + "</tr>" if any(header) else ""
     body = "".join("<tr>" + "".join(cell(v, "td") for v in r) + "</tr>" for r in rows)
     return f"<table>{head}{body}</table>"
 

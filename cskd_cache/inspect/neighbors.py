@@ -383,10 +383,11 @@ def _render_sheets(cfg: NeighborsConfig, folder: Path, paths: list[str], queries
             on_progress("sheets", n + 1, total)
     if not dup_pairs:
         return placeholders, None
-    rows = [[Cell(paths[p["row_a"]], p["key_a"], [f"cos={p['cosine']:.4f}", p["split_a"] or p["source_a"]]),
-             Cell(paths[p["row_b"]], p["key_b"], [" ".join(f for f in ("cross_split", "cross_source") if p[f]) or "-",
-                                                  p["split_b"] or p["source_b"]])]
-            for p in dup_pairs[:12]]
+    cells = [c for p in dup_pairs[:12] for c in (
+        Cell(paths[p["row_a"]], p["key_a"], [f"cos={p['cosine']:.4f}", p["split_a"] or p["source_a"]]),
+        Cell(paths[p["row_b"]], p["key_b"], [" ".join(f for f in ("cross_split", "cross_source") if p[f]) or "-",
+                                             p["split_b"] or p["source_b"]]))]
+    rows = [cells[i:i + 6] for i in range(0, len(cells), 6)]  # three pairs side by side: a grid, not a column
     placeholders += render_sheet(rows, folder / "duplicates.png", cfg.thumb,
                                  title=f"most similar pairs (cos >= {cfg.dup_threshold})",
                                  max_pixels=cfg.max_pixels)["placeholders"]

@@ -308,20 +308,78 @@ def _run_section(folder: Path, page: _Page, out: Path, last: int) -> str:
         if (folder / name).is_file():
             meta = _read_json(folder / name)
             if isinstance(meta, dict):
-                parts.append(f"<h3>{title} ({name})</h3>{_kv_table(_flatten(meta))}")
+                parts.append(f"<h3>{title}</h3>{_named_table(_model_rows(meta))}"
+                             + _details(name, _kv_table(_flatten(meta))))
     if (folder / "config.yaml").is_file():
         text = (folder / "config.yaml").read_text(encoding="utf-8", errors="replace")
         parts.append(f"<h3>Configuration (config.yaml)</h3><pre>{_e(text)}</pre>")
     return "".join(parts)
 
 
-def _json_summary(path: Path, title: str) -> str:
+def _json_summary(path: Path, title: str, curated=None) -> str:
+    """A curated table of named rows (``curated(data)``), the whole file flattened one click away."""
     data = _read_json(path)
     if isinstance(data, dict):
         rows = _flatten(data)
     else:
         rows = [("(top level)", f"list of {len(data)}" if isinstance(data, list) else format_value(data))]
-    return f"<h3>{_e(title)} ({_e(path.name)})</h3>{_kv_table(rows)}"
+    named = curated(data) if curated and isinstance(data, dict) else []
+    if not named:
+        return f"<h3>{_e(title)} ({_e(path.name)})</h3>{_kv_table(rows)}"
+    return f"<h3>{_e(title)}</h3>{_named_table(named)}" + _details(path.name, _kv_table(rows))
+
+
+def _details(name: str, body: str) -> str:
+    return f"<details><summary>all fields of {_e(name)}</summary>{body}</details>"
+
+
+def _named_table(rows: list[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
+    return f'<table class="kv named"><tbody>{body}</tbody></table>'
+
+
+def _with_ci(obj: dict, key: str) -> str | None:
+    from .run_summary import fmt3
+
+    v = obj.get(key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
+    ci = obj.get(f"{key}_ci")
+    return fmt3(v) + (f" [{fmt3(ci[0])}, {fmt3(ci[1])}]" if _is_interval(ci) else "")
+
+
+def _model_rows(meta: dict) -> list[tuple[str, str]]:
+    enc = meta.get("encoder") if isinstance(meta.get("encoder"), dict) else meta
+    head, labels, val = (meta.get(k) if isinstance(meta.get(k), dict) else {} for k in ("head", "labels", "val"))
+    size = (enc.get("input_cfg") or {}).get("size")
+    bins = f", {head['bins']} bins" if head.get("bins") else ""
+    rows = [("encoder", enc.get("spec")), ("input size", size and "x".join(map(str, size)) + " px"),
+            ("pooled features", enc.get("pooled_dim")), ("head", head.get("kind") and f"{head['kind']}{bins}"),
+            ("label set", labels.get("name") and f"{labels['name']}, scale {labels.get('scale')}"),
+            ("kept", meta.get("keep") and f"{meta['keep']} (epoch {meta.get('epoch')}, step {meta.get('step')})"),
+            ("val SRCC", _with_ci(val, "srcc")), ("trained by", meta.get("trained_by"))]
+    return [(k, str(v)) for k, v in rows if v not in (None, "", [])]
+
+
+def _eval_rows(m: dict) -> list[tuple[str, str]]:
+    rows = [("dataset, split", m.get("dataset") and f"{m['dataset']}, {m.get('split')}"),
+            ("images scored", m.get("n") is not None and f"{m['n']} of {m.get('n_labels', m['n'])}")]
+    rows += [(name, _with_ci(m, key)) for key, name in (("srcc", "SRCC"), ("plcc", "PLCC"), ("acc", "accuracy"),
+                                                         ("mae", "MAE"), ("emd", "EMD"))]
+    return [(k, str(v)) for k, v in rows if v]
+
+
+def _neighbors_rows(d: dict) -> list[tuple[str, str]]:
+    feats, index = d.get("features") or {}, d.get("index") or {}
+    dups, probe = d.get("duplicates") or {}, d.get("probe") or {}
+    source = f"{feats.get('source', '')} {feats.get('model') or feats.get('teacher') or ''}".strip()
+    queries = d.get("queries")
+    rows = [("cache rows", d.get("rows")), ("features", source),
+            ("search", index.get("kind") and f"{index['kind']} ({index.get('backend')})"),
+            ("neighbours per query", d.get("k")), ("query images", len(queries) if isinstance(queries, list) else None),
+            ("kNN probe SRCC", _with_ci(probe, "srcc")), ("near-duplicate pairs", dups.get("pairs")),
+            ("of them across splits", dups.get("cross_split"))]
+    return [(k, str(v)) for k, v in rows if v not in (None, "")]
 
 
 def _files_line(folder: Path, names: tuple[str, ...], page: _Page) -> str:
@@ -338,30 +396,42 @@ def _capped(figures: list[str], total: int, page: _Page, what: str) -> str:
 def _evaluate_section(folder: Path, page: _Page) -> str:
     parts = []
     if (folder / EVAL_FILE).is_file():
-        parts.append(_json_summary(folder / EVAL_FILE, "Metrics"))
+        parts.append(_json_summary(folder / EVAL_FILE, "Metrics", _eval_rows))
     parts.append(_files_line(folder, ("predictions.csv",), page))
     imgs = ([folder / "scatter.png"] if (folder / "scatter.png").is_file() else []) + \
         [p for p in _images_in(folder) if p.name != "scatter.png" and not p.name.startswith("attention_")]
-    figs = [page.figure(p, ("Predicted against true score" if p.name == "scatter.png" else p.name)
-                        + f" ({folder.name})") for p in imgs[:page.max_images]]
+    names = {"scatter.png": "Predicted against true score, with both scores' histograms",
+             "confusion.png": "Per-bin confusion of the score distributions (rows: true bin)"}
+    figs = [page.figure(p, names.get(p.name, p.name) + f" ({folder.name})") for p in imgs[:page.max_images]]
     return "".join(parts) + _capped(figs, len(imgs), page, "images")
 
 
 def _neighbors_section(folder: Path, page: _Page) -> str:
-    parts = [_json_summary(folder / NEIGHBORS_FILE, "Neighbours summary"),
+    parts = [_json_summary(folder / NEIGHBORS_FILE, "Neighbours summary", _neighbors_rows),
              _files_line(folder, ("index.html", "duplicates.csv"), page)]
     sheets = sorted(p for p in (folder / "sheets").glob("*") if p.suffix.lower() in IMAGE_TYPES) \
         if (folder / "sheets").is_dir() else []
     imgs = sheets + _images_in(folder)
-    figs = [page.figure(p, f"Neighbour sheet {p.stem}" if p.parent.name == "sheets" else p.name)
-            for p in imgs[:page.max_images]]
+    figs = [page.figure(p, _sheet_caption(p) if p.parent.name == "sheets" else p.name) for p in imgs[:page.max_images]]
     return "".join(parts) + _capped(figs, len(imgs), page, "sheets")
 
 
+def _sheet_caption(path: Path) -> str:
+    """query-000.png is the sheet `cskd neighbors` titles "query 1": one numbering, from 1, everywhere."""
+    stem = path.stem
+    if stem.startswith("query-") and stem[6:].isdigit():
+        return f"Neighbour sheet: query {int(stem[6:]) + 1}"
+    return f"Neighbour sheet: {stem.replace('-', ' ')}"
+
+
 def _head_means(layer: dict) -> dict:
-    """A layer record with every per-head list of numbers replaced by its mean over heads."""
-    return {k: (sum(v) / len(v) if v and isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
-                else v) for k, v in layer.items()}
+    """A layer record with every per-head list of numbers replaced by its mean over heads, and its layer numbered
+    from 1 as the attention plots number it (attention.json counts from 0)."""
+    out = {k: (sum(v) / len(v) if v and isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
+               else v) for k, v in layer.items()}
+    if isinstance(out.get("layer"), int):
+        out["layer"] += 1
+    return out
 
 
 def _attention_section(folder: Path, page: _Page) -> str:
@@ -379,7 +449,8 @@ def _attention_section(folder: Path, page: _Page) -> str:
                 layers = m.get("layers")
                 if isinstance(layers, list) and layers and all(isinstance(x, dict) for x in layers):
                     heads = f", mean of {m['num_heads']} heads" if isinstance(m.get("num_heads"), int) else ""
-                    parts.append(f"<h3>Per layer: {_e(m.get('label', m.get('spec', '')))}{_e(heads)}</h3>"
+                    parts.append(f"<h3>Per layer: {_e(m.get('label', m.get('spec', '')))}{_e(heads)} (layer 1 = the "
+                                 "first block)</h3>"
                                  + _grid_table([_head_means(x) for x in layers], ("layer",)))
         else:
             parts.append(_json_summary(folder / ATTENTION_FILE, "Attention summary"))
@@ -400,11 +471,17 @@ table{border-collapse:collapse;margin:.4em 0;font-size:.9em}
 th,td{border:1px solid #d6dde6;padding:.25em .6em;text-align:left;vertical-align:top}
 thead th{background:#eef2f6}table.kv tbody th{font-weight:600;background:#f7f9fb;white-space:nowrap}
 table.grid td{font-variant-numeric:tabular-nums}table.grid td.n{text-align:right}
-.scroll{overflow-x:auto}
+table{max-width:100%}th,td{overflow-wrap:anywhere}
 pre{background:#f7f9fb;border:1px solid #d6dde6;padding:.7em;overflow-x:auto;font-size:.85em;line-height:1.35}
 figure{margin:1em 1.5em 1em 0;display:inline-block;max-width:100%;vertical-align:top}
 figure img{max-width:100%;height:auto;border:1px solid #d6dde6}
 figcaption{color:#5a6572;font-size:.88em;margin-top:.25em}
+.card{border:1px solid #c9d3de;border-radius:8px;padding:.6em 1.2em 1em;background:#f7f9fb;margin:1em 0}
+.card .title{font-size:1.35em;font-weight:600;margin:.3em 0}.metrics{display:flex;flex-wrap:wrap;gap:1.5em;margin:.5em 0}
+.metric{display:flex;flex-direction:column}.mname{color:#5a6572;font-size:.85em}
+.mval{font-size:1.9em;font-weight:600;font-variant-numeric:tabular-nums}.ci{color:#5a6572;font-size:.9em}
+.lineage{font-size:.92em}.lineage .step{white-space:nowrap}
+details{margin:.5em 0}summary{cursor:pointer;color:#34506e}
 """
 
 
@@ -444,15 +521,20 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         title = f"{KIND_TITLE[o.kind]}: {_label(o.dir, run_dir)}"
         toc.append(f'<li><a href="#{anchor}">{_e(title)}</a></li>')
         bodies.append(f'<section id="{anchor}"><h2>{_e(title)}</h2>'
-                      f'<p class="meta">{_e(str(o.dir))}</p><div class="scroll">{body}</div></section>')
+                      f'<p class="meta">{_e(str(o.dir))}</p><div>{body}</div></section>')
         sections.append((o.kind, str(o.dir)))
 
+    card = ""
+    if (run_dir / "config.yaml").is_file():  # a training run: the answer first
+        from .run_summary import card_html, summarise_run
+
+        card = card_html(summarise_run(run_dir), out.parent, links=not embed)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
            f"<title>cskd report: {_e(run_dir.name)}</title><style>{CSS}</style></head><body>"
            f"<h1>cskd report: {_e(run_dir.name)}</h1><p class=\"meta\">{_e(str(run_dir))} &middot; generated {stamp}"
-           f"</p><nav><ul>{''.join(toc)}</ul></nav>{''.join(bodies)}</body></html>\n")
+           f"</p>{card}<nav><ul>{''.join(toc)}</ul></nav>{''.join(bodies)}</body></html>\n")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if not embed:

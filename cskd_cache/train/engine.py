@@ -221,7 +221,7 @@ class _Run:
         self.optimizer = torch.optim.AdamW(task.param_groups(cfg))
         self.autocast, self.scaler = autocast_for(device, cfg.amp)
         self.metrics = MetricsWriter(run_dir / METRICS_NAME, enabled=self.main)
-        self.step, self.start_epoch = 0, 0
+        self.step, self.start_epoch, self.images_per_step = 0, 0, 0
 
     def scored(self) -> nn.Module:
         """The weights that are validated and saved: the EMA when there is one."""
@@ -281,6 +281,7 @@ class _Run:
                 if self.ema is not None:
                     self.ema.update(unwrap(self.model), self.step)
                 n_log += n * self.world
+                self.images_per_step = n * self.world
                 if self.main and (self.step % cfg.log_every == 0 or self.step == plan.total):
                     elapsed = time.perf_counter() - t_log
                     last = {"type": "train", "step": self.step, "epoch": epoch,
@@ -303,10 +304,17 @@ def fit(task: Task, cfg, *, run_dir: Path, ckpt: Path | None, device: torch.devi
     """Train (or resume from ``ckpt``) ``task.model`` for ``plan``; returns the run summary: ``run_dir``, ``step``,
     ``epochs``, ``steps_per_epoch`` and what ``task.finish`` adds (rank 0)."""
     run = _Run(task, cfg, Path(run_dir), device, plan, on_status or (lambda m: None))
+    t0, first_step = time.perf_counter(), None
     run.start(ckpt)
+    first_step = run.step
     run.train(on_progress)
     result = {"run_dir": str(run_dir), "step": run.step, "epochs": plan.epochs, "steps_per_epoch": plan.steps_per_epoch}
     if run.main:
+        # What a report shows as the run's time and speed: this process's wall time and its training images/s.
+        seconds = time.perf_counter() - t0
+        images = (run.step - first_step) * run.images_per_step
+        run.metrics.write({"type": "end", "step": run.step, "seconds": seconds,
+                           "img_s": images / seconds if seconds > 0 else None})
         records = read_metrics(Path(run_dir) / METRICS_NAME)
         result.update(task.finish(run.scored(), records, run.step))
         plot_losses(Path(run_dir) / METRICS_NAME, Path(run_dir) / CURVE_NAME, **task.curve)

@@ -1,8 +1,9 @@
 """A run directory's record: config.yaml, metrics.jsonl (one JSON object per line) and the loss-curve PNG.
 
 Patterns from dinov2 (metrics as JSON lines, flushed per record so a crash loses nothing) and timm (args.yaml in
-the run directory). Records carry ``type`` (``train`` or ``eval``), ``step`` and ``epoch``; a resumed run drops
-the records past its checkpoint before re-doing those steps, so nothing is logged twice.
+the run directory). Records carry ``type`` (``train``, ``eval``, or ``end``: the wall seconds and training
+images/s of the process that finished the run), ``step`` and ``epoch``; a resumed run drops the records past its
+checkpoint before re-doing those steps, so nothing is logged twice.
 """
 
 from __future__ import annotations
