@@ -189,15 +189,15 @@ def test_page_gathers_every_output_that_exists(run):
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in records if e["type"] == "eval"]
     assert len(evals) >= 3 and f"(last 2 of {len(evals)})" in text
-    want = [[str(e["step"]), str(e["epoch"]), format_value(e["global_cos"])] for e in evals[-2:]]
+    want = [[str(e["step"]), str(e["epoch"]), format_value(e["global_cos"], 3)] for e in evals[-2:]]  # 3 digits
     cols = next(r for r in p.rows if r[:2] == ["step", "epoch"])
     at = cols.index("global_cos")
     shown = [[r[0], r[1], r[at]] for r in p.rows if len(r) == len(cols) and r[0].isdigit()]
     assert shown == want
     loss = p.row("loss")
     train = [t for t in records if t["type"] == "train"]
-    assert loss[1:] == [format_value(train[0]["loss"]), format_value(train[-1]["loss"]),
-                        format_value(min(t["loss"] for t in train))]
+    assert loss[1:] == [format_value(train[0]["loss"], 3), format_value(train[-1]["loss"], 3),
+                        format_value(min(t["loss"] for t in train), 3)]
 
     # attention.json: per layer, each per-head list averaged over the heads
     assert "Per layer: vit, mean of 2 heads" in text

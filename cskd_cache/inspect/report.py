@@ -109,8 +109,9 @@ def _e(text) -> str:
     return html.escape(str(text), quote=True)
 
 
-def format_value(v) -> str:
-    """Numbers to 4 significant digits (thousands and up with separators), None as '-', the rest as text."""
+def format_value(v, digits: int = 4) -> str:
+    """Numbers to ``digits`` significant digits (thousands and up with separators), None as '-', the rest as text.
+    Tables a person reads use 3; the raw JSON behind a click keeps 4."""
     if v is None:
         return "-"
     if isinstance(v, bool):
@@ -120,7 +121,7 @@ def format_value(v) -> str:
     if isinstance(v, float):
         if not math.isfinite(v):
             return str(v)
-        return f"{v:,.1f}" if abs(v) >= 1000 else f"{v:.4g}"
+        return f"{v:,.1f}" if abs(v) >= 1000 else f"{v:.{digits}g}"
     return str(v)
 
 
@@ -129,15 +130,15 @@ def _is_interval(v) -> bool:
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
 
 
-def _show(v) -> str:
+def _show(v, digits: int = 4) -> str:
     """A table cell: scalars formatted, short lists of scalars inline, anything bigger by its size."""
     if isinstance(v, dict):
         return f"object of {len(v)} fields"
     if isinstance(v, (list, tuple)):
         if len(v) <= 8 and not any(isinstance(x, (dict, list, tuple)) for x in v):
-            return "[" + ", ".join(format_value(x) for x in v) + "]"
+            return "[" + ", ".join(format_value(x, digits) for x in v) + "]"
         return f"list of {len(v)}"
-    return format_value(v)
+    return format_value(v, digits)
 
 
 def _intervals(obj: dict) -> dict:
@@ -145,9 +146,9 @@ def _intervals(obj: dict) -> dict:
     return {k[:-3]: v for k, v in obj.items() if k.endswith("_ci") and _is_interval(v) and k[:-3] in obj}
 
 
-def _cell(obj: dict, key: str, cis: dict) -> str:
+def _cell(obj: dict, key: str, cis: dict, digits: int = 4) -> str:
     v = obj.get(key)
-    return _show(v) + (" [{}, {}]".format(*map(format_value, cis[key])) if key in cis else "")
+    return _show(v, digits) + (" [{}, {}]".format(*(format_value(x, digits) for x in cis[key])) if key in cis else "")
 
 
 def _flatten(obj: dict, prefix: str = "", depth: int = 3) -> list[tuple[str, str]]:
@@ -172,7 +173,7 @@ def _kv_table(rows: list[tuple[str, str]], head: tuple[str, str] = ("field", "va
             f"<tbody>{body}</tbody></table>{note}")
 
 
-def _grid_table(records: list[dict], first: tuple[str, ...] = ("step", "epoch")) -> str:
+def _grid_table(records: list[dict], first: tuple[str, ...] = ("step", "epoch"), digits: int = 3) -> str:
     cols: list[str] = []
     for r in records:
         cols += [k for k in r if k not in cols and k != "type"]
@@ -181,7 +182,7 @@ def _grid_table(records: list[dict], first: tuple[str, ...] = ("step", "epoch"))
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
     def td(r: dict, c: str) -> str:
         numeric = isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool)
-        return ('<td class="n">' if numeric else "<td>") + _e(_cell(r, c, _intervals(r))) + "</td>"
+        return ('<td class="n">' if numeric else "<td>") + _e(_cell(r, c, _intervals(r), digits)) + "</td>"
 
     body = "".join("<tr>" + "".join(td(r, c) for c in cols) + "</tr>" for r in records[:MAX_ROWS])
     return f'<table class="grid"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
@@ -284,9 +285,9 @@ def _run_section(folder: Path, page: _Page, out: Path, last: int) -> str:
     if train:
         keys = [k for k in train[-1] if k not in ("type", "step", "epoch")
                 and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in train)]
-        rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(format_value(train[0][k]))}</td>"
-                       f"<td>{_e(format_value(train[-1][k]))}</td>"
-                       f"<td>{_e(format_value(min(r[k] for r in train)))}</td></tr>" for k in keys)
+        rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(format_value(train[0][k], 3))}</td>"
+                       f"<td>{_e(format_value(train[-1][k], 3))}</td>"
+                       f"<td>{_e(format_value(min(r[k] for r in train), 3))}</td></tr>" for k in keys)
         parts.append(f"<h3>Training</h3><p>{len(train)} logged steps, step {_e(format_value(train[0].get('step')))} "
                      f"to {_e(format_value(train[-1].get('step')))}.</p>"
                      f'<table class="grid"><thead><tr><th></th><th>first</th><th>last</th><th>min</th></tr></thead>'
