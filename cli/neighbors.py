@@ -25,6 +25,8 @@ def neighbors(
     queries: Annotated[int, typer.Option(min=0, help="Query images shown in the sheets (a seeded sample).")] = 12,
     dup_threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Cosine at or above which two rows count "
                                                                         "as near-duplicates.")] = 0.95,
+    max_pairs: Annotated[int, typer.Option(min=1, help="Most similar near-duplicate pairs kept in memory and shown "
+                                                       "on the page; duplicates.csv lists every pair.")] = 10_000,
     backend: Annotated[str, typer.Option(help="Search: auto (faiss if installed, else exact torch), faiss, "
                                               "torch.")] = "auto",
     ivf_threshold: Annotated[int, typer.Option(min=1, help="Above this many rows use an approximate IVF index "
@@ -54,7 +56,8 @@ def neighbors(
     cfg = NeighborsConfig(cache=str(cache), out=str(out), labels=labels,
                           cache_image_root=list(NeighborsConfig.normalise({k: v for k, v in given.items() if v})
                                                 .get("cache_image_root") or []),
-                          model=model, k=k, queries=queries, dup_threshold=dup_threshold, backend=backend,
+                          model=model, k=k, queries=queries, dup_threshold=dup_threshold, max_pairs=max_pairs,
+                          backend=backend,
                           ivf_threshold=ivf_threshold, nlist=nlist, nprobe=nprobe, gpu=gpu, n_boot=n_boot,
                           seed=seed, batch_size=batch_size, num_workers=num_workers, device=device, thumb=thumb,
                           max_pixels=max_pixels, trust_code=trust_code,

@@ -292,3 +292,39 @@ def test_cli_bad_inputs(data, tmp_path):
     res = invoke("--cache", data / "cache", "--out", out, "--model", tmp_path, "--device", "cpu")
     assert res.exit_code == 1 and "student.json" in res.output
     assert not out.exists()
+
+
+def test_collapsed_features_keep_memory_bounded_count_every_pair_and_say_so(tmp_path):
+    """Nearly identical embeddings (a collapsed encoder): nearly every pair passes the threshold. Every pair is
+    counted and written to duplicates.csv; only --max-pairs of them are kept for the page; one line says why."""
+    from _imgs import make_images
+
+    from cskd_cache.inspect.neighbors import NeighborsConfig, run_neighbors
+
+    make_images(tmp_path / "imgs", 120)
+    run_extract(ExtractConfig(teacher="py:test_neighbors:collapsed_teacher", out=str(tmp_path / "cache"),
+                              images=[str(tmp_path / "imgs")], num_workers=0))
+    said = []
+    r = run_neighbors(NeighborsConfig(cache=str(tmp_path / "cache"), out=str(tmp_path / "out"), queries=1,
+                                      max_pairs=25, num_workers=0, device="cpu"), on_status=said.append)
+    n = 120
+    dup = r["duplicates"]
+    assert dup["pairs"] == n * (n - 1) // 2 and dup["listed"] == 25 and dup["collapsed"] and dup["share"] == 1.0
+    with open(tmp_path / "out" / "duplicates.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == dup["pairs"] and len({(x["row_a"], x["row_b"]) for x in rows}) == dup["pairs"]
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert page.count("<tr>") < 25 + 40  # the page lists the 25 kept pairs (at most 50), not 7,140
+    assert any("features look collapsed" in m for m in said), said
+    assert not list((tmp_path / "out").glob(".*tmp*"))
+
+
+def collapsed_teacher():
+    """A toy teacher whose embeddings barely depend on the image: a large constant plus a tiny image term."""
+    from toy_teacher import make
+
+    t = make()
+    with torch.no_grad():
+        t.head.weight.mul_(1e-4)
+        t.head.bias.fill_(1.0)
+    return t

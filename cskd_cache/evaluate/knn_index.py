@@ -110,8 +110,16 @@ class KnnIndex:
         """Every pair (i < j) of indexed rows with similarity >= threshold: (i, j, similarity), by i then j.
 
         Exact for flat indexes; an IVF index finds pairs within its ``nprobe`` cells only. FAISS range search
-        runs on the CPU copy of the index (GPU indexes have none)."""
-        ii, jj, ss = [], [], []
+        runs on the CPU copy of the index (GPU indexes have none). All pairs in memory at once: for features
+        where most pairs may pass (a collapsed encoder), stream them with `iter_range_pairs`."""
+        blocks = list(self.iter_range_pairs(threshold))
+        i, j, s = (np.concatenate(a) if a else np.zeros(0) for a in zip(*blocks)) if blocks else (np.zeros(0),) * 3
+        order = np.lexsort((j, i))
+        return i[order].astype(np.int64), j[order].astype(np.int64), s[order].astype(np.float32)
+
+    def iter_range_pairs(self, threshold: float):
+        """`range_pairs` one block of query rows at a time: (i, j, similarity) arrays with i < j, so memory holds
+        one block's pairs whatever share of all pairs passes the threshold."""
         step = _block_rows(self.n)
         for start in range(0, self.n, step):
             q = self.data[start:start + step]
@@ -125,12 +133,7 @@ class KnnIndex:
                 r, c = torch.nonzero(sim >= threshold, as_tuple=True)
                 rows, cols, sims = (r.cpu().numpy() + start, c.cpu().numpy(), sim[r, c].cpu().numpy())
             keep = cols > rows
-            ii.append(rows[keep])
-            jj.append(cols[keep])
-            ss.append(sims[keep])
-        i, j, s = (np.concatenate(a) if a else np.zeros(0) for a in (ii, jj, ss))
-        order = np.lexsort((j, i))
-        return i[order].astype(np.int64), j[order].astype(np.int64), s[order].astype(np.float32)
+            yield rows[keep].astype(np.int64), cols[keep].astype(np.int64), sims[keep].astype(np.float32)
 
 
 def build_index(x, backend: str = "auto", ivf_threshold: int = DEFAULT_IVF_THRESHOLD, nlist: int | None = None,

@@ -20,10 +20,14 @@ Outputs (OUT/):
   "cache"|"model", "model", "dim", "view": 0}, "index": {kind, backend, device, exact, nlist, nprobe, ...}, "k",
   "labels": {spec, name, linked, by_path, by_content, unlinked, splits} | null, "probe": {k, train, test, n,
   srcc, plcc, mae, acc, srcc_ci, plcc_ci, ...} | {"skipped": reason} | null, "duplicates": {threshold, pairs,
-  cross_split, cross_source, rows, by_split_pair, by_source_pair}, "queries": [{row, source, key, score, split,
+  cross_split, cross_source, rows, by_split_pair, by_source_pair, listed, max_pairs, share, collapsed}, "queries":
+  [{row, source, key, score, split,
   sheet, neighbors: [{row, source, key, similarity, score, split}]}], "seed"}``.
-- ``duplicates.csv``: one line per pair, most similar first: ``row_a, row_b, cosine, source_a, key_a,
-  source_b, key_b, split_a, split_b, cross_split, cross_source``.
+- ``duplicates.csv``: one line per pair, every pair, in row order (written as found, so memory stays bounded):
+  ``row_a, row_b, cosine, source_a, key_a, source_b, key_b, split_a, split_b, cross_split, cross_source``. The
+  counts are exact; the page, the sheet and memory hold only the ``max_pairs`` most similar pairs. When most of
+  all pairs pass the threshold (``share`` > 0.5) the features look collapsed (every image alike to the encoder),
+  which the summary flags and the command says in one line.
 - ``sheets/query-NNN.png``: one contact sheet per query (the query, outlined, then its k neighbours with
   similarity, score and split under each thumbnail; missing images as grey placeholders), and
   ``sheets/duplicates.png`` with the most similar pairs.
@@ -34,7 +38,6 @@ Outputs (OUT/):
 from __future__ import annotations
 
 import csv
-import io
 import os
 import shutil
 from collections import Counter
@@ -46,9 +49,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..cache.manifest import atomic_write_text, write_json
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..errors import EvaluateError
+from ..files import atomic_write_text, default_file_mode, write_json
 from ..train.config import CommandConfig
 
 __all__ = ["NeighborsConfig", "NeighborsError", "embed_rows", "knn_probe", "run_neighbors",
@@ -72,6 +75,7 @@ class NeighborsConfig(CommandConfig):
     k: int = 10
     queries: int = 12
     dup_threshold: float = 0.95
+    max_pairs: int = 10_000
     backend: str = "auto"
     ivf_threshold: int = 1_000_000
     nlist: int | None = None
@@ -96,6 +100,8 @@ class NeighborsConfig(CommandConfig):
             raise NeighborsError(f"k must be >= 1, got {self.k}")
         if not 0.0 < self.dup_threshold <= 1.0:
             raise NeighborsError(f"dup_threshold must be in (0, 1], got {self.dup_threshold}")
+        if self.max_pairs < 1:
+            raise NeighborsError(f"max_pairs must be >= 1, got {self.max_pairs}")
         if self.queries < 0:
             raise NeighborsError(f"queries must be >= 0, got {self.queries}")
         if self.backend not in ("auto", "faiss", "torch"):
@@ -210,43 +216,93 @@ def _pair_name(a: str | None, b: str | None) -> str:
     return "/".join(sorted((a, b)))
 
 
-def _duplicates(index, cache, labels: _Labels | None, threshold: float) -> tuple[list[dict], dict]:
-    i, j, s = index.range_pairs(threshold)
-    order = np.argsort(-s, kind="stable")
-    split = labels.row_split if labels else [None] * len(cache)
-    pairs = []
-    for t in order:
-        a, b = int(i[t]), int(j[t])
-        sa, sb = split[a], split[b]
-        pairs.append({"row_a": a, "row_b": b, "cosine": round(float(s[t]), 6),
-                      "source_a": cache.sources[a], "key_a": cache.keys[a],
-                      "source_b": cache.sources[b], "key_b": cache.keys[b],
-                      "split_a": sa or "", "split_b": sb or "",
-                      "cross_split": bool(sa and sb and sa != sb),
-                      "cross_source": cache.sources[a] != cache.sources[b]})
-    summary = {"threshold": threshold, "pairs": len(pairs),
-               "cross_split": sum(p["cross_split"] for p in pairs),
-               "cross_source": sum(p["cross_source"] for p in pairs),
-               "rows": len({p["row_a"] for p in pairs} | {p["row_b"] for p in pairs}),
-               "by_split_pair": dict(sorted(Counter(_pair_name(p["split_a"], p["split_b"]) for p in pairs).items())),
-               "by_source_pair": dict(sorted(Counter(_pair_name(p["source_a"], p["source_b"])
-                                                     for p in pairs).items())),
-               "exact": index.exact}
-    if labels is None:
-        summary["by_split_pair"] = {}
-    return pairs, summary
-
-
+COLLAPSED_SHARE = 0.5  # more than half of all pairs alike: the encoder no longer tells images apart
 _CSV_FIELDS = ["row_a", "row_b", "cosine", "source_a", "key_a", "source_b", "key_b", "split_a", "split_b",
                "cross_split", "cross_source"]
 
 
-def _csv_text(pairs: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(pairs)
-    return buf.getvalue()
+def _codes(values: list) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique names, code per row): pair counts by code, names only for the (few) distinct pairs."""
+    names, codes = np.unique(np.asarray([v or "" for v in values], dtype=str), return_inverse=True)
+    return names, codes.astype(np.int64)
+
+
+def _pair_counts(counter: Counter, names: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    lo, hi = np.minimum(a, b), np.maximum(a, b)  # codes follow name order, so (lo, hi) is the sorted pair
+    keys, counts = np.unique(lo * len(names) + hi, return_counts=True)
+    for key, c in zip(keys.tolist(), counts.tolist()):
+        counter[_pair_name(str(names[key // len(names)]), str(names[key % len(names)]))] += c
+
+
+class _PairStream:
+    """Counts every pair, writes it to the CSV, keeps the ``keep`` most similar: memory bounded by one block."""
+
+    def __init__(self, cache, split: list, keep: int, f):
+        self.cache, self.keep, self.split = cache, keep, split
+        self.split_names, self.split_codes = _codes(split)
+        self.source_names, self.source_codes = _codes(cache.sources)
+        self.count = self.cross_split = self.cross_source = 0
+        self.involved = np.zeros(len(cache), bool)
+        self.by_split, self.by_source = Counter(), Counter()
+        self.top = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+        self.writer = csv.writer(f, lineterminator="\n")
+        self.writer.writerow(_CSV_FIELDS)
+
+    def add(self, i: np.ndarray, j: np.ndarray, s: np.ndarray) -> None:
+        if not len(i):
+            return
+        sa, sb = self.split_codes[i], self.split_codes[j]
+        has = self.split_names[sa] != ""
+        cross = has & (self.split_names[sb] != "") & (sa != sb)
+        other = self.source_codes[i] != self.source_codes[j]
+        self.count += len(i)
+        self.cross_split += int(cross.sum())
+        self.cross_source += int(other.sum())
+        self.involved[i] = self.involved[j] = True
+        _pair_counts(self.by_split, self.split_names, sa, sb)
+        _pair_counts(self.by_source, self.source_names, self.source_codes[i], self.source_codes[j])
+        c = self.cache
+        for n in range(len(i)):
+            a, b = int(i[n]), int(j[n])
+            self.writer.writerow([a, b, round(float(s[n]), 6), c.sources[a], c.keys[a], c.sources[b], c.keys[b],
+                                  self.split[a] or "", self.split[b] or "", bool(cross[n]), bool(other[n])])
+        ti, tj, ts = (np.concatenate([x, y]) for x, y in zip(self.top, (i, j, s)))
+        if len(ts) > self.keep:
+            best = np.argpartition(-ts, self.keep - 1)[:self.keep]
+            ti, tj, ts = ti[best], tj[best], ts[best]
+        self.top = (ti, tj, ts)
+
+    def pairs(self) -> list[dict]:
+        ti, tj, ts = self.top
+        c = self.cache
+        out = []
+        for t in np.lexsort((tj, ti, -ts)):  # most similar first, ties by row
+            a, b = int(ti[t]), int(tj[t])
+            sa, sb = self.split[a], self.split[b]
+            out.append({"row_a": a, "row_b": b, "cosine": round(float(ts[t]), 6), "source_a": c.sources[a],
+                        "key_a": c.keys[a], "source_b": c.sources[b], "key_b": c.keys[b], "split_a": sa or "",
+                        "split_b": sb or "", "cross_split": bool(sa and sb and sa != sb),
+                        "cross_source": c.sources[a] != c.sources[b]})
+        return out
+
+
+def _duplicates(index, cache, labels: _Labels | None, threshold: float, csv_path: Path,
+                max_pairs: int = 10_000) -> tuple[list[dict], dict]:
+    """(the ``max_pairs`` most similar pairs, exact counts over every pair); every pair goes to ``csv_path``."""
+    split = labels.row_split if labels else [None] * len(cache)
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        stream = _PairStream(cache, split, max_pairs, f)
+        for block in index.iter_range_pairs(threshold):
+            stream.add(*block)
+    n = len(cache)
+    share = stream.count / max(1, n * (n - 1) // 2)
+    summary = {"threshold": threshold, "pairs": stream.count, "cross_split": stream.cross_split,
+               "cross_source": stream.cross_source, "rows": int(stream.involved.sum()),
+               "by_split_pair": dict(sorted(stream.by_split.items())) if labels else {},
+               "by_source_pair": dict(sorted(stream.by_source.items())), "exact": index.exact,
+               "listed": min(stream.count, max_pairs), "max_pairs": max_pairs, "share": share,
+               "collapsed": share > COLLAPSED_SHARE}
+    return stream.pairs(), summary
 
 
 def _row_info(cache, r: int, labels: _Labels | None) -> dict:
@@ -424,25 +480,32 @@ def run_neighbors(cfg: NeighborsConfig, on_progress: Callable[[str, int, int], N
     if index.note:
         status(index.note)
     probe = _probe(cfg, labels, feats, index_kwargs) if labels else None
-    dup_pairs, dup_summary = _duplicates(index, cache, labels, cfg.dup_threshold)
     queries = _queries(cfg, cache, index, labels)
-    result = {"format": FORMAT, "version": VERSION, "cache": str(cache.path), "rows": len(cache),
-              "features": features, "index": index.describe(), "k": cfg.k, "labels": _labels_summary(labels),
-              "probe": probe, "duplicates": {**dup_summary, "csv": "duplicates.csv"}, "queries": queries,
-              "seed": cfg.seed, "config": {k: v for k, v in asdict(cfg).items() if k not in ("cache", "out")}}
 
-    # Everything below only writes; sheets go to a temporary folder that replaces OUT/sheets at the end.
+    # Every check is done; from here on only writes. The pairs CSV and the sheets go to temporary names that
+    # replace OUT/duplicates.csv and OUT/sheets at the end.
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".sheets.tmp"
+    tmp, tmp_csv = out / ".sheets.tmp", out / f".duplicates.csv.{os.getpid()}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
+        dup_pairs, dup_summary = _duplicates(index, cache, labels, cfg.dup_threshold, tmp_csv, cfg.max_pairs)
+        if dup_summary["collapsed"]:
+            status(f"{100 * dup_summary['share']:.0f}% of all {len(cache) * (len(cache) - 1) // 2:,} pairs have "
+                   f"cosine >= {cfg.dup_threshold}: the features look collapsed (the encoder sees the images as "
+                   f"alike), so near-duplicates mean little; duplicates.csv lists all {dup_summary['pairs']:,}, "
+                   f"the page the {dup_summary['listed']:,} most similar")
+        result = {"format": FORMAT, "version": VERSION, "cache": str(cache.path), "rows": len(cache),
+                  "features": features, "index": index.describe(), "k": cfg.k, "labels": _labels_summary(labels),
+                  "probe": probe, "duplicates": {**dup_summary, "csv": "duplicates.csv"}, "queries": queries,
+                  "seed": cfg.seed, "config": {k: v for k, v in asdict(cfg).items() if k not in ("cache", "out")}}
         result["missing_images_in_sheets"], dup_sheet = _render_sheets(cfg, tmp, paths, queries, dup_pairs,
                                                                        on_progress)
         page = _html(cfg, result, out, paths, dup_pairs, dup_sheet)
-        atomic_write_text(out / "duplicates.csv", _csv_text(dup_pairs))
+        os.chmod(tmp_csv, default_file_mode())
+        os.replace(tmp_csv, out / "duplicates.csv")
         if (out / "sheets").exists():
             shutil.rmtree(out / "sheets")
         os.replace(tmp, out / "sheets")
@@ -451,5 +514,6 @@ def run_neighbors(cfg: NeighborsConfig, on_progress: Callable[[str, int, int], N
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+        tmp_csv.unlink(missing_ok=True)
     return result
 
