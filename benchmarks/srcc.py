@@ -178,7 +178,7 @@ def evaluate(args, labels: str, run: Path) -> dict:
     if not done(out, "metrics.json"):
         run_evaluate(EvalConfig(model=str(run), labels=labels, out=str(out), split="test",
                                 num_workers=args.workers, bootstrap=args.bootstrap, seed=args.seed,
-                                trust_code=True))
+                                trust_code=True, group_by=args.group_by))
     m = json.loads((out / "metrics.json").read_text())
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -187,13 +187,18 @@ def evaluate(args, labels: str, run: Path) -> dict:
     return m
 
 
-def paired_diff(a: dict, b: dict, n: int, seed: int) -> tuple[float, float, float]:
-    """SRCC(a) - SRCC(b) on the test images both scored, with a paired bootstrap interval."""
+def paired_diff(a: dict, b: dict, n: int, seed: int, group_by: str | None = None) -> tuple[float, float, float]:
+    """SRCC(a) - SRCC(b) on the test images both scored, with a paired bootstrap interval (photo-level with
+    ``group_by``: every version of a source photo resampled together)."""
+    from cskd_cache.evaluate.evaluate import group_keys
+
     keys = sorted(set(a["_pred"]) & set(b["_pred"]))
     t = np.array([a["_true"][k] for k in keys])
     pa, pb = np.array([a["_pred"][k] for k in keys]), np.array([b["_pred"][k] for k in keys])
     both = np.stack([pa, pb], 1)
-    lo, hi = bootstrap_ci(lambda tt, pp: srcc(tt, pp[:, 0]) - srcc(tt, pp[:, 1]), t, both, n=n, seed=seed)
+    groups = group_keys(keys, group_by) if group_by else None
+    lo, hi = bootstrap_ci(lambda tt, pp: srcc(tt, pp[:, 0]) - srcc(tt, pp[:, 1]), t, both, n=n, seed=seed,
+                          groups=groups)
     return srcc(t, pa) - srcc(t, pb), lo, hi
 
 
@@ -262,11 +267,17 @@ def main(argv=None) -> int:
     p.add_argument("--all-labels-epochs", type=int, default=0,
                    help="also train the student on all train labels for N epochs, as a reference (default 0: no)")
     p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--group-by", default=None,
+                   help="resample whole groups in every bootstrap: a regex on the label key whose first group names "
+                        "the source photo (default with --proxy-from: '^(.*)__', the versions of one photo; "
+                        "otherwise: images)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     args = p.parse_args(argv)
 
+    if args.proxy_from and args.group_by is None:
+        args.group_by = r"^(.*)__"  # the proxy set's NAME__kind.png: versions of one photo are not independent
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -323,7 +334,7 @@ def main(argv=None) -> int:
             print(f"| {name} | " + " | ".join(f"{row[k]:.2f}" for k in counts) + " |")
 
     base, cskd = res["student, labels only"], res["student, CSKD (align + distill)"]
-    d, lo, hi = paired_diff(cskd, base, args.bootstrap, args.seed)
+    d, lo, hi = paired_diff(cskd, base, args.bootstrap, args.seed, args.group_by)
     disjoint = cskd["srcc_ci"][0] > base["srcc_ci"][1]
     print(f"\nCSKD - labels-only SRCC: {d:+.3f} (paired bootstrap 95% CI [{lo:+.3f}, {hi:+.3f}]); "
           f"SRCC intervals disjoint: {'yes' if disjoint else 'no'}")
@@ -332,7 +343,8 @@ def main(argv=None) -> int:
         summary["srcc_by_kind"] = by_kind
     summary["cskd_minus_labels_only"] = {"srcc": d, "ci": [lo, hi], "intervals_disjoint": bool(disjoint)}
     if args.ablation:  # what Stage I adds: the same distillation with and without the aligned start
-        d1, lo1, hi1 = paired_diff(cskd, res["student, distill only (no Stage I)"], args.bootstrap, args.seed)
+        d1, lo1, hi1 = paired_diff(cskd, res["student, distill only (no Stage I)"], args.bootstrap, args.seed,
+                                   args.group_by)
         print(f"CSKD - distill-only SRCC (what Stage I adds): {d1:+.3f} (paired bootstrap 95% CI "
               f"[{lo1:+.3f}, {hi1:+.3f}])")
         summary["cskd_minus_distill_only"] = {"srcc": d1, "ci": [lo1, hi1]}

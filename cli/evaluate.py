@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -26,6 +26,10 @@ def evaluate(
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the SRCC/PLCC 95% intervals "
                                                        "(0 = no intervals).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap resampling.")] = 0,
+    group_by: Annotated[Optional[str], typer.Option(help="Resample whole groups in the bootstrap: a regex on the "
+                                                         "label key whose first group names the source photo, "
+                                                         "e.g. '^(.*)__' for the proxy set (default: images).")]
+    = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
     trust_code: TrustCodeOpt = False,
     config: DefaultsOpt = None,
@@ -41,7 +45,7 @@ def evaluate(
                                   if v})
     cfg = EvalConfig(model=str(model), labels=labels, out=str(out), split=split,
                      label_image_root=roots.get("label_image_root"), batch_size=batch_size, num_workers=num_workers,
-                     bootstrap=bootstrap, seed=seed, device=device, trust_code=trust_code)
+                     bootstrap=bootstrap, seed=seed, device=device, trust_code=trust_code, group_by=group_by)
     with failing(), progress_bar("score") as update:
         result = run_evaluate(cfg, on_progress=update, on_status=lambda m: err_console.print(f"[dim]{m}[/]"))
     m = result.metrics

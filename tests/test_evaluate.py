@@ -137,3 +137,19 @@ def test_help_lists_every_option():
     for opt in ("--model", "--labels", "--split", "--out", "--label-image-root", "--batch-size", "--num-workers",
                 "--bootstrap", "--seed", "--device"):
         assert opt in r.output, opt
+
+
+def test_group_by_resamples_source_photos_together(data, tmp_path):
+    d, model = data
+    args = ["evaluate", "--model", str(model), "--labels", f"csv:{d / 'labels.csv'}", "--num-workers", "0",
+            "--bootstrap", "200"]
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "g"), "--group-by", r"^images/(set\d+)/"])
+    assert r.exit_code == 0, r.output + r.stderr
+    m = json.loads((tmp_path / "g" / "metrics.json").read_text())
+    assert m["bootstrap"]["group_by"] == r"^images/(set\d+)/" and m["bootstrap"]["groups"] >= 2
+    plain = runner.invoke(app, [*args, "--out", str(tmp_path / "p")])
+    assert plain.exit_code == 0
+    p = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert p["srcc"] == m["srcc"] and p["srcc_ci"] != m["srcc_ci"]  # same point estimate, other resampling
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), "--group-by", "^nomatch"])
+    assert r.exit_code == 1 and "does not match the label key" in r.stderr and not (tmp_path / "bad").exists()

@@ -94,3 +94,23 @@ def test_evaluate_predictions_collects_everything():
     assert out["n"] == 200 and out["emd"] == 0 and out["srcc"] == srcc(t, p)
     assert out["srcc_ci"][0] < out["srcc"] < out["srcc_ci"][1] and all(type(v) in (int, float, list) for v in out.values())
     assert set(evaluate_predictions(t, p)) == {"n", "srcc", "plcc", "mae"}
+
+
+def test_cluster_bootstrap_resamples_whole_groups():
+    from cskd_cache.evaluate.evaluate import group_keys
+
+    rng = np.random.default_rng(0)
+    t = rng.uniform(1, 10, 20)
+    p = t + rng.normal(0, 2, 20)
+    # one group per row, in row order: the same resamples, hence the same interval, as plain row resampling
+    own = [f"{i:03d}" for i in range(20)]
+    assert bootstrap_ci(srcc, t, p, 300, seed=3, groups=own) == bootstrap_ci(srcc, t, p, 300, seed=3)
+    # five versions of each of 20 photos: resampled as 100 independent rows the interval is far too narrow
+    t5, p5 = np.repeat(t, 5), np.repeat(p, 5) + rng.normal(0, 0.01, 100)
+    photo = np.repeat([f"photo{i}" for i in range(20)], 5)
+    lo, hi = bootstrap_ci(srcc, t5, p5, 300, seed=3)
+    glo, ghi = bootstrap_ci(srcc, t5, p5, 300, seed=3, groups=photo)
+    assert ghi - glo > 1.6 * (hi - lo)
+    assert group_keys(["a__blur3.png", "a__pristine.png", "b__jpeg1.png"], r"^(.*)__") == ["a", "a", "b"]
+    with pytest.raises(ValueError, match="does not match the label key 'c.png'"):
+        group_keys(["a__x.png", "c.png"], r"^(.*)__")

@@ -16,7 +16,8 @@ Output folder (written to temporary names and renamed, so a file with its final 
     ``n`` (images scored), ``srcc``, ``plcc``, ``mae``, ``acc`` (when the scales match), ``emd`` (see above),
     ``srcc_ci`` / ``plcc_ci`` ([lo, hi], with ``--bootstrap`` > 0), then the context: ``model``, ``labels``
     (the DATASET_SPEC), ``dataset``, ``split``, ``scale``, ``model_scale``, ``threshold``, ``bins``,
-    ``model_bins``, ``bootstrap`` ({n, alpha, seed}), ``n_labels`` (rows in the split), ``n_missing``,
+    ``model_bins``, ``bootstrap`` ({n, alpha, seed, group_by, groups}: with ``--group-by`` whole groups of keys,
+    e.g. the versions of one source photo, are resampled together), ``n_labels`` (rows in the split), ``n_missing``,
     ``n_unreadable``, ``skipped`` ([{key, path, reason}]) and ``notes``.
 ``predictions.csv``
     ``key,path,true,pred`` for every scored image (full float precision).
@@ -61,6 +62,7 @@ class EvalConfig(CommandConfig):
     batch_size: int = 32
     num_workers: int = 2
     bootstrap: int = 1000
+    group_by: str | None = None  # regex on the label key: its first group (or match) names the source photo
     seed: int = 0
     device: str = "auto"
     trust_code: bool = False
@@ -184,6 +186,25 @@ def _predictions_csv(keys, paths, y_true, y_pred) -> str:
     return buf.getvalue()
 
 
+def group_keys(keys: list[str], pattern: str) -> list[str]:
+    """The group of each key: the first capture group of ``pattern`` (or its whole match), searched in the key;
+    several images of one source photo (the proxy set's ``NAME__blur3.png``: ``^(.*)__``) then resample together."""
+    import re
+
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise EvaluateError(f"--group-by {pattern!r}: not a regular expression ({e})") from None
+    out = []
+    for key in keys:
+        m = rx.search(key)
+        if m is None:
+            raise EvaluateError(f"--group-by {pattern!r} does not match the label key {key!r}; give a pattern every "
+                                "key matches, e.g. '^(.*)__' for the proxy set's NAME__kind.png")
+        out.append(m.group(1) if rx.groups else m.group(0))
+    return out
+
+
 def run_evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None = None,
                  on_status: Callable[[str], None] | None = None) -> EvalResult:
     """Load the model and the split's labels, score the images, compute the metrics and write cfg.out."""
@@ -237,21 +258,23 @@ def run_evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None
             dist_true, dist_pred = part.dists()[ok], scored.dist[ok]
     elif labels.bins and not model_bins:
         notes.append("EMD left out: the model has a scalar head (no distribution)")
+    keys = [lb.key for lb, k in zip(part.labels, ok) if k]
+    groups = group_keys(keys, cfg.group_by) if cfg.group_by else None
     m = evaluate_predictions(y_true, y_pred, threshold=labels.threshold if same_scale else None,
                              dist_true=dist_true, dist_pred=dist_pred, n_boot=cfg.bootstrap, alpha=ALPHA,
-                             seed=cfg.seed)
+                             seed=cfg.seed, groups=groups)
     if not same_scale:
         m.pop("mae", None)
     metrics = {**m, "model": str(cfg.model), "labels": cfg.labels, "dataset": labels.name, "split": cfg.split,
                "scale": list(labels.scale), "model_scale": list(model_scale), "threshold": labels.threshold,
                "bins": labels.bins, "model_bins": model_bins, "head": scorer.head_kind,
-               "bootstrap": {"n": cfg.bootstrap, "alpha": ALPHA, "seed": cfg.seed},
+               "bootstrap": {"n": cfg.bootstrap, "alpha": ALPHA, "seed": cfg.seed, "group_by": cfg.group_by,
+                             "groups": len(set(groups)) if groups is not None else None},
                "n_labels": n_labels, "n_missing": n_missing, "n_unreadable": len(skipped) - n_missing,
                "skipped": skipped, "notes": notes}
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    keys = [lb.key for lb, k in zip(part.labels, ok) if k]
     paths = [lb.path for lb, k in zip(part.labels, ok) if k]
     atomic_write_text(out / "predictions.csv", _predictions_csv(keys, paths, y_true, y_pred))
     title = (f"{labels.name} {cfg.split} (n={m['n']}): SRCC {m['srcc']:.3f}, PLCC {m['plcc']:.3f}\n"

@@ -84,15 +84,33 @@ def emd(dist_true, dist_pred, r: float = 2.0) -> float:
     return float(np.mean(d.mean(axis=1) ** (1.0 / r)))
 
 
+def resamples(n_items: int, n: int, rng: np.random.Generator, groups=None):
+    """Index arrays of ``n`` bootstrap resamples: of the items, or (``groups``: one label per item) of whole
+    groups, every item of a drawn group taken together."""
+    if groups is None:
+        for _ in range(n):
+            yield rng.integers(0, n_items, n_items)
+        return
+    _, codes = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.nonzero(codes == g)[0] for g in range(int(codes.max()) + 1)] if n_items else []
+    for _ in range(n):
+        drawn = rng.integers(0, len(members), len(members))
+        yield np.concatenate([members[g] for g in drawn]) if len(drawn) else np.zeros(0, np.int64)
+
+
 def bootstrap_ci(fn: Callable, y_true, y_pred, n: int = 1000, alpha: float = 0.05,
-                 seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of fn over n resamples of the samples (rows), drawn with a seeded generator."""
+                 seed: int = 0, groups=None) -> tuple[float, float]:
+    """Percentile interval of fn over n resamples of the samples (rows), drawn with a seeded generator. With
+    ``groups`` (one label per row, e.g. the source photo of each degraded version) whole groups are resampled,
+    so rows that are not independent move together and the interval is not optimistic."""
     t, p = np.asarray(y_true), np.asarray(y_pred)
     if len(t) != len(p):
         raise ValueError(f"y_true and y_pred differ in length: {len(t)} vs {len(p)}")
+    if groups is not None and len(groups) != len(t):
+        raise ValueError(f"{len(groups)} group labels for {len(t)} rows")
     rng = np.random.default_rng(seed)
     # one resample at a time: an (n, N) index matrix for AVA's 20k test images would be 160 MB
-    stats = np.array([fn(t[i], p[i]) for i in (rng.integers(0, len(t), len(t)) for _ in range(n))], dtype=np.float64)
+    stats = np.array([fn(t[i], p[i]) for i in resamples(len(t), n, rng, groups)], dtype=np.float64)
     stats = stats[np.isfinite(stats)]  # a resample of tied values has no correlation
     if stats.size == 0:
         return float("nan"), float("nan")
@@ -101,9 +119,9 @@ def bootstrap_ci(fn: Callable, y_true, y_pred, n: int = 1000, alpha: float = 0.0
 
 
 def evaluate_predictions(y_true, y_pred, threshold: float | None = None, dist_true=None, dist_pred=None,
-                         n_boot: int = 0, alpha: float = 0.05, seed: int = 0) -> dict:
+                         n_boot: int = 0, alpha: float = 0.05, seed: int = 0, groups=None) -> dict:
     """All metrics as plain floats (JSON-ready): n, srcc, plcc, mae, acc (with a threshold), emd (with both
-    distributions) and, when n_boot > 0, srcc_ci / plcc_ci as [lo, hi]."""
+    distributions) and, when n_boot > 0, srcc_ci / plcc_ci as [lo, hi] (resampling whole ``groups`` when given)."""
     t, p = _pair(y_true, y_pred)
     out: dict = {"n": int(t.size), "srcc": srcc(t, p), "plcc": plcc(t, p), "mae": mae(t, p)}
     if threshold is not None:
@@ -111,6 +129,6 @@ def evaluate_predictions(y_true, y_pred, threshold: float | None = None, dist_tr
     if dist_true is not None and dist_pred is not None:
         out["emd"] = emd(dist_true, dist_pred)
     if n_boot > 0:
-        out["srcc_ci"] = list(bootstrap_ci(srcc, t, p, n_boot, alpha, seed))
-        out["plcc_ci"] = list(bootstrap_ci(plcc, t, p, n_boot, alpha, seed))
+        out["srcc_ci"] = list(bootstrap_ci(srcc, t, p, n_boot, alpha, seed, groups))
+        out["plcc_ci"] = list(bootstrap_ci(plcc, t, p, n_boot, alpha, seed, groups))
     return out

@@ -81,10 +81,12 @@ def _predictions(summary: dict) -> dict[str, tuple[float, float]] | None:
                             f"{e}); re-run the evaluation") from None
 
 
-def paired_srcc(a: dict, b: dict, n_boot: int = 1000, seed: int = 0) -> dict | None:
-    """SRCC(b) - SRCC(a) on the images both scored, with a paired bootstrap 95% interval; None unless both scored
-    the same images (same keys, same true scores)."""
-    from ..evaluate.metrics import srcc
+def paired_srcc(a: dict, b: dict, n_boot: int = 1000, seed: int = 0, group_by: str | None = None) -> dict | None:
+    """SRCC(b) - SRCC(a) on the images both scored, with a paired bootstrap 95% interval (resampling whole groups
+    of keys with ``group_by``, as `cskd evaluate --group-by`); None unless both scored the same images (same
+    keys, same true scores)."""
+    from ..evaluate.evaluate import group_keys
+    from ..evaluate.metrics import resamples, srcc
 
     if not a or not b or set(a) != set(b):
         return None
@@ -95,14 +97,26 @@ def paired_srcc(a: dict, b: dict, n_boot: int = 1000, seed: int = 0) -> dict | N
     pa, pb = np.array([a[k][1] for k in keys]), np.array([b[k][1] for k in keys])
     diff = srcc(truth, pb) - srcc(truth, pa)
     rng = np.random.default_rng(seed)
+    groups = group_keys(keys, group_by) if group_by else None
     stats = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(keys), len(keys))
+    for i in resamples(len(keys), n_boot, rng, groups):
         d = srcc(truth[i], pb[i]) - srcc(truth[i], pa[i])
         if np.isfinite(d):
             stats.append(d)
     lo, hi = (np.percentile(stats, [2.5, 97.5]) if stats else (float("nan"), float("nan")))
-    return {"n": len(keys), "diff": float(diff), "ci": [float(lo), float(hi)], "n_boot": n_boot}
+    return {"n": len(keys), "diff": float(diff), "ci": [float(lo), float(hi)], "n_boot": n_boot,
+            "groups": len(set(groups)) if groups else None, "group_by": group_by}
+
+
+def _group_by(summary: dict) -> str | None:
+    """The --group-by the first run was evaluated with: its paired differences resample the same groups."""
+    src = summary.get("source") or {}
+    if src.get("kind") != "evaluate":
+        return None
+    try:
+        return (json.loads(Path(src["file"]).read_text(encoding="utf-8")).get("bootstrap") or {}).get("group_by")
+    except (OSError, ValueError):
+        return None
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -249,7 +263,8 @@ def build_compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike, n_b
     summaries = [summarise_run(d) for d in dirs]
     diffs, only = config_differences([_config(d) for d in dirs])
     preds = [_predictions(s) for s in summaries]
-    paired = {i: p for i in range(1, len(dirs)) if (p := paired_srcc(preds[0], preds[i], n_boot, seed))}
+    group_by = _group_by(summaries[0])
+    paired = {i: p for i in range(1, len(dirs)) if (p := paired_srcc(preds[0], preds[i], n_boot, seed, group_by))}
     out.parent.mkdir(parents=True, exist_ok=True)
     figures = []
     for suffix, draw, caption in ((".curves.png", _plot_curves, "Training loss and validation metric per step"),
