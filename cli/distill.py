@@ -30,6 +30,10 @@ def distill(
     distill_loss: Annotated[str, typer.Option(help="emd or kl (distribution heads; scalar heads use MSE).")] = "emd",
     temperature: Annotated[float, typer.Option(help="Temperature of --distill-loss kl.")] = 1.0,
     unlabelled_ratio: Annotated[float, typer.Option(help="Unlabelled items per labelled item in each step.")] = 1.0,
+    consistency: Annotated[float, typer.Option(min=0, help="Weight of consistency regularisation: each unlabelled "
+                                                           "view's prediction on a second jitter is pulled towards "
+                                                           "the first (stop-gradient; EMD, or MSE for scalar "
+                                                           "heads). 0 = off, the default until measured.")] = 0.0,
     cache_image_root: CacheImageRootOpt = None,
     predictions: Annotated[Optional[str], typer.Option(help="Teacher predictions cache directory (default: "
                                                             "TEACHER_RUN/predictions/<cache id>, or "

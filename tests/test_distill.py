@@ -278,7 +278,7 @@ def test_resume_reaches_the_same_weights(data, tmp_path):
     from safetensors.torch import load_file
 
     base = dict(max_steps=None, epochs=3, keep_checkpoints=0, batch_size=8, unlabelled_ratio=2.0, lambda_f=0.5,
-                distill_loss="kl", temperature=2.0)
+                distill_loss="kl", temperature=2.0, consistency=0.5)  # every Stage II term on at once
     full = run_distill(cfg(data, tmp_path / "full", **base))
     assert full["steps_per_epoch"] == 76 // 16
 
@@ -294,7 +294,7 @@ def test_resume_reaches_the_same_weights(data, tmp_path):
     ma, mb = (no_timing(read_metrics(tmp_path / x / "metrics.jsonl")) for x in ("full", "part"))
     assert ma == mb
     train = [r for r in ma if r["type"] == "train"]
-    assert {"sup", "distill", "feat"} <= train[-1].keys()
+    assert {"sup", "distill", "feat", "consistency"} <= train[-1].keys()
 
 
 runner = CliRunner()
@@ -349,3 +349,31 @@ def test_torchrun_two_processes_write_one_run(data, tmp_path):
     assert [s["rows"] for s in preds.manifest["shards"]] == [40, 40, 20] and preds.arrays["logits"].shape[0] == 100
     assert not [p for p in (run / "teacher").iterdir() if p.name.startswith(".")]
     assert load_iaa_model(run, trust_code=True).head_kind == "distribution"
+
+
+def test_consistency_is_off_by_default_and_sees_two_jitters_of_one_cached_view(data, tmp_path, monkeypatch):
+    assert DistillConfig().consistency == 0.0
+    r = run_distill(cfg(data, tmp_path / "off", max_steps=2))
+    train = [x for x in read_metrics(tmp_path / "off" / "metrics.jsonl") if x["type"] == "train"]
+    assert r["step"] == 2 and all("consistency" not in x for x in train)
+    with pytest.raises(DistillError, match="--consistency compares two jitters.*--jitter-views"):
+        run_distill(cfg(data, tmp_path / "nojit", consistency=0.5, jitter_views=False))
+    seen = []
+    orig = CachedViews._item
+
+    def spy(self, index):
+        it = orig(self, index)
+        if self.pair:
+            seen.append((self, index, it))
+        return it
+
+    monkeypatch.setattr(CachedViews, "_item", spy)
+    r = run_distill(cfg(data, tmp_path / "on", consistency=0.5, max_steps=2))
+    assert r["step"] == 2 and seen
+    for ds, index, it in seen:
+        assert it["image2"].shape == it["image"].shape and not torch.equal(it["image2"], it["image"])
+        again = orig(ds, index)
+        assert torch.equal(again["image2"], it["image2"]) and torch.equal(again["image"], it["image"])
+    train = [x for x in read_metrics(tmp_path / "on" / "metrics.jsonl") if x["type"] == "train"]
+    assert all(x["consistency"] >= 0 for x in train)
+    assert yaml.safe_load((tmp_path / "on" / "config.yaml").read_text())["consistency"] == 0.5

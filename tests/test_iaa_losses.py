@@ -105,3 +105,31 @@ def test_scalar_head_and_emd_training_step():
         loss.backward()
         opt.step()
     assert loss.item() < first
+
+
+def test_consistency_pulls_the_second_view_towards_the_first_and_never_the_reverse():
+    from cskd_cache.losses.consistency import ConsistencyLoss
+    from cskd_cache.losses.emd import EMDLoss
+
+    weak = torch.zeros(2, 4, requires_grad=True)  # uniform distributions
+    strong = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]], requires_grad=True)
+    loss = ConsistencyLoss("distribution")(strong, weak)
+    want = EMDLoss()(strong.softmax(-1), torch.full((2, 4), 0.25))
+    assert torch.allclose(loss, want) and loss > 0
+    loss.backward()
+    assert weak.grad is None and strong.grad.abs().sum() > 0  # the target's gradient is stopped
+    assert ConsistencyLoss("distribution")(weak.detach(), weak.detach()) == 0  # agreeing views cost nothing
+    s, w = torch.tensor([0.2, 0.9], requires_grad=True), torch.tensor([0.5, 0.5])
+    assert torch.allclose(ConsistencyLoss("scalar")(s, w), torch.tensor((0.3 ** 2 + 0.4 ** 2) / 2))
+
+
+def test_iaa_loss_adds_consistency_only_when_weighted_and_given_second_views():
+    from cskd_cache.losses.iaa import IAALoss
+
+    torch.manual_seed(0)
+    out, out2 = torch.randn(6, 10), torch.randn(3, 10)
+    lab = {"image": torch.zeros(3, 3, 2, 2), "dist": torch.full((3, 10), 0.1)}
+    unl = {"image": torch.zeros(3, 3, 2, 2), "logits": torch.randn(3, 10)}
+    off = IAALoss("distribution", lambda_u=1.0)(out, None, lab, unl, out2)
+    on = IAALoss("distribution", lambda_u=1.0, consistency=0.5)(out, None, lab, unl, out2)
+    assert "consistency" not in off and torch.allclose(on["loss"], off["loss"] + 0.5 * on["consistency"])

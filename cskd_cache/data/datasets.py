@@ -68,7 +68,7 @@ class CachedViews(Dataset):
                  streamed=None, targets: dict[str, np.ndarray] | None = None,
                  teacher: dict[str, np.ndarray] | None = None, view: str | int = "random", augment: bool = False,
                  jitter: bool = False, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 digests: Sequence[str] | None = None):
+                 digests: Sequence[str] | None = None, pair: bool = False):
         self.paths = list(paths)
         self.n = len(self.paths)
         self.rows = np.full(self.n, -1, np.int64) if rows is None else np.asarray(rows, np.int64)
@@ -87,6 +87,7 @@ class CachedViews(Dataset):
         if (self.teacher or streamed is not None) and (self.rows < 0).any():
             raise ValueError("teacher and streamed targets exist only for cached views; every item needs a cache row")
         self.cfg, self.view, self.augment, self.jitter, self.seed = input_cfg, view, augment, jitter, seed
+        self.pair = pair  # a second, independent jitter of each cached view as ``image2`` (consistency)
         self.max_pixels = max_pixels
 
     def __len__(self) -> int:
@@ -131,6 +132,9 @@ class CachedViews(Dataset):
             v = self.view_of(row, cycle)
             box = self.boxes[src, v]
             it["view"] = v
+            if self.pair:
+                second = augment_box(box, *img.size, np.random.default_rng(mix_seed("jitter2", self.seed, cycle, i)))
+                it["image2"] = render(img, second, self.cfg)
             if self.jitter:
                 box = augment_box(box, *img.size, np.random.default_rng(mix_seed("jitter", self.seed, cycle, i)))
         else:

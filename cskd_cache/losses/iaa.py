@@ -6,7 +6,9 @@
   teacher logits, or KL(teacher || student) at a temperature (``distill_loss``); scalar, MSE to the teacher's
   0..1 score;
 - ``feat`` (weight ``lambda_f``): 1 - cos(projected pooled feature, cached CLIP embedding of the shown view) on
-  every item that has one.
+  every item that has one;
+- ``consistency`` (weight ``consistency``): the unlabelled items' prediction on a second jitter of their cached
+  view against the first, stop-gradient (`consistency.ConsistencyLoss`).
 
 The labelled items come first in the model's batch, the unlabelled ones after them.
 """
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .consistency import ConsistencyLoss
 from .cosine import CosineLoss
 from .emd import EMDLoss
 from .kl import DistillKLLoss
@@ -29,14 +32,19 @@ class IAALoss(nn.Module):
     """The Stage II objective (module docstring); returns unweighted parts and the weighted ``loss``."""
 
     def __init__(self, kind: str, w_plcc: float = 0.0, lambda_u: float = 0.0, lambda_f: float = 0.0,
-                 distill_loss: str = "emd", temperature: float = 1.0):
+                 distill_loss: str = "emd", temperature: float = 1.0, consistency: float = 0.0):
         super().__init__()
         self.kind, self.w_plcc, self.lambda_u, self.lambda_f = kind, w_plcc, lambda_u, lambda_f
+        self.consistency = consistency
+        self.agree = ConsistencyLoss(kind)
         self.distill_loss = distill_loss
         self.emd, self.plcc, self.cos = EMDLoss(), PLCCLoss(), CosineLoss()
         self.kl = DistillKLLoss(temperature, teacher="logits")
 
-    def forward(self, out: torch.Tensor, emb: torch.Tensor | None, lab: dict, unl: dict | None) -> dict:
+    def forward(self, out: torch.Tensor, emb: torch.Tensor | None, lab: dict, unl: dict | None,
+                out2: torch.Tensor | None = None) -> dict:
+        """``out``: predictions on the labelled then the unlabelled items; ``out2``: on the unlabelled items' second
+        views (consistency only)."""
         n = lab["image"].shape[0]
         o_l = out[:n].float()
         parts = {}
@@ -59,6 +67,9 @@ class IAALoss(nn.Module):
             target = torch.cat([b["embed"] for b in batches])
             # no linked item in this batch: a zero that still touches proj, so DDP sees its gradient
             parts["feat"] = self.cos(emb[mask], target[mask]) if mask.any() else emb.sum() * 0.0
-        weights = {"sup": 1.0, "plcc": self.w_plcc, "distill": self.lambda_u, "feat": self.lambda_f}
+        if self.consistency and out2 is not None:
+            parts["consistency"] = self.agree(out2, out[n:])
+        weights = {"sup": 1.0, "plcc": self.w_plcc, "distill": self.lambda_u, "feat": self.lambda_f,
+                   "consistency": self.consistency}
         parts["loss"] = sum(weights[k] * v for k, v in parts.items())
         return parts

@@ -104,6 +104,7 @@ class DistillConfig(IAATrainConfig):
     jitter_views: bool = True
     no_verify: bool = False  # skip the one-time sha256 check of the cache's shards (`cache.integrity`)
     labels_outside_cache: bool = False  # the labelled images are deliberately not in the cache: 0 links is fine
+    consistency: float = 0.0  # off until the ablation shows it earns its place (losses.consistency)
 
     error: ClassVar[type] = DistillError
     command: ClassVar[str] = "distill"
@@ -114,8 +115,11 @@ class DistillConfig(IAATrainConfig):
         if self.teacher != "cache-head" and not (self.teacher.startswith("run:") and len(self.teacher) > 4):
             raise DistillError(f"--teacher {self.teacher!r}: use cache-head or run:TEACHER_RUN (the --out of a "
                                "`cskd finetune` run)")
-        if self.lambda_u < 0 or self.lambda_f < 0:
-            raise DistillError("--lambda-u and --lambda-f must be >= 0")
+        if self.lambda_u < 0 or self.lambda_f < 0 or self.consistency < 0:
+            raise DistillError("--lambda-u, --lambda-f and --consistency must be >= 0")
+        if self.consistency > 0 and not self.jitter_views:
+            raise DistillError("--consistency compares two jitters of each cached view; it needs --jitter-views "
+                               "(without jitter both views are the same pixels and agree trivially)")
         if self.distill_loss not in ("emd", "kl"):
             raise DistillError(f"--distill-loss must be emd or kl, got {self.distill_loss!r}")
         if self.temperature <= 0:
@@ -232,7 +236,7 @@ def _streams(cfg: DistillConfig, cache: FeatureCache, train: LabelSet, train_row
                       seed=cfg.seed, max_pixels=cfg.max_pixels, digests=cache.digests)
     unl = CachedViews([paths[r] for r in pool], input_cfg, rows=pool, boxes=cache.boxes, embed=embed,
                       digests=cache.digests, teacher={name: preds.arrays[name]}, jitter=cfg.jitter_views,
-                      seed=cfg.seed, max_pixels=cfg.max_pixels)
+                      seed=cfg.seed, max_pixels=cfg.max_pixels, pair=cfg.consistency > 0)
     return [Stream("labelled", lab, cfg.batch_size),
             Stream("unlabelled", unl, max(1, round(cfg.batch_size * cfg.unlabelled_ratio)))]
 
@@ -294,6 +298,7 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     task = IAATask(cfg, encoder=student, kind=kind, bins=bins, labels=labels, val_labels=val, streams=streams,
                    val=val_ds, device=device, lambda_u=cfg.lambda_u, lambda_f=cfg.lambda_f, embed_dim=cache.embed_dim,
                    distill_loss=cfg.distill_loss, temperature=cfg.temperature, facts=facts, status=status,
+                   consistency=cfg.consistency,
                    extra_meta={"labels_spec": cfg.labels, "teacher": cfg.teacher, "cache": str(cache.path),
                                "cache_fingerprint": cache.manifest.get("fingerprint")})
     result = fit(task, cfg, run_dir=run_dir, ckpt=ckpt, device=device, plan=plan_steps(cfg, task.steps_per_epoch()),

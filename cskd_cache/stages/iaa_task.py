@@ -147,14 +147,15 @@ class IAATask(Task):
     def __init__(self, cfg: IAATrainConfig, *, encoder, kind: str, bins: int | None, labels: LabelSet,
                  val_labels: LabelSet, streams: list[Stream], val: CachedViews | None, device, lambda_u: float = 0.0,
                  lambda_f: float = 0.0, embed_dim: int | None = None, distill_loss: str = "emd",
-                 temperature: float = 1.0, facts: dict | None = None, extra_meta: dict | None = None, status=None):
+                 temperature: float = 1.0, facts: dict | None = None, extra_meta: dict | None = None, status=None,
+                 consistency: float = 0.0):
         self.cfg, self.kind, self.bins, self.labels, self.val_labels = cfg, kind, bins, labels, val_labels
         self.streams, self.device = streams, device
         head = build_head(kind, encoder.pooled_dim, bins)
         proj = nn.Linear(encoder.pooled_dim, embed_dim) if lambda_f > 0 else None
         self.model = IAAModel(encoder, head, proj=proj).to(device)
         self.loss_fn = IAALoss(kind, cfg.w_plcc, lambda_u if len(streams) > 1 else 0.0, lambda_f, distill_loss,
-                               temperature)
+                               temperature, consistency if len(streams) > 1 else 0.0)
         self.keep = cfg.keep if val is not None and len(val) >= 2 else "last"
         self.head_meta = {"kind": kind, "bins": bins, "in_dim": encoder.pooled_dim, "normalize": False}
         self.meta_extra = {"trained_by": f"cskd {cfg.command}", "eval_view": dict(EVAL_VIEW), **(extra_meta or {})}
@@ -200,11 +201,14 @@ class IAATask(Task):
     def forward(self, model, batches, autocast):
         batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
         lab, unl = batches[0], (batches[1] if len(batches) > 1 else None)
-        x = torch.cat([b["image"] for b in batches])
+        images = [b["image"] for b in batches] + ([unl["image2"]] if unl is not None and "image2" in unl else [])
+        x = torch.cat(images)
         with autocast:
             out = model(x)
         out, emb = out if isinstance(out, tuple) else (out, None)
-        return self.loss_fn(out, emb, lab, unl), x.shape[0]
+        n = sum(b["image"].shape[0] for b in batches)  # the second views come last, for consistency only
+        out2 = out[n:] if len(images) > len(batches) else None
+        return self.loss_fn(out[:n], emb[:n] if emb is not None else None, lab, unl, out2), x.shape[0]
 
     def evaluate(self, model, autocast) -> dict | None:
         if self.eval_loader is None:
