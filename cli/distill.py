@@ -30,6 +30,9 @@ def distill(
     distill_loss: Annotated[str, typer.Option(help="emd or kl (distribution heads; scalar heads use MSE).")] = "emd",
     temperature: Annotated[float, typer.Option(help="Temperature of --distill-loss kl.")] = 1.0,
     unlabelled_ratio: Annotated[float, typer.Option(help="Unlabelled items per labelled item in each step.")] = 1.0,
+    rounds: Annotated[int, typer.Option(min=1, help="Collaborative rounds: each round's student teaches the next "
+                                                    "(earlier rounds kept in --out/rounds/round-K/). 1 = one "
+                                                    "distillation.")] = 1,
     consistency: Annotated[float, typer.Option(min=0, help="Weight of consistency regularisation: each unlabelled "
                                                            "view's prediction on a second jitter is pulled towards "
                                                            "the first (stop-gradient; EMD, or MSE for scalar "
@@ -59,10 +62,11 @@ def distill(
 ) -> None:
     """Distil a teacher's scores on the cached views into a student, with the labelled train split alongside.
     Writes config.yaml, metrics.jsonl (val SRCC/PLCC per epoch), checkpoints, loss_curve.png and iaa_model.*."""
-    from cskd_cache.stages.distill import DistillConfig, run_distill
+    from cskd_cache.stages.distill import DistillConfig
+    from cskd_cache.stages.rounds import run_rounds
 
     cfg = iaa_config(ctx, DistillConfig, options["config"], "student")
-    result = run_training("distill", run_distill, cfg, teacher_bar=True)
+    result = run_training("distill", run_rounds, cfg, teacher_bar=True)
     if result is None:
         return
     table = summary_table(result, f"cskd distill -> {result['run_dir']}")
@@ -80,5 +84,7 @@ def distill(
     t_val = (t.get("val") or {}).get("srcc")
     table.add_row("teacher", f"{t['spec']}, predictions {'computed' if t['computed'] else 'reused'} "
                              f"({t['predictions']}); val SRCC on view 0 {fmt(t_val)}")
+    for r in result.get("rounds") or []:
+        table.add_row(f"round {r['round']}", f"val SRCC {fmt((r.get('val') or {}).get('srcc'))}, teacher {r['teacher']}")
     add_time_and_model(table, result)
     show(table)

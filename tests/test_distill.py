@@ -377,3 +377,24 @@ def test_consistency_is_off_by_default_and_sees_two_jitters_of_one_cached_view(d
     train = [x for x in read_metrics(tmp_path / "on" / "metrics.jsonl") if x["type"] == "train"]
     assert all(x["consistency"] >= 0 for x in train)
     assert yaml.safe_load((tmp_path / "on" / "config.yaml").read_text())["consistency"] == 0.5
+
+
+def test_collaborative_rounds_make_each_student_the_next_teacher(data, tmp_path):
+    from cskd_cache.stages.rounds import run_rounds
+
+    said = []
+    r = run_rounds(cfg(data, tmp_path / "run", rounds=2, max_steps=2), on_status=said.append)
+    first = tmp_path / "run" / "rounds" / "round-1"
+    assert [x["round"] for x in r["rounds"]] == [1, 2] and r["rounds"][1]["teacher"] == f"run:{first}"
+    for d in (first, tmp_path / "run"):  # every round is a whole run: its metrics, checkpoints and model
+        assert (d / "iaa_model.json").is_file() and (d / "metrics.jsonl").is_file() and (d / "checkpoints").is_dir()
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["teacher"] == f"run:{first}" and saved["resolved"]["teacher"]["spec"] == f"run:{first}"
+    assert list((first / "predictions").glob("*/manifest.json"))  # round 1's student scored every cached view once
+    with pytest.raises(DistillError, match="already holds collaborative rounds; pass --resume"):
+        run_rounds(cfg(data, tmp_path / "run", rounds=2, max_steps=2))
+    said.clear()
+    again = run_rounds(cfg(data, tmp_path / "run", rounds=2, max_steps=2, resume=True), on_status=said.append)
+    assert any("round 1 of 2: finished already" in m for m in said) and again["step"] == 2
+    with pytest.raises(DistillError, match="run through `stages.rounds.run_rounds`"):
+        run_distill(cfg(data, tmp_path / "direct", rounds=2))

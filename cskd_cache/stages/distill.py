@@ -35,6 +35,7 @@ score). Loss = labelled + ``lambda_u`` x distillation + ``lambda_f`` x feature a
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,6 +80,10 @@ from .teacher_predictions import (
 __all__ = ["DistillConfig", "DistillError", "run_distill", "unlabelled_pool"]
 
 
+# Besides its lock, a distill --out may hold the earlier collaborative rounds before the last round starts in it.
+OWN_NAMES = re.compile(r"\.cskd\.lock|rounds")
+
+
 class DistillError(TrainError):
     """A bad `distill` request; the message names the fix."""
 
@@ -105,6 +110,7 @@ class DistillConfig(IAATrainConfig):
     no_verify: bool = False  # skip the one-time sha256 check of the cache's shards (`cache.integrity`)
     labels_outside_cache: bool = False  # the labelled images are deliberately not in the cache: 0 links is fine
     consistency: float = 0.0  # off until the ablation shows it earns its place (losses.consistency)
+    rounds: int = 1  # collaborative rounds (`rounds`): each round's student teaches the next
 
     error: ClassVar[type] = DistillError
     command: ClassVar[str] = "distill"
@@ -128,6 +134,8 @@ class DistillConfig(IAATrainConfig):
             raise DistillError("--unlabelled-ratio must be > 0")
         if self.stale_predictions not in ("recompute", "error"):
             raise DistillError(f"--stale-predictions must be recompute or error, got {self.stale_predictions!r}")
+        if self.rounds < 1:
+            raise DistillError(f"--rounds must be >= 1, got {self.rounds}")
         if self.teacher_steps < 1 or self.teacher_hidden < 0:
             raise DistillError("--teacher-steps must be >= 1 and --teacher-hidden >= 0")
 
@@ -250,6 +258,8 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     predictions, computed, val), label counts, seconds."""
     cfg = dataclasses.replace(cfg, cache_image_root=list(cfg.cache_image_root or []))
     cfg.validate()
+    if cfg.rounds != 1:
+        raise DistillError(f"rounds={cfg.rounds}: several rounds run through `stages.rounds.run_rounds`")
     if cfg.predictions:
         check_predictions_dir(cfg.predictions)  # before any work: it may be the cache itself, or a user's folder
     status = on_status or (lambda m: None)
@@ -263,7 +273,7 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     link, row_of, pool, held, paths = _link(cfg, labels, cache, status)
     train_rows = np.array([row_of[lb.key] for lb in train.labels], np.int64)
     val_rows = np.array([row_of[lb.key] for lb in val.labels], np.int64)
-    ckpt = prepare_run_dir(cfg, run_dir)
+    ckpt = prepare_run_dir(cfg, run_dir, own=OWN_NAMES)
     dist.barrier()
 
     if cfg.teacher == "cache-head":

@@ -16,13 +16,14 @@ from .engine import CKPT_DIR, CONFIG_NAME
 __all__ = ["prepare_run_dir"]
 
 
-def prepare_run_dir(cfg, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to mix two runs in one directory."""
+def prepare_run_dir(cfg, run_dir: Path, own=None) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; refuses to mix two runs in one directory. ``own``:
+    a pattern of names the command itself may have left in a fresh --out (default: its lock)."""
     import yaml
 
     run_dir = Path(run_dir)
     saved = run_dir / CONFIG_NAME
-    claim_out_dir(run_dir, CONFIG_NAME, f"{cfg.command} run", cfg.error)
+    claim_out_dir(run_dir, CONFIG_NAME, f"{cfg.command} run", cfg.error, **({"own": own} if own else {}))
     if not saved.exists():
         return None
     if not cfg.resume:
