@@ -9,6 +9,7 @@
 | ``sup``     | emd.py / MSE        | score distribution (EMD) or 0..1 score (MSE)     | finetune, distill             |
 | ``plcc``    | plcc_loss.py        | 1 - PLCC of a batch's scores                     | finetune, distill (0.0)       |
 | ``distill`` | emd.py / kl.py      | student vs teacher prediction on the same view   | distill (lambda_u)            |
+| ``consistency`` | consistency.py  | a second jitter's prediction vs the first's      | distill (--consistency, 0)    |
 
 Pure torch.
 

@@ -1,7 +1,7 @@
 """The pipeline's stages, each a command: `extract` (the cache), `align` (Stage I), `finetune` and `distill`
 (Stage II), plus what they alone use: `align_eval` (held-out alignment metrics), `iaa_task` (Stage II's config and
-engine task, shared by finetune and distill) and `teacher_predictions` (a teacher's outputs on every cached view,
-cached and fingerprinted).
+engine task, shared by finetune and distill), `teacher_predictions` (a teacher's outputs on every cached view,
+cached and fingerprinted) and `rounds` (collaborative rounds of distill, each student the next teacher).
 
 Every training stage is a `train.engine.Task` plugged into `train.engine.fit`.
 May import: every layer below (errors, files, dist, data, losses, cache, labels, models, train, evaluate). Never:
