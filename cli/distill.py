@@ -33,6 +33,10 @@ def distill(
     rounds: Annotated[int, typer.Option(min=1, help="Collaborative rounds: each round's student teaches the next "
                                                     "(earlier rounds kept in --out/rounds/round-K/). 1 = one "
                                                     "distillation.")] = 1,
+    attn_distance: Annotated[float, typer.Option(min=0, help="ViT students: weight of the attention-distance "
+                                                             "constraint, keeping each layer's mean attention "
+                                                             "distance near the aligned student's own at the start "
+                                                             "(0 = off, the default until measured).")] = 0.0,
     consistency: Annotated[float, typer.Option(min=0, help="Weight of consistency regularisation: each unlabelled "
                                                            "view's prediction on a second jitter is pulled towards "
                                                            "the first (stop-gradient; EMD, or MSE for scalar "

@@ -34,6 +34,7 @@ from cskd_cache.data.views import render_tensor
 from cskd_cache.labels import load_labels
 from cskd_cache.models.cache_head import load_cache_head, predict_embeddings
 from cskd_cache.models.scorer import load_iaa_model, save_iaa_model
+from cskd_cache.errors import ModelError
 from cskd_cache.stages.distill import DistillConfig, DistillError, run_distill
 from cskd_cache.stages.extract import ExtractConfig, run_extract
 from cskd_cache.stages.finetune import FinetuneConfig, run_finetune
@@ -398,3 +399,23 @@ def test_collaborative_rounds_make_each_student_the_next_teacher(data, tmp_path)
     assert any("round 1 of 2: finished already" in m for m in said) and again["step"] == 2
     with pytest.raises(DistillError, match="run through `stages.rounds.run_rounds`"):
         run_distill(cfg(data, tmp_path / "direct", rounds=2))
+
+
+def test_attention_distance_constraint_resumes_to_the_same_weights(data, tmp_path):
+    from safetensors.torch import load_file
+
+    base = dict(student="timm:test_vit", size=32, attn_distance=1.0, max_steps=None, epochs=2, keep_checkpoints=0)
+    full = run_distill(cfg(data, tmp_path / "full", **base))
+    saved = yaml.safe_load((tmp_path / "full" / "config.yaml").read_text())
+    ref = saved["resolved"]["attn_reference"]
+    assert len(ref) >= 2 and all(r > 0 for r in ref) and full["step"] > 0
+    train = [x for x in read_metrics(tmp_path / "full" / "metrics.jsonl") if x["type"] == "train"]
+    assert all("attn_distance" in x for x in train)
+    part = cfg(data, tmp_path / "part", **base)
+    with pytest.raises(Crash):
+        run_distill(part, on_progress=crash_in_second_epoch())
+    run_distill(DistillConfig(**{**part.to_dict(), "resume": True}))
+    wa, wb = (load_file(tmp_path / x / "iaa_model.safetensors") for x in ("full", "part"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(ModelError, match="needs a ViT-family student"):
+        run_distill(cfg(data, tmp_path / "cnn", student="timm:test_resnet", size=32, attn_distance=1.0))

@@ -133,3 +133,28 @@ def test_iaa_loss_adds_consistency_only_when_weighted_and_given_second_views():
     off = IAALoss("distribution", lambda_u=1.0)(out, None, lab, unl, out2)
     on = IAALoss("distribution", lambda_u=1.0, consistency=0.5)(out, None, lab, unl, out2)
     assert "consistency" not in off and torch.allclose(on["loss"], off["loss"] + 0.5 * on["consistency"])
+
+
+def test_attention_distance_of_uniform_attention_and_the_constraint():
+    from cskd_cache.errors import ModelError
+    from cskd_cache.losses.attention_distance import AttentionDistanceLoss, mean_distance
+    from cskd_cache.models.attention_probe import AttentionProbe, patch_distances
+    from cskd_cache.models.students import build_student
+
+    # one prefix token + a 2x2 grid of 16 px patches, every query attending uniformly: each patch sees itself (0),
+    # two neighbours (16 px) and the diagonal (16 * sqrt(2)); the prefix's weight is left out and renormalised
+    probs = torch.full((1, 2, 5, 5), 0.2)
+    want = (0 + 16 + 16 + 16 * math.sqrt(2)) / 4
+    assert math.isclose(float(mean_distance(probs, 1, patch_distances((2, 2), (16, 16)))), want, rel_tol=1e-6)
+    loss = AttentionDistanceLoss(torch.tensor([10.0, 20.0]))
+    assert float(loss(torch.tensor([10.0, 20.0]))) == 0.0
+    assert math.isclose(float(loss(torch.tensor([12.0, 10.0]))), (0.2 ** 2 + 0.5 ** 2) / 2, rel_tol=1e-6)
+    # read from a real ViT's own forward, differentiably, one value per block
+    enc = build_student("timm:test_vit", size=32)
+    probe = AttentionProbe(enc)
+    probe.start()
+    enc(torch.randn(2, 3, 32, 32))
+    profile = probe.profile()
+    assert profile.shape == (len(probe.sites),) and profile.requires_grad
+    with pytest.raises(ModelError, match="needs a ViT-family student"):
+        AttentionProbe(build_student("timm:test_resnet", size=32))

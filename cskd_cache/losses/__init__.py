@@ -10,6 +10,7 @@
 | ``plcc``    | plcc_loss.py        | 1 - PLCC of a batch's scores                     | finetune, distill (0.0)       |
 | ``distill`` | emd.py / kl.py      | student vs teacher prediction on the same view   | distill (lambda_u)            |
 | ``consistency`` | consistency.py  | a second jitter's prediction vs the first's      | distill (--consistency, 0)    |
+| ``attn_distance`` | attention_distance.py | per-layer attention distance vs the start's | distill (--attn-distance, 0) |
 
 Pure torch.
 

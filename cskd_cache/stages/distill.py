@@ -111,6 +111,7 @@ class DistillConfig(IAATrainConfig):
     labels_outside_cache: bool = False  # the labelled images are deliberately not in the cache: 0 links is fine
     consistency: float = 0.0  # off until the ablation shows it earns its place (losses.consistency)
     rounds: int = 1  # collaborative rounds (`rounds`): each round's student teaches the next
+    attn_distance: float = 0.0  # ViT students: keep per-layer attention distances near the aligned start's
 
     error: ClassVar[type] = DistillError
     command: ClassVar[str] = "distill"
@@ -121,8 +122,8 @@ class DistillConfig(IAATrainConfig):
         if self.teacher != "cache-head" and not (self.teacher.startswith("run:") and len(self.teacher) > 4):
             raise DistillError(f"--teacher {self.teacher!r}: use cache-head or run:TEACHER_RUN (the --out of a "
                                "`cskd finetune` run)")
-        if self.lambda_u < 0 or self.lambda_f < 0 or self.consistency < 0:
-            raise DistillError("--lambda-u, --lambda-f and --consistency must be >= 0")
+        if self.lambda_u < 0 or self.lambda_f < 0 or self.consistency < 0 or self.attn_distance < 0:
+            raise DistillError("--lambda-u, --lambda-f, --consistency and --attn-distance must be >= 0")
         if self.consistency > 0 and not self.jitter_views:
             raise DistillError("--consistency compares two jitters of each cached view; it needs --jitter-views "
                                "(without jitter both views are the same pixels and agree trivially)")
@@ -308,7 +309,8 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     task = IAATask(cfg, encoder=student, kind=kind, bins=bins, labels=labels, val_labels=val, streams=streams,
                    val=val_ds, device=device, lambda_u=cfg.lambda_u, lambda_f=cfg.lambda_f, embed_dim=cache.embed_dim,
                    distill_loss=cfg.distill_loss, temperature=cfg.temperature, facts=facts, status=status,
-                   consistency=cfg.consistency,
+                   consistency=cfg.consistency, attn_distance=cfg.attn_distance,
+                   attn_reference=_saved_reference(run_dir) if ckpt is not None else None,
                    extra_meta={"labels_spec": cfg.labels, "teacher": cfg.teacher, "cache": str(cache.path),
                                "cache_fingerprint": cache.manifest.get("fingerprint")})
     result = fit(task, cfg, run_dir=run_dir, ckpt=ckpt, device=device, plan=plan_steps(cfg, task.steps_per_epoch()),
@@ -318,6 +320,14 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
                    "unlabelled_rows": len(pool), "heldout_rows": len(held), "teacher": teacher_info,
                    "broken_images": len(train.unreadable) + len(val.unreadable), "seconds": time.perf_counter() - t0})
     return result
+
+
+def _saved_reference(run_dir: Path) -> list[float] | None:
+    """A resumed run's attention reference as its first start measured it (the starting weights are gone)."""
+    import yaml
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    return (saved.get("resolved") or {}).get("attn_reference")
 
 
 def _check_teacher(cfg: DistillConfig, teacher: dict, kind: str, bins: int | None, labels: LabelSet) -> None:

@@ -47,7 +47,9 @@ from ..errors import TrainError
 from ..evaluate.metrics import evaluate_predictions
 from ..labels.labelset import LabelSet
 from ..labels.targets import labels_meta, resolve_head, split_labels
+from ..losses.attention_distance import AttentionDistanceLoss
 from ..losses.iaa import IAALoss
+from ..models.attention_probe import AttentionProbe
 from ..models.scorer import IAAModel, build_head, head_to_scores, save_iaa_model
 from ..train.config import TRAIN_RENAMES, TrainConfig
 from ..train.engine import Task, param_groups
@@ -148,7 +150,7 @@ class IAATask(Task):
                  val_labels: LabelSet, streams: list[Stream], val: CachedViews | None, device, lambda_u: float = 0.0,
                  lambda_f: float = 0.0, embed_dim: int | None = None, distill_loss: str = "emd",
                  temperature: float = 1.0, facts: dict | None = None, extra_meta: dict | None = None, status=None,
-                 consistency: float = 0.0):
+                 consistency: float = 0.0, attn_distance: float = 0.0, attn_reference: list[float] | None = None):
         self.cfg, self.kind, self.bins, self.labels, self.val_labels = cfg, kind, bins, labels, val_labels
         self.streams, self.device = streams, device
         head = build_head(kind, encoder.pooled_dim, bins)
@@ -163,6 +165,12 @@ class IAATask(Task):
                       "lr_encoder": cfg.lr if cfg.lr_encoder is None else cfg.lr_encoder, "encoder": encoder.describe(),
                       "streams": {s.name: {"items": len(s.dataset), "batch_size": s.batch_size} for s in streams},
                       "val_labels": len(val) if val is not None else 0, **(facts or {})}
+        self.attn_distance, self.probe = attn_distance, None
+        if attn_distance > 0:
+            self.probe = AttentionProbe(encoder)
+            ref = attn_reference if attn_reference is not None else self._reference(streams[-1].dataset)
+            self.attn_loss = AttentionDistanceLoss(torch.tensor(ref))
+            self.facts["attn_reference"] = [float(v) for v in ref]
         self.eval_loader = None
         if val is not None and len(val) >= 2:
             self.eval_loader = DataLoader(val, batch_size=cfg.eval_batch_size or cfg.batch_size,
@@ -170,6 +178,20 @@ class IAATask(Task):
         elif dist.rank() == 0 and status:
             status("fewer than 2 val labels: no validation, the final weights are kept")
         self.best = None
+
+    @torch.no_grad()
+    def _reference(self, dataset: CachedViews, n: int = 32) -> list[float]:
+        """The student's own per-layer attention distances before Stage II (the aligned encoder as it starts), on
+        the first ``n`` items of the main stream: a pure function of the data and the starting weights."""
+        batch = collate(dataset.__getitems__(list(range(min(n, len(dataset))))))
+        encoder = self.model.encoder
+        was = encoder.training
+        encoder.eval()
+        self.probe.start()
+        encoder(batch["image"].to(self.device))
+        ref = self.probe.profile()
+        encoder.train(was)
+        return ref.tolist()
 
     def steps_per_epoch(self) -> int:
         main = self.streams[-1]
@@ -203,12 +225,18 @@ class IAATask(Task):
         lab, unl = batches[0], (batches[1] if len(batches) > 1 else None)
         images = [b["image"] for b in batches] + ([unl["image2"]] if unl is not None and "image2" in unl else [])
         x = torch.cat(images)
+        if self.probe is not None:
+            self.probe.start()
         with autocast:
             out = model(x)
         out, emb = out if isinstance(out, tuple) else (out, None)
         n = sum(b["image"].shape[0] for b in batches)  # the second views come last, for consistency only
         out2 = out[n:] if len(images) > len(batches) else None
-        return self.loss_fn(out[:n], emb[:n] if emb is not None else None, lab, unl, out2), x.shape[0]
+        parts = self.loss_fn(out[:n], emb[:n] if emb is not None else None, lab, unl, out2)
+        if self.probe is not None:  # the attention weights of this very forward
+            parts["attn_distance"] = self.attn_loss(self.probe.profile())
+            parts["loss"] = parts["loss"] + self.attn_distance * parts["attn_distance"]
+        return parts, x.shape[0]
 
     def evaluate(self, model, autocast) -> dict | None:
         if self.eval_loader is None:
