@@ -74,6 +74,21 @@ def data(tmp_path_factory):
     return d
 
 
+def spy_items(monkeypatch, which) -> tuple[list, object]:
+    """Record (dataset, index, item) of every item made by a CachedViews for which ``which(dataset)`` holds;
+    returns (that list, the original maker)."""
+    seen, orig = [], CachedViews._item
+
+    def spy(self, index):
+        it = orig(self, index)
+        if which(self):
+            seen.append((self, index, it))
+        return it
+
+    monkeypatch.setattr(CachedViews, "_item", spy)
+    return seen, orig
+
+
 def cfg(data, out, **kw) -> DistillConfig:
     base = dict(student=TINY, cache=str(data / "cache"), labels=f"csv:{data / 'dist.csv'}", out=str(out),
                 batch_size=8, num_workers=0, max_steps=4, log_every=2, trust_code=True)  # its own py: runs
@@ -174,16 +189,7 @@ def test_distill_learns_without_touching_val_or_test_images(data, tmp_path, monk
 def test_jitter_views_shows_a_crop_inside_the_cached_view_against_its_targets(data, tmp_path, monkeypatch):
     from cskd_cache.data.transforms import augment_box
 
-    seen = []  # (dataset, item) of every unlabelled item made
-    orig = CachedViews._item
-
-    def spy(self, index):
-        it = orig(self, index)
-        if self.teacher:
-            seen.append((self, index, it))
-        return it
-
-    monkeypatch.setattr(CachedViews, "_item", spy)
+    seen, orig = spy_items(monkeypatch, lambda ds: bool(ds.teacher))  # (dataset, index, item) of every unlabelled item
     run_distill(cfg(data, tmp_path / "exact", jitter_views=False, max_steps=1))
     exact_items, seen[:] = list(seen), []
     assert exact_items and all(not ds.jitter for ds, _, _ in exact_items)
@@ -359,16 +365,7 @@ def test_consistency_is_off_by_default_and_sees_two_jitters_of_one_cached_view(d
     assert r["step"] == 2 and all("consistency" not in x for x in train)
     with pytest.raises(DistillError, match="--consistency compares two jitters.*--jitter-views"):
         run_distill(cfg(data, tmp_path / "nojit", consistency=0.5, jitter_views=False))
-    seen = []
-    orig = CachedViews._item
-
-    def spy(self, index):
-        it = orig(self, index)
-        if self.pair:
-            seen.append((self, index, it))
-        return it
-
-    monkeypatch.setattr(CachedViews, "_item", spy)
+    seen, orig = spy_items(monkeypatch, lambda ds: ds.pair)
     r = run_distill(cfg(data, tmp_path / "on", consistency=0.5, max_steps=2))
     assert r["step"] == 2 and seen
     for ds, index, it in seen:
