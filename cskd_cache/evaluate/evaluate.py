@@ -16,7 +16,7 @@ Output folder (written to temporary names and renamed, so a file with its final 
     ``n`` (images scored), ``srcc``, ``plcc``, ``mae``, ``acc`` (when the scales match), ``emd`` (see above),
     ``srcc_ci`` / ``plcc_ci`` ([lo, hi], with ``--bootstrap`` > 0), then the context: ``model``, ``labels``
     (the DATASET_SPEC), ``dataset``, ``split``, ``scale``, ``model_scale``, ``threshold``, ``bins``,
-    ``model_bins``, ``bootstrap`` ({n, alpha, seed, group_by, groups}: with ``--group-by`` whole groups of keys,
+    ``model_bins``, ``bootstrap`` ({n, alpha, seed}, + group_by, groups with ``--group-by``: whole groups of keys,
     e.g. the versions of one source photo, are resampled together), ``n_labels`` (rows in the split), ``n_missing``,
     ``n_unreadable``, ``skipped`` ([{key, path, reason}]) and ``notes``.
 ``predictions.csv``
@@ -268,8 +268,8 @@ def run_evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None
     metrics = {**m, "model": str(cfg.model), "labels": cfg.labels, "dataset": labels.name, "split": cfg.split,
                "scale": list(labels.scale), "model_scale": list(model_scale), "threshold": labels.threshold,
                "bins": labels.bins, "model_bins": model_bins, "head": scorer.head_kind,
-               "bootstrap": {"n": cfg.bootstrap, "alpha": ALPHA, "seed": cfg.seed, "group_by": cfg.group_by,
-                             "groups": len(set(groups)) if groups is not None else None},
+               "bootstrap": {"n": cfg.bootstrap, "alpha": ALPHA, "seed": cfg.seed,
+                             **({"group_by": cfg.group_by, "groups": len(set(groups))} if groups is not None else {})},
                "n_labels": n_labels, "n_missing": n_missing, "n_unreadable": len(skipped) - n_missing,
                "skipped": skipped, "notes": notes}
 
