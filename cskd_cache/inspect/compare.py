@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EvaluateError
-from .run_summary import NAMES, fmt3, summarise_run
+from .run_summary import NAMES, fmt3, read_records, summarise_run
 
 __all__ = ["build_compare", "paired_srcc", "config_differences"]
 
@@ -108,30 +108,6 @@ def paired_srcc(a: dict, b: dict, n_boot: int = 1000, seed: int = 0, group_by: s
             "groups": len(set(groups)) if groups else None, "group_by": group_by}
 
 
-def _group_by(summary: dict) -> str | None:
-    """The --group-by the first run was evaluated with: its paired differences resample the same groups."""
-    src = summary.get("source") or {}
-    if src.get("kind") != "evaluate":
-        return None
-    try:
-        return (json.loads(Path(src["file"]).read_text(encoding="utf-8")).get("bootstrap") or {}).get("group_by")
-    except (OSError, ValueError):
-        return None
-
-
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return [r for r in out if isinstance(r, dict)]
-
-
 def _plot_curves(runs: list[tuple[str, Path]], path: Path) -> bool:
     import matplotlib
 
@@ -141,7 +117,7 @@ def _plot_curves(runs: list[tuple[str, Path]], path: Path) -> bool:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     drawn = False
     for label, run_dir in runs:
-        recs = _records(run_dir)
+        recs = read_records(run_dir / "metrics.jsonl")
         train = [r for r in recs if r.get("type") == "train" and isinstance(r.get("loss"), (int, float))]
         evals = [r for r in recs if r.get("type") == "eval"]
         metric = "srcc" if any(r.get("srcc") is not None for r in evals) else "global_cos"
@@ -263,7 +239,7 @@ def build_compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike, n_b
     summaries = [summarise_run(d) for d in dirs]
     diffs, only = config_differences([_config(d) for d in dirs])
     preds = [_predictions(s) for s in summaries]
-    group_by = _group_by(summaries[0])
+    group_by = (summaries[0].get("source") or {}).get("group_by")  # resample the groups its evaluation did
     paired = {i: p for i in range(1, len(dirs)) if (p := paired_srcc(preds[0], preds[i], n_boot, seed, group_by))}
     out.parent.mkdir(parents=True, exist_ok=True)
     figures = []

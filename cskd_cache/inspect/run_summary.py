@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["summarise_run", "card_html", "fmt3", "HEADLINE"]
+__all__ = ["summarise_run", "card_html", "read_records", "fmt3", "HEADLINE"]
 
 HEADLINE = ("srcc", "plcc", "acc", "global_cos", "token_cos", "knn_agreement")
 NAMES = {"srcc": "SRCC", "plcc": "PLCC", "acc": "accuracy", "global_cos": "global cosine",
@@ -45,7 +45,8 @@ def _yaml(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records, a damaged line skipped (a report shows what is there, never fails on it)."""
     if not path.is_file():
         return []
     out = []
@@ -93,7 +94,7 @@ def summarise_run(run_dir: str | os.PathLike) -> dict:
     cfg = _yaml(run_dir / "config.yaml")
     resolved = cfg.get("resolved") or {}
     command = _command(cfg)
-    records = _records(run_dir / "metrics.jsonl")
+    records = read_records(run_dir / "metrics.jsonl")
     evals = [r for r in records if r.get("type") == "eval" and (r.get("epoch") or 0) > 0]
     end = next((r for r in reversed(records) if r.get("type") == "end"), None)
     model = cfg.get("student") or cfg.get("model")
@@ -104,7 +105,8 @@ def summarise_run(run_dir: str | os.PathLike) -> dict:
     found = _evaluation(run_dir)
     if found:
         path, m = found
-        source = {"kind": "evaluate", "split": m.get("split"), "n": m.get("n"), "file": str(path)}
+        source = {"kind": "evaluate", "split": m.get("split"), "n": m.get("n"), "file": str(path),
+                  "group_by": (m.get("bootstrap") or {}).get("group_by")}
         headline = {k: {"value": m[k], "ci": m.get(f"{k}_ci")} for k in HEADLINE if isinstance(m.get(k), (int, float))}
     elif evals:
         last = evals[-1]

@@ -304,7 +304,7 @@ def fit(task: Task, cfg, *, run_dir: Path, ckpt: Path | None, device: torch.devi
     """Train (or resume from ``ckpt``) ``task.model`` for ``plan``; returns the run summary: ``run_dir``, ``step``,
     ``epochs``, ``steps_per_epoch`` and what ``task.finish`` adds (rank 0)."""
     run = _Run(task, cfg, Path(run_dir), device, plan, on_status or (lambda m: None))
-    t0, first_step = time.perf_counter(), None
+    t0 = time.perf_counter()
     run.start(ckpt)
     first_step = run.step
     run.train(on_progress)
