@@ -58,6 +58,10 @@ MaxPixelsOpt = Annotated[int, typer.Option(help="Refuse images with more pixels 
 EmaOpt = Annotated[float, typer.Option(min=0, max=0.999999, help="Validate and save an exponential moving average "
                                                                   "of the weights with this decay (e.g. 0.998; 0 = "
                                                                   "off).")]
+ViewPixelsOpt = Annotated[str, typer.Option(help="Where cached views' pixels come from: auto (a view store that covers "
+                                                "the input size, see `cskd cache add-views`, else the original "
+                                                "images with JPEG draft decoding), store (a covering store or an "
+                                                "error), originals (draft decoding), exact (full decodes).")]
 CacheImageRootOpt = Annotated[Optional[list[str]], typer.Option(help="OLD=NEW: read the cache's images recorded "
                                                                      "under source root OLD from NEW instead (moved "
                                                                      "data). Repeatable.")]
@@ -97,6 +101,7 @@ TRAIN_OPTIONS = (
     ("seed", SeedOpt, 0), ("num_workers", NumWorkersOpt, 2), ("device", DeviceOpt, "auto"), ("amp", AmpOpt, True),
     ("resume", ResumeOpt, False), ("keep_checkpoints", KeepCheckpointsOpt, 2), ("log_every", LogEveryOpt, 10),
     ("max_pixels", MaxPixelsOpt, 89_478_485), ("trust_code", TrustCodeOpt, False),
+    ("view_pixels", ViewPixelsOpt, "auto"),
     ("warmup_pct", Old("--warmup-pct"), None), ("min_lr_pct", Old("--min-lr-pct"), None),
 )
 IAA_OPTIONS = (

@@ -54,6 +54,10 @@ def extract(
                                                             "(default; fp16 features barely compress).")] = None,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this (decompression bombs).")]
     = 89_478_485,
+    store_views: Annotated[Optional[int], typer.Option(min=16, max=4096, help="Also store every view's pixels, short "
+                                                       "side SIZE px, JPEG (a view store: training then never "
+                                                       "decodes the originals; 256 covers 224 px students).")] = None,
+    store_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality of --store-views.")] = 90,
     config: DefaultsOpt = None,
 ) -> None:
     """Run a teacher once over images and store its embeddings and patch tokens in an HDF5 cache."""
@@ -67,14 +71,17 @@ def extract(
         views=views, view_scale=_pair(view_scale, "--view-scale"), view_ratio=_pair(view_ratio, "--view-ratio"),
         seed=seed, tokens=tokens, token_grid=token_grid, layers=_layers(layers), batch_size=batch_size,
         num_workers=num_workers, device=device, shard_size=shard_size,
-        compression=None if compression in (None, "none") else compression, max_pixels=max_pixels)
+        compression=None if compression in (None, "none") else compression, max_pixels=max_pixels,
+        store_views=store_views, store_quality=store_quality)
     if not cfg.images and not cfg.lists:
         fail("no input images: pass --images DIR and/or --list FILE", code=2)
     with failing():
         cfg.policy()
-    with failing(code=1), progress_bars(("hash", "file"), ("extract", "img")) as (hashed, update):
+    bars = [("hash", "file"), ("extract", "img")] + ([("store", "view")] if store_views else [])
+    with failing(code=1), progress_bars(*bars) as (hashed, update, *stored):
         result = run_extract(cfg, on_progress=update, on_plan_progress=hashed,
-                             on_status=lambda m: err_console.print(f"[dim]{m}[/]"))
+                             on_status=lambda m: err_console.print(f"[dim]{m}[/]"),
+                             on_store_progress=stored[0] if stored else None)
     if dist.rank() != 0:
         return
     table = Table(title=f"cskd extract -> {result.cache}", show_header=False)
@@ -89,6 +96,8 @@ def extract(
                  f"{result.timings.get('extract', 0):.1f} (read wait {result.timings.get('read_wait', 0):.1f}, "
                  f"forward {result.timings.get('forward', 0):.1f}, write {result.timings.get('write', 0):.1f})"),
         ("resumed shards", str(result.resumed_shards)), ("fingerprint", result.fingerprint[:16]),
+        *([("view store", f"{result.store.store}: {result.store.bytes_per_view:,.0f} bytes per view, "
+                          f"{result.store.views_per_s:,.1f} views/s")] if result.store else []),
     ]:
         table.add_row(k, v)
     show(table)

@@ -17,6 +17,8 @@ import numpy as np
 from .manifest import CacheError, file_sha256, shard_name, sidecar_name, write_json
 
 STR_DTYPE = h5py.string_dtype("utf-8")
+# "bytes": one variable-length uint8 array per element (a view store's JPEG files).
+BYTES_DTYPE = h5py.vlen_dtype(np.uint8)
 PER_ROW_TEXT = ("key", "source", "digest")
 
 
@@ -54,6 +56,10 @@ class ShardWriter:
             self.f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=STR_DTYPE,
                                   chunks=(min(1024, self.planned_rows),),
                                   track_times=False)
+            return
+        if dtype == "bytes":
+            self.f.create_dataset(name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=BYTES_DTYPE,
+                                  chunks=(min(256, self.planned_rows), *row_shape), track_times=False)
             return
         dt = np.dtype(dtype)
         comp = self.compression if len(row_shape) >= 3 else None
@@ -133,6 +139,8 @@ def estimate_shard_bytes(arrays: dict[str, dict], rows: int) -> int:
     for spec in arrays.values():
         if spec["dtype"] == "str":
             per_row += 200
+        elif spec["dtype"] == "bytes":
+            per_row += int(spec.get("bytes_per_row", 64 << 10))
         else:
             per_row += int(np.prod([d for d in spec["shape"][1:]])) * np.dtype(spec["dtype"]).itemsize
     return int(per_row * rows * 1.10) + (64 << 10)

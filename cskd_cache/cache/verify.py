@@ -9,7 +9,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .manifest import CacheError, file_sha256, fingerprint, read_manifest
+from .manifest import CacheError, file_sha256, fingerprint, read_json, read_manifest
+from .view_store import list_stores, store_dir, verify_store
 
 
 def verify_cache(path: str | os.PathLike, checksums: bool = True) -> list[str]:
@@ -46,6 +47,8 @@ def verify_cache(path: str | os.PathLike, checksums: bool = True) -> list[str]:
             faults.append(f"{p}: unreadable HDF5 ({e})")
     if m.get("complete") and sum(s["rows"] for s in m["shards"]) != m.get("rows"):
         faults.append(f"{path / 'manifest.json'}: rows {m.get('rows')} != sum of shard rows")
+    for size in list_stores(path):
+        faults += verify_store(path, size, m, checksums)
     return faults
 
 
@@ -118,8 +121,18 @@ def cache_info(path: str | os.PathLike) -> dict:
         "bytes on disk": nbytes,
         "bytes per image": round(nbytes / max(1, m["rows"])),
         "sources": ", ".join(f"{s['name']} ({s['rows']})" for s in m["sources"]),
+        "view stores": ", ".join(_store_line(path, size) for size in list_stores(path)) or "-",
     }
     return info
+
+
+def _store_line(path: Path, size: int) -> str:
+    try:
+        m = read_json(store_dir(path, size) / "manifest.json", CacheError, "")
+    except CacheError:
+        return f"{size} px (unreadable manifest)"
+    state = "" if m.get("complete") else ", incomplete"
+    return f"{size} px q{m.get('quality')} ({m.get('bytes_per_view', 0):,.0f} B/view{state})"
 
 
 def _shape(spec: dict) -> str:

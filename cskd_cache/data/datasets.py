@@ -24,7 +24,8 @@ DDP ranks agree without sharing state.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..errors import DataError
 from .images import DEFAULT_MAX_PIXELS, BadImage, RowImages, load_rgb
-from .transforms import augment_box, eval_view_box
+from .transforms import AUG_SCALE, augment_box, eval_view_box
 from .views import render
 
 __all__ = ["CachedViews", "StepBatches", "collate", "mix_seed", "ImageUnreadable"]
@@ -68,7 +69,8 @@ class CachedViews(Dataset):
                  streamed=None, targets: dict[str, np.ndarray] | None = None,
                  teacher: dict[str, np.ndarray] | None = None, view: str | int = "random", augment: bool = False,
                  jitter: bool = False, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 digests: Sequence[str] | None = None, pair: bool = False):
+                 digests: Sequence[str] | None = None, pair: bool = False, store=None, sizes: np.ndarray | None = None,
+                 draft: bool = True):
         self.paths = list(paths)
         self.n = len(self.paths)
         self.rows = np.full(self.n, -1, np.int64) if rows is None else np.asarray(rows, np.int64)
@@ -89,6 +91,12 @@ class CachedViews(Dataset):
         self.cfg, self.view, self.augment, self.jitter, self.seed = input_cfg, view, augment, jitter, seed
         self.pair = pair  # a second, independent jitter of each cached view as ``image2`` (consistency)
         self.max_pixels = max_pixels
+        # A view store (`cache.view_store.ViewStore`: ``image(row, view)`` -> that view's box as stored) serves
+        # the pixels of every cached view; ``sizes`` (the cache's (N, 2) image sizes) keep the jitter boxes those
+        # of the original path. Without one, originals are decoded, in JPEG draft mode when ``draft``.
+        if store is not None and sizes is None:
+            raise ValueError("a view store needs the cache's image sizes")
+        self.store, self.sizes, self.draft = store, sizes, draft
 
     def __len__(self) -> int:
         return self.n
@@ -113,35 +121,60 @@ class CachedViews(Dataset):
                     it[name] = torch.from_numpy(np.asarray(a, np.float32))
         return items
 
-    def _load(self, i: int, src: int):
+    def _need(self, box) -> Callable[[int, int], tuple[float, float]]:
+        """For draft decoding: the decoded size at which ``box`` (and any jitter inside it) still has one source
+        pixel per input pixel."""
+        h, w = (self.cfg["size"], self.cfg["size"]) if isinstance(self.cfg["size"], int) else self.cfg["size"]
+        keep = _JITTER_SIDE if (self.jitter or self.pair or self.augment) else 1.0
+        bw, bh = (float(box[2]) - float(box[0])), (float(box[3]) - float(box[1]))
+        return lambda W, H: (w / max(1e-6, bw * keep), h / max(1e-6, bh * keep))
+
+    def _load(self, i: int, src: int, box=None):
+        """The image to cut from, the normalised region of the whole image it holds, and the whole image's size."""
+        if src >= 0 and self.store is not None and box is not None:
+            return self.store.image(src, box[1]), box[0][:4], tuple(int(v) for v in self.sizes[src])
         path = self.paths[i]
+        draft = None
+        if self.draft:
+            draft = self._need(box[0]) if box is not None else self._need_eval
         try:
             if src >= 0 and self.row_images is not None:
-                return self.row_images.load(path, src)
-            return load_rgb(path, self.max_pixels)
+                img = self.row_images.load(path, src, draft=draft)
+            else:
+                img = load_rgb(path, self.max_pixels, draft=draft)
         except (BadImage, OSError) as e:
             raise ImageUnreadable(f"{path}: cannot read this image ({e}); was it replaced or removed since the "
                                   "labels / cache were made?") from None
+        return img, _WHOLE, img.info.get("original_size", img.size)
+
+    def _need_eval(self, W: int, H: int) -> tuple[float, float]:
+        return self._need(eval_view_box(self.cfg, W, H))(W, H)
+
+    def _render(self, img, frame, box) -> torch.Tensor:
+        if frame is not _WHOLE:  # box is of the whole image; the store holds only ``frame`` of it
+            box = _within(box, frame)
+        return render(img, box, self.cfg)
 
     def _item(self, index: int) -> dict:
         cycle, i = divmod(index, self.n)
         row, src = int(self.rows[i]), int(self.image_rows[i])
-        img = self._load(i, src)
         it: dict = {"index": i, "row": row, "view": -1}
         if row >= 0:
             v = self.view_of(row, cycle)
             box = self.boxes[src, v]
+            img, frame, (W, H) = self._load(i, src, (box, v))
             it["view"] = v
             if self.pair:
-                second = augment_box(box, *img.size, np.random.default_rng(mix_seed("jitter2", self.seed, cycle, i)))
-                it["image2"] = render(img, second, self.cfg)
+                second = augment_box(box, W, H, np.random.default_rng(mix_seed("jitter2", self.seed, cycle, i)))
+                it["image2"] = self._render(img, frame, second)
             if self.jitter:
-                box = augment_box(box, *img.size, np.random.default_rng(mix_seed("jitter", self.seed, cycle, i)))
+                box = augment_box(box, W, H, np.random.default_rng(mix_seed("jitter", self.seed, cycle, i)))
         else:
-            box = eval_view_box(self.cfg, *img.size)
+            img, frame, (W, H) = self._load(i, src)
+            box = eval_view_box(self.cfg, W, H)
             if self.augment:
-                box = augment_box(box, *img.size, np.random.default_rng(mix_seed("aug", self.seed, cycle, i)))
-        it["image"] = render(img, box, self.cfg)
+                box = augment_box(box, W, H, np.random.default_rng(mix_seed("aug", self.seed, cycle, i)))
+        it["image"] = self._render(img, frame, box)
         for name, arr in self.targets.items():
             it[name] = torch.as_tensor(np.asarray(arr[i], np.float32))
         for name, arr in self.teacher.items():
@@ -153,6 +186,19 @@ class CachedViews(Dataset):
             if self.embed_stats is not None and row >= 0:
                 it["embed"] = (it["embed"] - self.embed_stats[0]) / self.embed_stats[1]
         return it
+
+
+_WHOLE = (0.0, 0.0, 1.0, 1.0)
+_JITTER_SIDE = math.sqrt(AUG_SCALE[0])  # the smallest side fraction of a box that a jitter keeps
+
+
+def _within(box, frame) -> np.ndarray:
+    """``box`` (normalised to the whole image, + flip) in the coordinates of ``frame``, a region of that image."""
+    fx0, fy0, fx1, fy1 = (float(v) for v in frame[:4])
+    fw, fh = fx1 - fx0, fy1 - fy0
+    x0, y0, x1, y1 = (float(v) for v in box[:4])
+    out = [(x0 - fx0) / fw, (y0 - fy0) / fh, (x1 - fx0) / fw, (y1 - fy0) / fh]
+    return np.array([*np.clip(out, 0.0, 1.0), float(box[4])], np.float32)
 
 
 def collate(items: list[dict]) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 from pathlib import Path
 
@@ -106,7 +107,7 @@ class ImageChanged(CacheError):
 
 
 def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, digest: str | None = None,
-             row: int | None = None) -> Image.Image:
+             row: int | None = None, draft=None) -> Image.Image:
     """Decode ``path`` to a fully loaded RGB image, EXIF-rotated, alpha composited over white.
 
     Raises BadImage for any undecodable file. A missing or unreadable path is not a bad image and
@@ -114,17 +115,22 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, dige
     for cache row ``row``) the bytes are hashed as they are read and ImageChanged is raised when they differ:
     the hash costs 4-5% of an ImageNet-size decode (benchmarks/integrity.py), and it is what stops a remapped
     image root from silently pairing other photos with the cached targets.
+
+    ``draft``: a function of the oriented (width, height) giving the smallest (width, height) the caller needs; a
+    JPEG is then decoded at the largest 1/2, 1/4 or 1/8 scale that is still at least that big (libjpeg's DCT
+    scaling, PIL's draft mode: 3-4x faster on a photo 4x the target). The result's ``info["original_size"]`` is
+    the full oriented size either way, so crop boxes are computed as for a full decode.
     """
     if os.path.getsize(path) == 0:
         raise BadImage(path, "empty", "file has 0 bytes")
     if digest is None:
         with open(path, "rb") as f:
-            return _decode(f, path, max_pixels)
+            return _decode(f, path, max_pixels, draft)
     data = Path(path).read_bytes()
     got = hashlib.sha256(data).hexdigest()
     if got != digest:
         raise image_changed(path, row, got, digest)
-    return _decode(io.BytesIO(data), path, max_pixels)
+    return _decode(io.BytesIO(data), path, max_pixels, draft)
 
 
 def image_changed(path, row, got: str, want: str) -> ImageChanged:
@@ -141,13 +147,36 @@ class RowImages:
         self.digests, self.max_pixels = digests, max_pixels
         self.checked: set[int] = set()
 
-    def load(self, path: str | os.PathLike, row: int) -> Image.Image:
-        img = load_rgb(path, self.max_pixels, digest=None if row in self.checked else self.digests[row], row=row)
+    def load(self, path: str | os.PathLike, row: int, draft=None) -> Image.Image:
+        img = load_rgb(path, self.max_pixels, digest=None if row in self.checked else self.digests[row], row=row,
+                       draft=draft)
         self.checked.add(row)
         return img
 
 
-def _decode(f, path, max_pixels: int) -> Image.Image:
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+_SWAPS = (5, 6, 7, 8)
+
+
+def _swaps(im: Image.Image) -> bool:
+    try:
+        return im.getexif().get(0x0112) in _SWAPS
+    except Exception:  # noqa: BLE001 - unreadable EXIF is ignored by exif_transpose too
+        return False
+
+
+def _apply_draft(im: Image.Image, draft, swap: bool) -> None:
+    if draft is None or im.format != "JPEG":
+        return
+    w, h = im.size
+    need_w, need_h = draft(h, w) if swap else draft(w, h)
+    if swap:
+        need_w, need_h = need_h, need_w
+    if need_w * 2 <= w and need_h * 2 <= h:  # only when at least a 1/2 scale fits: otherwise a full decode
+        im.draft(None, (max(1, math.ceil(need_w)), max(1, math.ceil(need_h))))
+
+
+def _decode(f, path, max_pixels: int, draft=None) -> Image.Image:
     """The body of load_rgb on an open binary file (a real file or the bytes already read and hashed)."""
     head = f.read(16)
     f.seek(0)
@@ -165,6 +194,9 @@ def _decode(f, path, max_pixels: int) -> Image.Image:
             raise BadImage(path, "too-large", f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}")
         if w <= 0 or h <= 0:
             raise BadImage(path, "corrupt", f"invalid size {w}x{h}")
+        swap = _swaps(im)
+        full = (h, w) if swap else (w, h)  # as the image will be shown, after EXIF orientation
+        _apply_draft(im, draft, swap)
         try:
             im.load()
         except Exception as e:  # noqa: BLE001
@@ -174,9 +206,11 @@ def _decode(f, path, max_pixels: int) -> Image.Image:
         except Exception:  # noqa: BLE001 - broken EXIF is ignored by viewers; pixels are fine
             oriented = im
         try:
-            return _to_rgb(oriented)
+            out = _to_rgb(oriented)
         except Exception as e:  # noqa: BLE001 - e.g. an exotic mode PIL cannot convert
             raise BadImage(path, "corrupt", f"cannot convert mode {oriented.mode}: {e}") from None
+        out.info["original_size"] = full if oriented is not im else (w, h)
+        return out
 
 
 def quick_check(path: str | os.PathLike) -> tuple[str, str] | None:

@@ -43,6 +43,7 @@ from .. import dist
 from ..cache.paths import check_images, parse_image_root, resolve_paths
 from ..cache.reader import open_cache
 from ..cache.stats import embed_stats
+from ..cache.view_store import list_stores
 from ..data.datasets import CachedViews, StepBatches, collate, mix_seed
 from ..errors import TrainError
 from ..losses.align import AlignLoss
@@ -53,6 +54,7 @@ from ..train.engine import Task, fit, param_groups, plan_steps, resolve_device, 
 from ..train.engine import train_step as engine_step
 from ..train.run_dir import prepare_run_dir
 from .align_eval import evaluate, split_rows
+from .view_pixels import resolve_view_pixels
 
 __all__ = ["AlignConfig", "AlignError", "AlignTask", "run_align", "train_step"]
 
@@ -181,7 +183,7 @@ def _model(cfg: AlignConfig, cache, loss_fn: AlignLoss, resuming: bool, device) 
     return AlignModel(student, heads).to(device), token_dim
 
 
-def _datasets(cfg: AlignConfig, cache, paths, train_rows, eval_rows, input_cfg, tokens: bool):
+def _datasets(cfg: AlignConfig, cache, paths, train_rows, eval_rows, input_cfg, tokens: bool, store=None):
     image_rows = np.arange(len(cache))
     if cfg.shuffle_targets:  # control: each training image is shown with another training image's targets
         image_rows[train_rows] = train_rows[np.random.default_rng(cfg.seed).permutation(len(train_rows))]
@@ -192,7 +194,8 @@ def _datasets(cfg: AlignConfig, cache, paths, train_rows, eval_rows, input_cfg, 
     def views(rows, view, shown):
         return CachedViews([paths[r] for r in shown[rows]], input_cfg, rows=rows, image_rows=shown[rows],
                            boxes=cache.boxes, embed=cache.embed, embed_stats=stats, streamed=streamed, view=view,
-                           seed=cfg.seed, max_pixels=cfg.max_pixels, digests=cache.digests)
+                           seed=cfg.seed, max_pixels=cfg.max_pixels, digests=cache.digests, store=store,
+                           sizes=cache.sizes, draft=cfg.view_pixels != "exact")
     return views(train_rows, cfg.view, image_rows), views(eval_rows, 0, np.arange(len(cache))), stats
 
 
@@ -216,13 +219,21 @@ def run_align(cfg: AlignConfig, on_progress: Callable[[dict], None] | None = Non
     if len(train_rows) == 0:
         raise AlignError(f"{cache.path}: no training rows left after holding out {cfg.eval_fraction:g}; lower "
                          "--eval-fraction")
-    check_images(cache, paths, range(len(cache)))
+    # A store, when one will serve the views, means the originals may be gone: they are checked only when read.
+    checked = cfg.view_pixels in ("originals", "exact") or not list_stores(cache.path)
+    if checked:
+        check_images(cache, paths, range(len(cache)))
     ckpt = prepare_run_dir(cfg, Path(cfg.out))
     dist.barrier()
 
     model, token_dim = _model(cfg, cache, loss_fn, ckpt is not None, device)
+    status = on_status if on_status and dist.rank() == 0 else (lambda m: None)
+    store, pixels = resolve_view_pixels(cache, cfg.view_pixels, model.student.input_cfg, jitter=False,
+                                        verify=not cfg.no_verify, status=status)
+    if store is None and not checked:
+        check_images(cache, paths, range(len(cache)))
     train_ds, eval_ds, stats = _datasets(cfg, cache, paths, train_rows, eval_rows, model.student.input_cfg,
-                                         loss_fn.uses_tokens)
+                                         loss_fn.uses_tokens, store)
     per_rank = len(train_rows) // dist.world_size()
     if per_rank // cfg.batch_size == 0:
         raise AlignError(f"--batch-size {cfg.batch_size} is larger than the {per_rank} training rows per process "
@@ -234,7 +245,7 @@ def run_align(cfg: AlignConfig, on_progress: Callable[[dict], None] | None = Non
                        "token_grid": list(cache.token_grid) if token_dim else None},
              "cache": {"fingerprint": cache.manifest.get("fingerprint"),
                        "teacher": cache.manifest.get("teacher", {}).get("spec"), "rows": len(cache),
-                       "views": cache.n_views}}
+                       "views": cache.n_views}, "view_pixels": pixels}
     task = AlignTask(cfg, cache, model, loss_fn, train_ds, eval_ds, device, facts)
     result = fit(task, cfg, run_dir=Path(cfg.out), ckpt=ckpt, device=device,
                  plan=plan_steps(cfg, per_rank // cfg.batch_size), on_progress=on_progress, on_status=on_status)

@@ -48,6 +48,7 @@ import torch
 from .. import dist
 from ..cache.paths import check_images, parse_image_root, resolve_paths
 from ..cache.reader import FeatureCache, open_cache
+from ..cache.view_store import list_stores
 from ..data.datasets import CachedViews
 from ..errors import MissingFile, TrainError
 from ..evaluate.metrics import evaluate_predictions
@@ -76,6 +77,7 @@ from .teacher_predictions import (
     ensure_predictions,
     run_teacher_compute,
 )
+from .view_pixels import resolve_view_pixels
 
 __all__ = ["DistillConfig", "DistillError", "run_distill", "unlabelled_pool"]
 
@@ -213,7 +215,8 @@ def _link(cfg: DistillConfig, labels: LabelSet, cache: FeatureCache, status) -> 
     if len(held):
         status(f"{len(held)} cache rows are val/test images and were left out of the unlabelled pool")
     paths = resolve_paths(cache, image_root)
-    check_images(cache, paths, pool)
+    if cfg.view_pixels in ("originals", "exact") or not list_stores(cache.path):
+        check_images(cache, paths, pool)  # else after the pixel source is known: a store needs no originals
     return link, {lb.key: int(r) for lb, r in zip(labels.labels, link.rows)}, pool, held, paths
 
 
@@ -227,25 +230,29 @@ def _run_teacher(cfg: DistillConfig, cache: FeatureCache, paths: list[str], devi
     def make_compute():
         from ..models.scorer import load_iaa_model
 
-        check_images(cache, paths, range(len(cache)))
         scorer = load_iaa_model(tdir, device, trust_code=cfg.trust_code)
+        store, _ = resolve_view_pixels(cache, cfg.view_pixels, scorer.input_cfg, jitter=False,
+                                       verify=not cfg.no_verify, status=status)
+        if store is None:
+            check_images(cache, paths, range(len(cache)))
         status(f"computing teacher predictions on {len(cache)} rows x {cache.n_views} views")
         return run_teacher_compute(scorer, cache, paths, device, cfg.teacher_batch_size, cfg.num_workers, cfg.amp,
-                                   cfg.max_pixels)
+                                   cfg.max_pixels, store=store, draft=cfg.view_pixels != "exact")
     pred_dir = Path(cfg.predictions) if cfg.predictions else default_predictions_dir(tdir, cache)
     return describe_teacher("run", cfg.teacher, tdir, IAA_JSON, IAA_WEIGHTS), pred_dir, make_compute
 
 
 def _streams(cfg: DistillConfig, cache: FeatureCache, train: LabelSet, train_rows, pool, paths, preds: Predictions,
-             kind: str, input_cfg: dict) -> list[Stream]:
+             kind: str, input_cfg: dict, store=None) -> list[Stream]:
     embed = cache.embed if cfg.lambda_f > 0 else None
     name = "logits" if kind == "distribution" else "score"
+    pixels = {"store": store, "sizes": cache.sizes, "draft": cfg.view_pixels != "exact"}
     lab = CachedViews(train.paths(), input_cfg, rows=train_rows, boxes=cache.boxes, embed=embed,
                       targets=label_targets(train, kind), augment=cfg.augment, jitter=cfg.jitter_views,
-                      seed=cfg.seed, max_pixels=cfg.max_pixels, digests=cache.digests)
+                      seed=cfg.seed, max_pixels=cfg.max_pixels, digests=cache.digests, **pixels)
     unl = CachedViews([paths[r] for r in pool], input_cfg, rows=pool, boxes=cache.boxes, embed=embed,
                       digests=cache.digests, teacher={name: preds.arrays[name]}, jitter=cfg.jitter_views,
-                      seed=cfg.seed, max_pixels=cfg.max_pixels, pair=cfg.consistency > 0)
+                      seed=cfg.seed, max_pixels=cfg.max_pixels, pair=cfg.consistency > 0, **pixels)
     return [Stream("labelled", lab, cfg.batch_size),
             Stream("unlabelled", unl, max(1, round(cfg.batch_size * cfg.unlabelled_ratio)))]
 
@@ -294,8 +301,14 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
         student = build_encoder(cfg.student, pretrained_ok=ckpt is None, size=cfg.size, trust_code=cfg.trust_code)
     except (ValueError, FileNotFoundError) as e:
         raise DistillError(f"--student {cfg.student}: {e}") from e
-    streams = _streams(cfg, cache, train, train_rows, pool, paths, preds, kind, student.input_cfg)
-    val_ds = CachedViews(val.paths(), student.input_cfg, max_pixels=cfg.max_pixels) if len(val) else None
+    store, pixels = resolve_view_pixels(cache, cfg.view_pixels, student.input_cfg, jitter=cfg.jitter_views,
+                                        verify=not cfg.no_verify,
+                                        status=status if dist.rank() == 0 else (lambda m: None))
+    if store is None and cfg.view_pixels not in ("originals", "exact") and list_stores(cache.path):
+        check_images(cache, paths, pool)
+    streams = _streams(cfg, cache, train, train_rows, pool, paths, preds, kind, student.input_cfg, store)
+    val_ds = (CachedViews(val.paths(), student.input_cfg, max_pixels=cfg.max_pixels,
+                          draft=cfg.view_pixels != "exact") if len(val) else None)
     link_info = {"by_path": link.by_path, "by_content": link.by_content, "unlinked": len(link.unlinked),
                  "first_unlinked": link.unlinked[:5]}
     teacher_info = {"kind": teacher["kind"], "spec": teacher["spec"], "predictions": str(pred_dir),
@@ -305,7 +318,7 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
              "heldout_rows": len(held), "cache": {"path": str(cache.path), "fingerprint": cache.manifest.get(
                  "fingerprint"), "rows": len(cache), "views": cache.n_views},
              "teacher": {k: v for k, v in teacher_info.items() if k != "computed"},
-             "predictions_fingerprint": preds.manifest["fingerprint"]}
+             "predictions_fingerprint": preds.manifest["fingerprint"], "view_pixels": pixels}
     task = IAATask(cfg, encoder=student, kind=kind, bins=bins, labels=labels, val_labels=val, streams=streams,
                    val=val_ds, device=device, lambda_u=cfg.lambda_u, lambda_f=cfg.lambda_f, embed_dim=cache.embed_dim,
                    distill_loss=cfg.distill_loss, temperature=cfg.temperature, facts=facts, status=status,

@@ -69,6 +69,8 @@ class ExtractConfig(CommandConfig):
     shard_size: int = 1024
     compression: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    store_views: int | None = None  # also cut every view into a view store of this short side (`add_views`)
+    store_quality: int = 90
 
     command: ClassVar[str] = "extract"
     error: ClassVar[type] = CacheError
@@ -93,6 +95,7 @@ class ExtractResult:
     resumed_shards: int = 0
     timings: dict = field(default_factory=dict)
     fingerprint: str = ""
+    store: object = None  # the `add_views.AddViewsResult` of --store-views
 
 
 def resolve_device(device: str) -> torch.device:
@@ -315,9 +318,24 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 def run_extract(cfg: ExtractConfig, *, teacher=None,
                 on_progress: Callable[[int, int], None] | None = None,
                 on_status: Callable[[str], None] | None = None,
-                on_plan_progress: Callable[[int, int], None] | None = None) -> ExtractResult:
+                on_plan_progress: Callable[[int, int], None] | None = None,
+                on_store_progress: Callable[[int, int], None] | None = None) -> ExtractResult:
     """Extract (or resume extracting) a cache. Under torchrun each rank writes a disjoint set of shards and
-    rank 0 finalises the manifest."""
+    rank 0 finalises the manifest. With ``store_views`` the finished cache then gets its view store
+    (`add_views.run_add_views`, resumable on its own: a rerun finishes whichever part is unfinished)."""
+    if cfg.store_views is not None:
+        from .add_views import check_store_options
+        check_store_options(cfg.store_views, cfg.store_quality)
+    result = _extract(cfg, teacher, on_progress, on_status, on_plan_progress)
+    if cfg.store_views is not None:
+        from .add_views import run_add_views
+        result.store = run_add_views(result.cache, cfg.store_views, cfg.store_quality, batch_size=cfg.batch_size,
+                                     num_workers=cfg.num_workers, max_pixels=cfg.max_pixels,
+                                     on_progress=on_store_progress, on_status=on_status)
+    return result
+
+
+def _extract(cfg, teacher, on_progress, on_status, on_plan_progress) -> ExtractResult:
     from ..models.teachers import build_teacher, check_teacher_spec
 
     status = on_status or (lambda msg: None)

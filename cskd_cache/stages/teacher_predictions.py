@@ -331,24 +331,36 @@ def _ensure_locked(path: Path, cache: FeatureCache, teacher: dict, make_compute,
 class _RowViews(Dataset):
     """All V cached views of one cache row at the teacher's input size: (V, 3, H, W)."""
 
-    def __init__(self, paths: list[str], boxes: np.ndarray, input_cfg: dict, images: RowImages, first_row: int):
+    def __init__(self, paths: list[str], boxes: np.ndarray, input_cfg: dict, images: RowImages, first_row: int,
+                 store=None, draft: bool = True):
         self.paths, self.boxes, self.cfg, self.images, self.first_row = paths, boxes, input_cfg, images, first_row
+        self.store, self.draft = store, draft
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        img = self.images.load(self.paths[i], self.first_row + i)
-        c = self.cfg
-        return torch.stack([render(img, b, c)
-                            for b in self.boxes[i]])
+        c, row = self.cfg, self.first_row + i
+        if self.store is not None:  # each stored view is exactly its box: render all of it, with the view's flip
+            return torch.stack([render(self.store.image(row, v), [0.0, 0.0, 1.0, 1.0, b[4]], c)
+                                for v, b in enumerate(self.boxes[i])])
+        draft = None
+        if self.draft:
+            h, w = (c["size"], c["size"]) if isinstance(c["size"], int) else c["size"]
+            fw = min(float(b[2] - b[0]) for b in self.boxes[i])
+            fh = min(float(b[3] - b[1]) for b in self.boxes[i])
+            draft = lambda W, H: (w / max(1e-6, fw), h / max(1e-6, fh))  # noqa: E731
+        img = self.images.load(self.paths[i], row, draft=draft)
+        return torch.stack([render(img, b, c) for b in self.boxes[i]])
 
 
 def run_teacher_compute(scorer, cache: FeatureCache, paths: list[str], device: torch.device, batch_size: int = 32,
                         num_workers: int = 2, amp: bool = True,
-                        max_pixels: int = DEFAULT_MAX_PIXELS) -> Callable[[int, int], np.ndarray]:
+                        max_pixels: int = DEFAULT_MAX_PIXELS, store=None,
+                        draft: bool = True) -> Callable[[int, int], np.ndarray]:
     """compute(start, stop) for a loaded `IAAScorer`: its head output on every cached view of those rows,
-    each view rebuilt from the image at the teacher's own input size."""
+    each view rebuilt at the teacher's own input size from the image (JPEG draft decoding with ``draft``) or from
+    ``store``, a view store that covers that size."""
     from ..train.engine import autocast_for
 
     model = scorer.model.to(device).eval()
@@ -357,7 +369,7 @@ def run_teacher_compute(scorer, cache: FeatureCache, paths: list[str], device: t
 
     @torch.inference_mode()
     def compute(start: int, stop: int) -> np.ndarray:
-        ds = _RowViews(paths[start:stop], cache.boxes[start:stop], scorer.input_cfg, images, start)
+        ds = _RowViews(paths[start:stop], cache.boxes[start:stop], scorer.input_cfg, images, start, store, draft)
         loader = DataLoader(ds, batch_size=max(1, batch_size // max(1, cache.n_views)), num_workers=num_workers)
         outs = []
         for x in loader:

@@ -25,11 +25,14 @@ from ..data.images import DEFAULT_MAX_PIXELS
 from ..errors import ConfigError, CskdError
 from ..files import json_safe
 
-__all__ = ["CommandConfig", "TrainConfig", "read_config_file", "RESUMABLE"]
+__all__ = ["CommandConfig", "TrainConfig", "read_config_file", "RESUMABLE", "VIEW_PIXELS"]
 
 # Settings a resumed run may change: they decide how, not what, is computed.
 RESUMABLE = frozenset({"resume", "num_workers", "device", "log_every", "keep_checkpoints", "eval_batch_size",
-                       "trust_code", "no_verify"})
+                       "trust_code", "no_verify", "view_pixels"})
+# A store and the originals show the same views up to the store's JPEG coding, so a run may switch on resume
+# (a store made after the run started): the run log says which source each start used.
+VIEW_PIXELS = ("auto", "store", "originals", "exact")
 
 # old name -> (new name, divisor applied to the old value: a percent becomes a fraction)
 _PCT = 100
@@ -137,6 +140,9 @@ class TrainConfig(CommandConfig):
     keep_checkpoints: int = 2
     log_every: int = 10
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # where cached views' pixels come from (`stages.view_pixels`): auto = a view store covering the input size,
+    # else the originals in JPEG draft mode; store = the store or an error; originals; exact = full decodes
+    view_pixels: str = "auto"
 
     renamed: ClassVar[dict[str, tuple[str, float]]] = TRAIN_RENAMES
 
@@ -153,3 +159,5 @@ class TrainConfig(CommandConfig):
             raise err("--lr must be > 0 and --lr-encoder >= 0")
         if not 0 <= self.ema < 1:
             raise err(f"--ema must be in [0, 1) (0 = off; e.g. 0.998), got {self.ema}")
+        if self.view_pixels not in VIEW_PIXELS:
+            raise err(f"--view-pixels must be one of {', '.join(VIEW_PIXELS)}, got {self.view_pixels!r}")
