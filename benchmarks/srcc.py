@@ -109,6 +109,10 @@ def step_cache(args, work: Path, images: list[str], lists: list[str]) -> str:
         res = run_extract(ExtractConfig(teacher=args.teacher, out=str(out), images=images, lists=lists,
                                         views=args.views, batch_size=32, num_workers=args.workers))
         log(f"extract: {res.rows} rows, {res.images_per_s:.1f} img/s")
+    if args.view_store:
+        from cskd_cache.stages.add_views import run_add_views
+        r = run_add_views(out, args.view_store, num_workers=args.workers)
+        log(f"add-views: {r.store}, {r.bytes_per_view:,.0f} bytes per view")
     return str(out)
 
 
@@ -151,7 +155,8 @@ def align(args, cache: str, out: Path):
         log(f"align {args.student} on {cache} -> {out}")
         s = run_align(AlignConfig(cache=cache, student=args.student, out=str(out), epochs=args.align_epochs,
                                   batch_size=args.batch_size, size=args.size, lr=args.lr, seed=args.seed,
-                                  num_workers=args.workers, standardize_global=args.standardize_global))
+                                  num_workers=args.workers, standardize_global=args.standardize_global,
+                                  view_pixels=args.view_pixels))
         log(f"align: held-out global cos {s['initial']['global_cos']:.3f} -> {s['global_cos']:.3f}, "
             f"kNN agreement {s['initial']['knn_agreement']:.3f} -> {s['knn_agreement']:.3f}")
 
@@ -166,7 +171,8 @@ def distill(args, labels: str, cache: str, teacher_run: Path, student: str, out:
                                       batch_size=args.batch_size, size=args.size, lr=args.lr,
                                       lambda_u=args.lambda_u, unlabelled_ratio=args.unlabelled_ratio, seed=args.seed,
                                       num_workers=args.workers, ema=args.ema,
-                                      jitter_views=args.jitter_views, trust_code=True))
+                                      jitter_views=args.jitter_views, trust_code=True,
+                                      view_pixels=args.view_pixels))
         log(f"distill {out.name}: val SRCC {s['val']['srcc']:.3f}; {s['unlabelled_rows']} unlabelled rows, "
             f"{s['heldout_rows']} held out")
 
@@ -272,6 +278,10 @@ def main(argv=None) -> int:
                         "the source photo (default with --proxy-from: '^(.*)__', the versions of one photo; "
                         "otherwise: images)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--view-store", type=int, default=None, metavar="SIZE",
+                   help="also cut the cache's views into a view store of this size (`cskd cache add-views`)")
+    p.add_argument("--view-pixels", default="auto", choices=("auto", "store", "originals", "exact"),
+                   help="where align and distill read cached views (`--view-pixels`; default auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     args = p.parse_args(argv)

@@ -30,7 +30,7 @@ def neighbors(
     backend: Annotated[str, typer.Option(help="Search: auto (faiss if installed, else exact torch), faiss, "
                                               "torch.")] = "auto",
     ivf_threshold: Annotated[int, typer.Option(min=1, help="Above this many rows use an approximate IVF index "
-                                                           "instead of exact search.")] = 1_000_000,
+                                                           "instead of exact search.")] = 50_000,
     nlist: Annotated[Optional[int], typer.Option(min=1, help="IVF cells (default: 4*sqrt(rows)).")] = None,
     nprobe: Annotated[int, typer.Option(min=1, help="IVF cells searched per query.")] = 32,
     gpu: Annotated[bool, typer.Option(help="Put the faiss index on a GPU when faiss-gpu sees one.")] = True,

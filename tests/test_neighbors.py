@@ -328,3 +328,23 @@ def collapsed_teacher():
         t.head.weight.mul_(1e-4)
         t.head.bias.fill_(1.0)
     return t
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_range_pair_blocks_stay_small_when_every_pair_passes(backend):
+    """A collapsed encoder: every pair passes. The blocks together give every pair once, and no block hands on
+    more than 8 x max_block_pairs, whatever rows x n is."""
+    from cskd_cache.evaluate.knn_index import build_index
+
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    n = 600
+    x = 1.0 + 1e-4 * rng.standard_normal((n, 8)).astype(np.float32)
+    index = build_index(x, backend=backend)
+    blocks = list(index.iter_range_pairs(0.9, max_block_pairs=2000))
+    got = {(int(a), int(b)) for i, j, _ in blocks for a, b in zip(i, j)}
+    assert got == {(a, b) for a in range(n) for b in range(a + 1, n)}
+    assert sum(len(i) for i, _, _ in blocks) == len(got)
+    # each block of b rows found b x n pairs (self included), half of them handed on
+    assert max(len(i) for i, _, _ in blocks) <= 8 * 2000 and len(blocks) > 100

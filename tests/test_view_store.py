@@ -286,3 +286,34 @@ def test_extract_never_drafts_the_teachers_view_0(tmp_path, monkeypatch):
     assert calls and all(k.get("draft") is None for k in calls)
     with h5py.File(c / "shard-00000.h5") as f:
         assert tuple(f["size"][0]) == (1600, 1200)
+
+
+def test_cli_add_views_info_and_verify(tmp_path):
+    c = _cache(tmp_path, n=4, views=2)
+    env = dict(os.environ, PYTHONPATH=str(TESTS))
+
+    def cskd(*args):
+        return subprocess.run([sys.executable, "-m", "cskd_cli.main", *map(str, args)], capture_output=True,
+                              text=True, env=env, timeout=300)
+
+    r = cskd("cache", "add-views", c, "--size", "40", "--num-workers", "0")
+    assert r.returncode == 0, r.stderr
+    assert "per view" in r.stdout and (store_dir(c, 40) / "manifest.json").is_file()
+    r = cskd("cache", "info", c)
+    assert r.returncode == 0 and "40 px q90" in r.stdout
+    assert cskd("cache", "verify", c).returncode == 0
+    r = cskd("cache", "add-views", tmp_path / "nowhere", "--size", "40")
+    assert r.returncode == 1 and "manifest.json" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_cut_the_same_store(tmp_path):
+    c = _cache(tmp_path, n=7, shard_size=2)
+    one = _shards(Path(run_add_views(c, 40, num_workers=0).store))
+    shutil.rmtree(store_dir(c, 40))
+    env = dict(os.environ, PYTHONPATH=str(TESTS), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "cskd_cli.main", "cache", "add-views", str(c), "--size", "40", "--num-workers", "0"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _shards(store_dir(c, 40)) == one and verify_cache(c) == []

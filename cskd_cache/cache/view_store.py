@@ -126,7 +126,7 @@ class ViewStore:
         self.shard_files = [str(self.path / s["file"]) for s in m["shards"]]
         self.offsets = cache.offsets
         self.bytes = sum(s["bytes"] for s in m["shards"])
-        self._files: dict[int, h5py.File] = {}
+        self._files: dict[int, h5py.Dataset] = {}
         self._pid = None
 
     def describe(self) -> dict:
@@ -138,16 +138,16 @@ class ViewStore:
         state["_files"], state["_pid"] = {}, None
         return state
 
-    def _file(self, s: int) -> h5py.File:
+    def _file(self, s: int) -> h5py.Dataset:
         if self._pid != os.getpid():  # a DataLoader worker: never reuse a handle opened before the fork
             self._files, self._pid = {}, os.getpid()
-        if s not in self._files:
-            self._files[s] = h5py.File(self.shard_files[s], "r")
+        if s not in self._files:  # the dataset object: looking it up by name costs as much as the read
+            self._files[s] = h5py.File(self.shard_files[s], "r")["jpeg"]
         return self._files[s]
 
     def jpeg(self, row: int, view: int) -> bytes:
         s = int(np.searchsorted(self.offsets, row, side="right") - 1)
-        return self._file(s)["jpeg"][row - int(self.offsets[s]), view].tobytes()
+        return self._file(s)[row - int(self.offsets[s]), view].tobytes()
 
     def image(self, row: int, view: int) -> Image.Image:
         with Image.open(io.BytesIO(self.jpeg(row, view))) as im:

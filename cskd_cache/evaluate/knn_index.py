@@ -2,7 +2,7 @@
 
 `build_index(x, ...)` picks the index:
 
-- FAISS ``IndexFlatIP`` (exact inner product) up to ``ivf_threshold`` rows (default 1,000,000);
+- FAISS ``IndexFlatIP`` (exact inner product) up to ``ivf_threshold`` rows (default 50,000);
 - FAISS ``IndexIVFFlat`` beyond it: ``nlist`` = round(4 * sqrt(N)) coarse cells (or as given), k-means trained
   on a seeded sample of ``min(N, 256 * nlist)`` rows, ``nprobe`` cells searched per query (approximate);
 - on a GPU when faiss-gpu is installed and ``faiss.get_num_gpus() > 0`` (unless ``gpu=False``);
@@ -26,7 +26,10 @@ from ..errors import EvaluateError
 
 __all__ = ["KnnIndex", "build_index", "faiss_available", "normalise", "neighbours_excluding_self"]
 
-DEFAULT_IVF_THRESHOLD = 1_000_000
+# Exact search over every row is quadratic: benchmarks/scale.py measured 0.06 s per 1k rows at 10k rows and
+# 0.37 s at 100k (32-d), against IVF's 0.09 s at 100k finding the same near-duplicate pairs. Above 50k rows
+# exact search is no longer worth its cost, so IVF takes over there.
+DEFAULT_IVF_THRESHOLD = 50_000
 
 
 def faiss_available() -> bool:
@@ -42,6 +45,11 @@ def normalise(x) -> np.ndarray:
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return np.ascontiguousarray(x / np.maximum(norms, 1e-12))
+
+
+# Pairs one block of a range search may hand on (~12 bytes each from faiss, ~60 through the duplicate report):
+# benchmarks/scale.py measured 2.2 GB peak at 5k rows of collapsed features with blocks of rows x n pairs.
+MAX_BLOCK_PAIRS = 1 << 20
 
 
 def _block_rows(n: int, budget: int = 1 << 26) -> int:
@@ -117,21 +125,35 @@ class KnnIndex:
         order = np.lexsort((j, i))
         return i[order].astype(np.int64), j[order].astype(np.int64), s[order].astype(np.float32)
 
-    def iter_range_pairs(self, threshold: float):
+    def iter_range_pairs(self, threshold: float, max_block_pairs: int = MAX_BLOCK_PAIRS):
         """`range_pairs` one block of query rows at a time: (i, j, similarity) arrays with i < j, so memory holds
-        one block's pairs whatever share of all pairs passes the threshold."""
-        step = _block_rows(self.n)
-        for start in range(0, self.n, step):
+        one block's pairs whatever share of all pairs passes the threshold. A block of b query rows can return up
+        to b x n pairs, so blocks start at ``max_block_pairs / n`` rows (at most 64), double while they return under
+        a quarter of ``max_block_pairs`` (up to 8x the start, so a block never holds more than 8 x
+        ``max_block_pairs``), and shrink to fit when they return more: a collapsed encoder (every pair passes) gets
+        blocks of about ``max_block_pairs`` pairs."""
+        base = max(1, max_block_pairs // max(1, self.n))
+        cap, step, start = min(_block_rows(self.n), 8 * base), min(64, base), 0
+        while start < self.n:
+            step = max(1, min(step, cap))
             q = self.data[start:start + step]
             if self.backend == "faiss":
                 lims, d, idx = self._cpu_index.range_search(q, float(threshold))
                 rows = np.repeat(np.arange(len(q), dtype=np.int64), np.diff(lims).astype(np.int64)) + start
                 cols, sims = idx.astype(np.int64), d.astype(np.float32)
+                del lims, d, idx
             else:
                 dev = torch.device(self.device if self.device != "gpu" else "cuda")
                 sim = torch.from_numpy(q).to(dev) @ torch.from_numpy(self.data).to(dev).T
                 r, c = torch.nonzero(sim >= threshold, as_tuple=True)
                 rows, cols, sims = (r.cpu().numpy() + start, c.cpu().numpy(), sim[r, c].cpu().numpy())
+                del sim, r, c
+            start += len(q)
+            found = len(cols)
+            if found > max_block_pairs:
+                step = int(step * max_block_pairs / found)
+            elif found < max_block_pairs // 4:
+                step *= 2
             keep = cols > rows
             yield rows[keep].astype(np.int64), cols[keep].astype(np.int64), sims[keep].astype(np.float32)
 

@@ -51,6 +51,7 @@ import torch
 
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..errors import EvaluateError
+from ..evaluate.knn_index import DEFAULT_IVF_THRESHOLD
 from ..files import atomic_write_text, default_file_mode, write_json
 from ..train.config import CommandConfig
 
@@ -77,7 +78,7 @@ class NeighborsConfig(CommandConfig):
     dup_threshold: float = 0.95
     max_pairs: int = 10_000
     backend: str = "auto"
-    ivf_threshold: int = 1_000_000
+    ivf_threshold: int = DEFAULT_IVF_THRESHOLD
     nlist: int | None = None
     nprobe: int = 32
     gpu: bool = True

@@ -14,9 +14,10 @@ from PIL import Image, ImageDraw, ImageFilter
 SIZES = [(640, 480), (480, 640), (800, 450), (512, 512), (1024, 683), (360, 540)]
 
 
-def sample_photo(index: int, seed: int = 0) -> Image.Image:
+def sample_photo(index: int, seed: int = 0, scale: float = 1.0) -> Image.Image:
+    """Photo ``index`` of ``seed``; ``scale`` < 1 draws it smaller (cheap to make by the hundred thousand)."""
     rng = np.random.default_rng(seed * 100_003 + index)
-    w, h = SIZES[index % len(SIZES)]
+    w, h = (max(8, round(d * scale)) for d in SIZES[index % len(SIZES)])
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     top, bottom = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     horizon = rng.uniform(0.3, 0.7) * h + 20 * np.sin(xx / w * rng.uniform(1, 6))
