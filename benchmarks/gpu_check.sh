@@ -12,8 +12,9 @@ cd "$(dirname "$0")/.."
 OUT=${1:-gpu-check}
 PY=${PYTHON:-python}
 PHOTOS=${PHOTOS:-../shared/data/photos}
-mkdir -p "$OUT"
+$PY -c "import torch, cskd_cache" 2>/dev/null || { echo "$PY cannot import torch and cskd_cache: install cskd as the README says, or set PYTHON=/path/to/venv/bin/python" >&2; exit 2; }
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device here: gpu_check.sh measures GPU figures only')"
+mkdir -p "$OUT"
 $PY -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)" | tee "$OUT/device.txt"
 WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
 

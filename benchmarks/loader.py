@@ -135,17 +135,22 @@ def _fed(cache, paths, store, mode: str, student: str, device: str, workers: int
 
     def loader():
         sampler = StepBatches(len(ds), batch, 0, 0, steps + 2)
-        return DataLoader(ds, batch_sampler=sampler, num_workers=workers, collate_fn=collate, pin_memory=True,
-                          persistent_workers=False, prefetch_factor=4)
+        return DataLoader(ds, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                          pin_memory=dev.type == "cuda", persistent_workers=False,
+                          prefetch_factor=4 if workers else None)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     def timed(it, fn):
         t0 = None
         for k, b in enumerate(it):
             fn(b)
-            if k == 1:
-                torch.cuda.synchronize()
+            if k == 1:  # the first two batches start the workers and warm the kernels
+                sync()
                 t0 = time.perf_counter()
-        torch.cuda.synchronize()
+        sync()
         return steps * batch / (time.perf_counter() - t0)
 
     def step(b):
@@ -174,6 +179,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--device", default="cpu", help="cuda: also measure the GPU step fed by --workers workers")
+    ap.add_argument("--fed", action="store_true", help="measure the fed step on --device even when it is the CPU "
+                                                       "(a dry run of the GPU part)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     ap.add_argument("--gpu-batch", type=int, default=256)
     ap.add_argument("--json", type=Path, help="write every figure here")
@@ -186,8 +193,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cskd-loader-"))
     rows, out = [], {"loader": [], "students": []}
     try:
-        sets = {"ImageNet-sized": _subset(args.photos / "imagenet-sample", args.n, work / "imagenet"),
-                "wallpapers": _subset(args.photos / "wallpapers", args.wallpapers, work / "wallpapers")}
+        sets = {"ImageNet-sized": _subset(args.photos / "imagenet-sample", args.n, work / "imagenet")}
+        if args.wallpapers:
+            sets["wallpapers"] = _subset(args.photos / "wallpapers", args.wallpapers, work / "wallpapers")
         torch.set_num_threads(1)  # one loader worker
         for name, folder in sets.items():
             c = _cache(folder, work / f"cache-{name}", args.views)
@@ -219,7 +227,7 @@ def main() -> None:
                              **{f"workers_{m}": v for m, v in feed.items()}})
             print(json.dumps(students[-1]), flush=True)
         out["students"] = students
-        if args.device.startswith("cuda"):
+        if args.device.startswith("cuda") or args.fed:
             c = work / "cache-ImageNet-sized"
             cache = open_cache(c)
             store = open_store(cache, 256)

@@ -317,3 +317,12 @@ def test_torchrun_two_ranks_cut_the_same_store(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert _shards(store_dir(c, 40)) == one and verify_cache(c) == []
+
+
+def test_finetune_has_no_store_and_says_so(tmp_path):
+    from cskd_cache.stages.finetune import FinetuneConfig, FinetuneError, run_finetune
+
+    with pytest.raises(FinetuneError, match="no view store"):
+        run_finetune(FinetuneConfig(model="py:test_align:TinyStudent", labels="csv:x.csv", out=str(tmp_path / "f"),
+                                    view_pixels="store"))
+    assert not (tmp_path / "f").exists()

@@ -166,8 +166,6 @@ def _swaps(im: Image.Image) -> bool:
 
 
 def _apply_draft(im: Image.Image, draft, swap: bool) -> None:
-    if draft is None or im.format != "JPEG":
-        return
     w, h = im.size
     need_w, need_h = draft(h, w) if swap else draft(w, h)
     if swap:
@@ -194,9 +192,11 @@ def _decode(f, path, max_pixels: int, draft=None) -> Image.Image:
             raise BadImage(path, "too-large", f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}")
         if w <= 0 or h <= 0:
             raise BadImage(path, "corrupt", f"invalid size {w}x{h}")
-        swap = _swaps(im)
-        full = (h, w) if swap else (w, h)  # as the image will be shown, after EXIF orientation
-        _apply_draft(im, draft, swap)
+        full = None  # the shown (EXIF-oriented) size of a full decode, when draft mode may shrink this one
+        if draft is not None and im.format == "JPEG":  # a JPEG's EXIF is in its header; a PNG's may follow IDAT
+            swap = _swaps(im)
+            full = (h, w) if swap else (w, h)
+            _apply_draft(im, draft, swap)
         try:
             im.load()
         except Exception as e:  # noqa: BLE001
@@ -209,7 +209,11 @@ def _decode(f, path, max_pixels: int, draft=None) -> Image.Image:
             out = _to_rgb(oriented)
         except Exception as e:  # noqa: BLE001 - e.g. an exotic mode PIL cannot convert
             raise BadImage(path, "corrupt", f"cannot convert mode {oriented.mode}: {e}") from None
-        out.info["original_size"] = full if oriented is not im else (w, h)
+        if full is None:
+            full = out.size
+        elif oriented is im:  # broken EXIF: shown unrotated, as viewers do
+            full = (w, h)
+        out.info["original_size"] = full
         return out
 
 

@@ -307,8 +307,9 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     if store is None and cfg.view_pixels not in ("originals", "exact") and list_stores(cache.path):
         check_images(cache, paths, pool)
     streams = _streams(cfg, cache, train, train_rows, pool, paths, preds, kind, student.input_cfg, store)
-    val_ds = (CachedViews(val.paths(), student.input_cfg, max_pixels=cfg.max_pixels,
-                          draft=cfg.view_pixels != "exact") if len(val) else None)
+    # validation decodes whole, as `cskd evaluate` and `cskd predict` do, so a val score is the score they give
+    val_ds = (CachedViews(val.paths(), student.input_cfg, max_pixels=cfg.max_pixels, draft=False)
+              if len(val) else None)
     link_info = {"by_path": link.by_path, "by_content": link.by_content, "unlinked": len(link.unlinked),
                  "first_unlinked": link.unlinked[:5]}
     teacher_info = {"kind": teacher["kind"], "spec": teacher["spec"], "predictions": str(pred_dir),

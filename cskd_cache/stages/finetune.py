@@ -61,6 +61,9 @@ def run_finetune(cfg: FinetuneConfig, on_progress: Callable[[dict], None] | None
     """
     cfg = dataclasses.replace(cfg)
     cfg.validate()
+    if cfg.view_pixels == "store":
+        raise FinetuneError("--view-pixels store: finetune reads its labelled images from their files (it has no "
+                            "feature cache, so no view store); use auto, originals or exact")
     status = on_status or (lambda m: None)
     t0 = time.perf_counter()
     dist.init_if_needed()
@@ -76,11 +79,14 @@ def run_finetune(cfg: FinetuneConfig, on_progress: Callable[[dict], None] | None
     except (ValueError, FileNotFoundError) as e:
         raise FinetuneError(f"--model {cfg.model}: {e}") from e
     icfg = encoder.input_cfg
+    draft = cfg.view_pixels != "exact"  # no cache, so no store: auto and originals both decode in draft mode
     train_ds = CachedViews(train.paths(), icfg, targets=label_targets(train, kind), augment=cfg.augment,
-                           seed=cfg.seed, max_pixels=cfg.max_pixels)
-    val_ds = CachedViews(val.paths(), icfg, max_pixels=cfg.max_pixels) if len(val) else None
+                           seed=cfg.seed, max_pixels=cfg.max_pixels, draft=draft)
+    # validation decodes whole, as `cskd evaluate` and `cskd predict` do, so a val score is the score they give
+    val_ds = CachedViews(val.paths(), icfg, max_pixels=cfg.max_pixels, draft=False) if len(val) else None
     counts = labels.counts()
     facts = {"label_counts": counts, "train_labels_used": len(train), "missing_images": len(labels.missing),
+             "view_pixels": {"source": "originals", "draft": draft, "mode": cfg.view_pixels},
              "broken_images": [p for p, _ in train.unreadable + val.unreadable]}
     task = IAATask(cfg, encoder=encoder, kind=kind, bins=bins, labels=labels, val_labels=val,
                    streams=[Stream("labelled", train_ds, cfg.batch_size)], val=val_ds, device=device, facts=facts,
