@@ -1,5 +1,6 @@
-"""The pipeline's stages, each a command: `extract` (the cache), `align` (Stage I), `finetune` and `distill`
-(Stage II), plus what they alone use: `align_eval` (held-out alignment metrics), `iaa_task` (Stage II's config and
+"""The pipeline's stages, each a command: `extract` (the cache), `add_views` (a cache's view-pixel store),
+`align` (Stage I), `finetune` and `distill` (Stage II), plus what they alone use: `view_pixels` (store or
+originals, per run), `align_eval` (held-out alignment metrics), `iaa_task` (Stage II's config and
 engine task, shared by finetune and distill), `teacher_predictions` (a teacher's outputs on every cached view,
 cached and fingerprinted) and `rounds` (collaborative rounds of distill, each student the next teacher).
 
