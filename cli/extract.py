@@ -96,8 +96,8 @@ def extract(
                  f"{result.timings.get('extract', 0):.1f} (read wait {result.timings.get('read_wait', 0):.1f}, "
                  f"forward {result.timings.get('forward', 0):.1f}, write {result.timings.get('write', 0):.1f})"),
         ("resumed shards", str(result.resumed_shards)), ("fingerprint", result.fingerprint[:16]),
-        *([("view store", f"{result.store.store}: {result.store.bytes_per_view:,.0f} bytes per view, "
-                          f"{result.store.views_per_s:,.1f} views/s")] if result.store else []),
+        *([("view store", f"{result.store.store}: {result.store.bytes_per_view:,.0f} bytes per view")]
+          if result.store else []),
     ]:
         table.add_row(k, v)
     show(table)

@@ -326,3 +326,27 @@ def test_finetune_has_no_store_and_says_so(tmp_path):
         run_finetune(FinetuneConfig(model="py:test_align:TinyStudent", labels="csv:x.csv", out=str(tmp_path / "f"),
                                     view_pixels="store"))
     assert not (tmp_path / "f").exists()
+
+
+def test_extract_cuts_the_store_in_its_own_pass_as_add_views_would(tmp_path):
+    """--store-views cuts each view from the decode the teacher's views came from: the same store add-views makes
+    afterwards, and the closing add-views pass finds every shard done."""
+    make_images(tmp_path / "imgs", 7)
+    one = tmp_path / "one"
+    res = run_extract(ExtractConfig(teacher="py:toy_teacher:make", out=str(one), images=[str(tmp_path / "imgs")],
+                                    views=2, num_workers=0, batch_size=4, shard_size=3, store_views=40))
+    n_shards = len(json.loads((one / "manifest.json").read_text())["shards"])
+    assert n_shards == 3 and res.store.resumed_shards == n_shards  # all cut in the extraction pass
+    m = json.loads((store_dir(one, 40) / "manifest.json").read_text())
+    assert m["complete"] and len(m["shards"]) == n_shards
+    two = _cache(tmp_path, n=7, views=2, shard_size=3, name="two")
+    assert run_add_views(two, 40, num_workers=0).resumed_shards == 0
+
+    def arrays(c):
+        out = []
+        for p in sorted(store_dir(c, 40).glob("shard-*.h5")):
+            with h5py.File(p) as f:
+                out.append(([bytes(x) for x in f["jpeg"][:].ravel()], f["shape"][:].tolist(), list(f["key"][:])))
+        return out
+    assert arrays(one) == arrays(two)
+    assert verify_cache(one) == []

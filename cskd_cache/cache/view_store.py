@@ -25,19 +25,18 @@ import numpy as np
 from PIL import Image
 
 from ..data.transforms import AUG_SCALE
+from ..data.view_cuts import cut_view, encode_jpeg  # noqa: F401 (the store's own pixel recipe, re-exported)
 from .integrity import CorruptCache, check_shard_fast, check_shard_size, ensure_verified
 from .manifest import MANIFEST_NAME, CacheError, canonical_json, read_json
 
 __all__ = ["STORE_FORMAT", "STORE_VERSION", "STORE_PREFIX", "store_dir", "store_fingerprint", "list_stores",
-           "ViewStore", "open_store", "find_store", "needed_size", "cut_view", "encode_jpeg", "StoreError"]
+           "ViewStore", "open_store", "find_store", "needed_size", "cut_view", "encode_jpeg", "StoreError",
+           "store_manifest"]
 
 STORE_FORMAT = "cskd-view-store"
 STORE_VERSION = 1
 STORE_PREFIX = "view-store-"
 _STORE_DIR = re.compile(re.escape(STORE_PREFIX) + r"(\d+)")
-# The filter that cuts a view into the store: the sharpest of PIL's antialiasing filters, so that the second
-# resize (to the student's size, at training time) loses as little as possible to the first.
-STORE_FILTER = Image.Resampling.LANCZOS
 
 
 class StoreError(CacheError):
@@ -64,21 +63,24 @@ def needed_size(input_hw, jitter: bool) -> int:
     return math.ceil(side / math.sqrt(AUG_SCALE[0])) if jitter else side
 
 
-def cut_view(img: Image.Image, box, size: int) -> Image.Image:
-    """The pixels of a view's box (normalised ``x0, y0, x1, y1``; the flip is not applied), resized so the short
-    side is ``size`` or the box's own, whichever is smaller."""
-    w, h = img.size
-    x0, y0, x1, y1 = (float(v) for v in box[:4])
-    bw, bh = (x1 - x0) * w, (y1 - y0) * h
-    scale = min(1.0, size / max(1e-9, min(bw, bh)))
-    out = (max(1, round(bw * scale)), max(1, round(bh * scale)))
-    return img.resize(out, STORE_FILTER, box=(x0 * w, y0 * h, x1 * w, y1 * h))
+def store_manifest(n_views: int, size: int, quality: int, feature_fingerprint: str, inputs_sha256: str,
+                   rows: int = 0) -> dict:
+    """A store's manifest before any shard is listed (docs/cache-format.md, "View-pixel stores")."""
+    return {"format": STORE_FORMAT, "version": STORE_VERSION, "size": int(size), "quality": int(quality),
+            "filter": "lanczos",
+            "feature_cache": {"fingerprint": feature_fingerprint, "rows": rows, "views": n_views},
+            "inputs": {"inputs_sha256": inputs_sha256},
+            "fingerprint": store_fingerprint(size, quality, feature_fingerprint, inputs_sha256),
+            "arrays": {"key": {"shape": [None], "dtype": "str"}, "source": {"shape": [None], "dtype": "str"},
+                       "jpeg": {"shape": [None, n_views], "dtype": "bytes", "bytes_per_row": 40_000 * n_views},
+                       "shape": {"shape": [None, n_views, 2], "dtype": "int32"}},
+            "shards": [], "rows": 0, "complete": False}
 
 
-def encode_jpeg(img: Image.Image, quality: int) -> np.ndarray:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=int(quality))
-    return np.frombuffer(buf.getvalue(), np.uint8)
+def shard_attrs(manifest: dict, index: int) -> dict:
+    """The identity a store shard carries (checked at every open, as a feature shard's)."""
+    return {"cskd_fingerprint": manifest["fingerprint"], "cskd_inputs_sha256": manifest["inputs"]["inputs_sha256"],
+            "cskd_shard_index": index}
 
 
 def list_stores(cache_dir: str | os.PathLike) -> list[int]:

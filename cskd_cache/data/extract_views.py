@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from .images import BadImage, load_rgb
 from .sources import Item
+from .view_cuts import cut_views
 from .views import ViewPolicy, eval_box, render, sample_views
 
 
@@ -22,7 +23,8 @@ class ExtractViews(Dataset):
     """
 
     def __init__(self, items: Sequence[Item], preprocess: Callable, preprocess_cfg: dict, policy: ViewPolicy,
-                 max_pixels: int):
+                 max_pixels: int, store: tuple[int, int] | None = None):
+        self.store = store  # (size, quality): also cut each view for the view store, from this same decode
         self.items = list(items)
         self.preprocess = preprocess
         self.cfg = preprocess_cfg
@@ -43,8 +45,11 @@ class ExtractViews(Dataset):
         w, h = img.size
         boxes = sample_views(self.policy, view_key(it), w, h, eval_box(self.cfg, w, h))
         views = [self.preprocess(img)] + [render(img, box, self.cfg) for box in boxes[1:]]
-        return {"i": i, "ok": True, "views": torch.stack(views), "boxes": boxes,
-                "size": np.array([w, h], dtype=np.int32)}
+        out = {"i": i, "ok": True, "views": torch.stack(views), "boxes": boxes,
+               "size": np.array([w, h], dtype=np.int32)}
+        if self.store is not None:
+            out["jpeg"], out["jpeg_shape"] = cut_views(img, boxes, *self.store)
+        return out
 
 
 def view_key(item: Item) -> str:

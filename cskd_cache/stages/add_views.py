@@ -25,18 +25,11 @@ from ..cache.manifest import MANIFEST_NAME, read_json, shard_name, sidecar_name,
 from ..cache.paths import check_images, parse_image_root, resolve_paths
 from ..cache.reader import open_cache
 from ..cache.shards import ShardWriter
-from ..cache.view_store import (
-    STORE_FORMAT,
-    STORE_VERSION,
-    StoreError,
-    cut_view,
-    encode_jpeg,
-    store_dir,
-    store_fingerprint,
-)
+from ..cache.view_store import STORE_FORMAT, StoreError, shard_attrs, store_dir, store_manifest
 from ..data.images import DEFAULT_MAX_PIXELS, RowImages
+from ..data.view_cuts import cut_views
 
-__all__ = ["AddViewsResult", "run_add_views", "check_store_options", "DEFAULT_QUALITY"]
+__all__ = ["AddViewsResult", "run_add_views", "check_store_options", "check_existing_store", "DEFAULT_QUALITY"]
 
 DEFAULT_QUALITY = 90
 
@@ -68,21 +61,13 @@ class _Cut(Dataset):
     def __getitem__(self, i: int):
         row = int(self.rows[i])
         img = self.images.load(self.paths[row], row)
-        crops = [cut_view(img, box, self.size) for box in self.boxes[row]]
-        return [encode_jpeg(c, self.quality) for c in crops], np.array([c.size for c in crops], np.int32)
+        return cut_views(img, self.boxes[row], self.size, self.quality)
 
 
 def _store_manifest(cache, size: int, quality: int) -> dict:
     feat = cache.manifest
-    return {"format": STORE_FORMAT, "version": STORE_VERSION, "size": size, "quality": quality, "filter": "lanczos",
-            "feature_cache": {"fingerprint": feat["fingerprint"], "rows": len(cache), "views": cache.n_views},
-            "inputs": {"inputs_sha256": feat["inputs"]["inputs_sha256"]},
-            "fingerprint": store_fingerprint(size, quality, feat["fingerprint"], feat["inputs"]["inputs_sha256"]),
-            "arrays": {"key": {"shape": [None], "dtype": "str"}, "source": {"shape": [None], "dtype": "str"},
-                       "jpeg": {"shape": [None, cache.n_views], "dtype": "bytes",
-                                "bytes_per_row": 40_000 * cache.n_views},
-                       "shape": {"shape": [None, cache.n_views, 2], "dtype": "int32"}},
-            "shards": [], "rows": 0, "complete": False}
+    return store_manifest(cache.n_views, size, quality, feat["fingerprint"], feat["inputs"]["inputs_sha256"],
+                          rows=len(cache))
 
 
 def _done(path: Path, cache, fp: str) -> dict[int, dict]:
@@ -114,7 +99,8 @@ def _refresh(path: Path, manifest: dict, cache) -> dict:
     return manifest
 
 
-def _check_existing(path: Path, manifest: dict, cache_path) -> None:
+def check_existing_store(path: Path, manifest: dict) -> None:
+    """Refuse to write into a store of another recipe (a store of this size at another JPEG quality)."""
     mpath = path / MANIFEST_NAME
     if not mpath.exists():
         return
@@ -149,7 +135,7 @@ def run_add_views(cache_path, size: int, quality: int = DEFAULT_QUALITY, cache_i
     paths = resolve_paths(cache, parse_image_root(cache_image_root))
     lock = DirLock(path, "cskd cache add-views")
     if rank == 0:
-        _check_existing(path, manifest, cache.path)
+        check_existing_store(path, manifest)
         path.mkdir(exist_ok=True)
         lock.acquire()
     try:
@@ -192,8 +178,7 @@ def run_add_views(cache_path, size: int, quality: int = DEFAULT_QUALITY, cache_i
                     count += len(batch) * cache.n_views
                     if on_progress:
                         on_progress(count, n_views)
-                writer.finish([], {"cskd_fingerprint": manifest["fingerprint"],
-                                   "cskd_inputs_sha256": manifest["inputs"]["inputs_sha256"], "cskd_shard_index": i},
+                writer.finish([], shard_attrs(manifest, i),
                               {"fingerprint": manifest["fingerprint"], "feature_sha256": feat["sha256"]})
             except BaseException:
                 writer.abort()

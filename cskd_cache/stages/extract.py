@@ -449,7 +449,9 @@ def _extract_shards(cfg, teacher, plan, manifest, shards, out, device, timings, 
         for b in range(0, len(items), cfg.batch_size):
             batches.append(list(range(start + b, start + min(b + cfg.batch_size, len(items)))))
         start += len(items)
-    dataset = ExtractViews(flat, teacher.preprocess, teacher.preprocess_cfg, cfg.policy(), cfg.max_pixels)
+    store = _StoreShards(cfg, manifest, out) if cfg.store_views is not None else None
+    dataset = ExtractViews(flat, teacher.preprocess, teacher.preprocess_cfg, cfg.policy(), cfg.max_pixels,
+                           store=(cfg.store_views, cfg.store_quality) if store else None)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if cfg.num_workers > 0 else None)
@@ -471,7 +473,9 @@ def _extract_shards(cfg, teacher, plan, manifest, shards, out, device, timings, 
             s = int(owner[batch[0]["i"]])
             if s != cur:
                 if writer is not None:
-                    writer.finish(skipped, shard_attrs(manifest, cur_index), _identity(manifest))
+                    rec = writer.finish(skipped, shard_attrs(manifest, cur_index), _identity(manifest))
+                    if store:
+                        store.finish(rec)
                     if dist.rank() == 0 and dist.world_size() == 1:
                         refresh_manifest(out, manifest, math.ceil(len(plan.items) / size))
                 cur, skipped = s, []
@@ -479,6 +483,8 @@ def _extract_shards(cfg, teacher, plan, manifest, shards, out, device, timings, 
                 check_free_space(out, estimate_shard_bytes(manifest["arrays"], len(shard_items[s][1])), cur_index)
                 writer = ShardWriter(out, cur_index, manifest["arrays"], cfg.compression,
                                      planned_rows=len(shard_items[s][1]))
+                if store:
+                    store.start(cur_index, len(shard_items[s][1]))
             good = [b for b in batch if b["ok"]]
             for b in batch:
                 if not b["ok"]:
@@ -494,16 +500,65 @@ def _extract_shards(cfg, teacher, plan, manifest, shards, out, device, timings, 
                 timings["forward"] += time.perf_counter() - t1
                 t2 = time.perf_counter()
                 writer.append(rows)
+                if store:
+                    store.append(rows, good)
                 timings["write"] += time.perf_counter() - t2
             count += len(batch)
             progress(count)
         if writer is not None:
-            writer.finish(skipped, shard_attrs(manifest, cur_index), _identity(manifest))
+            rec = writer.finish(skipped, shard_attrs(manifest, cur_index), _identity(manifest))
             writer = None
+            if store:
+                store.finish(rec)
     except BaseException:
         if writer is not None:
             writer.abort()
+        if store:
+            store.abort()
         raise
+
+
+class _StoreShards:
+    """``--store-views`` in the extraction pass: each feature shard's view-store shard, cut from the decode the
+    teacher's views came from, finished right after the feature shard (its sidecar names that shard's sha256).
+    The store's manifest is written by `add_views.run_add_views` once the cache is complete; a shard this pass did
+    not finish (a kill between the two) is simply cut again there."""
+
+    def __init__(self, cfg: ExtractConfig, manifest: dict, out: Path):
+        from ..cache.view_store import store_dir, store_manifest
+
+        self.m = store_manifest(cfg.views, cfg.store_views, cfg.store_quality, manifest["fingerprint"],
+                                manifest["inputs"]["inputs_sha256"])
+        from .add_views import check_existing_store
+
+        self.dir = store_dir(out, cfg.store_views)
+        check_existing_store(self.dir, self.m)  # never cut over a store of another quality
+        self.dir.mkdir(exist_ok=True)
+        self.writer = None
+
+    def start(self, index: int, rows: int) -> None:
+        self.writer = ShardWriter(self.dir, index, self.m["arrays"], planned_rows=rows)
+        self.index = index
+
+    def append(self, rows: dict, good: list[dict]) -> None:
+        jpeg = np.empty((len(good), len(good[0]["jpeg"])), dtype=object)
+        for j, b in enumerate(good):
+            for v, code in enumerate(b["jpeg"]):
+                jpeg[j, v] = code
+        self.writer.append({"key": rows["key"], "source": rows["source"], "jpeg": jpeg,
+                            "shape": np.stack([b["jpeg_shape"] for b in good])})
+
+    def finish(self, feature_record: dict) -> None:
+        from ..cache.view_store import shard_attrs as store_attrs
+
+        self.writer.finish([], store_attrs(self.m, self.index),
+                           {"fingerprint": self.m["fingerprint"], "feature_sha256": feature_record["sha256"]})
+        self.writer = None
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
 
 
 def _rows(feats: dict, good: list[dict], flat: list[Item], cfg: ExtractConfig, layers: list[int],
