@@ -350,3 +350,23 @@ def test_extract_cuts_the_store_in_its_own_pass_as_add_views_would(tmp_path):
         return out
     assert arrays(one) == arrays(two)
     assert verify_cache(one) == []
+
+
+def test_a_damaged_store_stops_training_instead_of_being_replaced_silently(tmp_path):
+    from cskd_cache.stages.align import run_align
+
+    c = _cache(tmp_path, store=48)
+    shard = store_dir(c, 48) / "shard-00000.h5"
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    with pytest.raises(CorruptCache, match="shard-00000.h5"):
+        run_align(_align_cfg(c, tmp_path / "run", max_steps=1))
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+    # a stale store (made for the cache before it was re-extracted) is passed over with its reason
+    shutil.rmtree(store_dir(c, 48))
+    run_add_views(c, 48, num_workers=0)
+    m = json.loads((store_dir(c, 48) / "manifest.json").read_text())
+    m["shards"][0]["feature_sha256"] = "0" * 64
+    (store_dir(c, 48) / "manifest.json").write_text(json.dumps(m))
+    said = []
+    run_align(_align_cfg(c, tmp_path / "run2", max_steps=1), on_status=said.append)
+    assert any("original images" in s and "other feature shards" in s for s in said), said
