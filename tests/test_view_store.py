@@ -31,9 +31,10 @@ from cskd_cache.cache.integrity import CorruptCache
 from cskd_cache.cache.paths import ImagesMissing, resolve_paths
 from cskd_cache.cache.reader import open_cache
 from cskd_cache.cache.verify import verify_cache
-from cskd_cache.cache.view_store import StoreError, cut_view, encode_jpeg, needed_size, open_store, store_dir
+from cskd_cache.cache.view_store import StoreError, needed_size, open_store, store_dir
 from cskd_cache.data.datasets import CachedViews
 from cskd_cache.data.images import load_rgb
+from cskd_cache.data.view_cuts import cut_view, encode_jpeg
 from cskd_cache.stages.add_views import run_add_views
 from cskd_cache.stages.extract import ExtractConfig, run_extract
 

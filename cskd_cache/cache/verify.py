@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .manifest import CacheError, file_sha256, fingerprint, read_json, read_manifest
+from .manifest import MANIFEST_NAME, CacheError, file_sha256, fingerprint, read_json, read_manifest
 from .view_store import list_stores, store_dir, verify_store
 
 
@@ -128,7 +128,7 @@ def cache_info(path: str | os.PathLike) -> dict:
 
 def _store_line(path: Path, size: int) -> str:
     try:
-        m = read_json(store_dir(path, size) / "manifest.json", CacheError, "")
+        m = read_json(store_dir(path, size) / MANIFEST_NAME, CacheError, "")
     except CacheError:
         return f"{size} px (unreadable manifest)"
     state = "" if m.get("complete") else ", incomplete"

@@ -14,6 +14,7 @@ feature cache's own checks on it (`integrity`: sizes, sidecars, identity attribu
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -25,12 +26,11 @@ import numpy as np
 from PIL import Image
 
 from ..data.transforms import AUG_SCALE
-from ..data.view_cuts import cut_view, encode_jpeg  # noqa: F401 (the store's own pixel recipe, re-exported)
 from .integrity import CorruptCache, check_shard_fast, check_shard_size, ensure_verified
 from .manifest import MANIFEST_NAME, CacheError, canonical_json, read_json
 
 __all__ = ["STORE_FORMAT", "STORE_VERSION", "STORE_PREFIX", "store_dir", "store_fingerprint", "list_stores",
-           "ViewStore", "open_store", "find_store", "needed_size", "cut_view", "encode_jpeg", "StoreError",
+           "ViewStore", "open_store", "find_store", "needed_size", "StoreError",
            "store_manifest"]
 
 STORE_FORMAT = "cskd-view-store"
@@ -49,7 +49,6 @@ def store_dir(cache_dir: str | os.PathLike, size: int) -> Path:
 
 def store_fingerprint(size: int, quality: int, feature_fingerprint: str, inputs_sha256: str) -> str:
     """What makes two stores interchangeable: the pixels' recipe and the feature cache whose rows they show."""
-    import hashlib
     payload = {"format": STORE_FORMAT, "version": STORE_VERSION, "size": int(size), "quality": int(quality),
                "filter": "lanczos", "feature_fingerprint": feature_fingerprint, "inputs_sha256": inputs_sha256}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
@@ -128,7 +127,7 @@ class ViewStore:
         self.shard_files = [str(self.path / s["file"]) for s in m["shards"]]
         self.offsets = cache.offsets
         self.bytes = sum(s["bytes"] for s in m["shards"])
-        self._files: dict[int, h5py.Dataset] = {}
+        self._datasets: dict[int, h5py.Dataset] = {}
         self._pid = None
 
     def describe(self) -> dict:
@@ -137,23 +136,24 @@ class ViewStore:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_files"], state["_pid"] = {}, None
+        state["_datasets"], state["_pid"] = {}, None
         return state
 
-    def _file(self, s: int) -> h5py.Dataset:
+    def _jpeg_dataset(self, s: int) -> h5py.Dataset:
         if self._pid != os.getpid():  # a DataLoader worker: never reuse a handle opened before the fork
-            self._files, self._pid = {}, os.getpid()
-        if s not in self._files:  # the dataset object: looking it up by name costs as much as the read
-            self._files[s] = h5py.File(self.shard_files[s], "r")["jpeg"]
-        return self._files[s]
+            self._datasets, self._pid = {}, os.getpid()
+        if s not in self._datasets:  # kept open: looking the dataset up by name costs as much as the read
+            self._datasets[s] = h5py.File(self.shard_files[s], "r")["jpeg"]
+        return self._datasets[s]
 
     def jpeg(self, row: int, view: int) -> bytes:
         s = int(np.searchsorted(self.offsets, row, side="right") - 1)
-        return self._file(s)[row - int(self.offsets[s]), view].tobytes()
+        return self._jpeg_dataset(s)[row - int(self.offsets[s]), view].tobytes()
 
     def image(self, row: int, view: int) -> Image.Image:
-        with Image.open(io.BytesIO(self.jpeg(row, view))) as im:
-            return im.convert("RGB")
+        im = Image.open(io.BytesIO(self.jpeg(row, view)))
+        im.load()
+        return im if im.mode == "RGB" else im.convert("RGB")  # the store writes RGB: no copy on the hot path
 
 
 def open_store(cache, size: int, verify: bool = True) -> ViewStore:

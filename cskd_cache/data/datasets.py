@@ -34,7 +34,7 @@ from torch.utils.data import Dataset, Sampler
 from ..errors import DataError
 from .images import DEFAULT_MAX_PIXELS, BadImage, RowImages, load_rgb
 from .transforms import AUG_SCALE, augment_box, eval_view_box
-from .views import render
+from .views import draft_target, render
 
 __all__ = ["CachedViews", "StepBatches", "collate", "mix_seed", "ImageUnreadable"]
 
@@ -124,10 +124,7 @@ class CachedViews(Dataset):
     def _need(self, box) -> Callable[[int, int], tuple[float, float]]:
         """For draft decoding: the decoded size at which ``box`` (and any jitter inside it) still has one source
         pixel per input pixel."""
-        h, w = (self.cfg["size"], self.cfg["size"]) if isinstance(self.cfg["size"], int) else self.cfg["size"]
-        keep = _JITTER_SIDE if (self.jitter or self.pair or self.augment) else 1.0
-        bw, bh = (float(box[2]) - float(box[0])), (float(box[3]) - float(box[1]))
-        return lambda W, H: (w / max(1e-6, bw * keep), h / max(1e-6, bh * keep))
+        return draft_target(self.cfg, [box], _JITTER_SIDE if (self.jitter or self.pair or self.augment) else 1.0)
 
     def _load(self, i: int, src: int, box=None):
         """The image to cut from, the normalised region of the whole image it holds, and the whole image's size."""

@@ -11,7 +11,7 @@ import io
 import numpy as np
 from PIL import Image
 
-__all__ = ["STORE_FILTER", "cut_view", "encode_jpeg", "cut_views"]
+__all__ = ["STORE_FILTER", "cut_view", "encode_jpeg", "cut_views", "jpeg_rows"]
 
 # The sharpest of PIL's antialiasing filters, so that the second resize (to the student's size, at training time)
 # loses as little as possible to the first.
@@ -39,3 +39,12 @@ def cut_views(img: Image.Image, boxes, size: int, quality: int) -> tuple[list[np
     """Every view of one image: (JPEG bytes per view, (V, 2) int32 stored width and height)."""
     crops = [cut_view(img, box, size) for box in boxes]
     return [encode_jpeg(c, quality) for c in crops], np.array([c.size for c in crops], np.int32)
+
+
+def jpeg_rows(codes: list[list[np.ndarray]]) -> np.ndarray:
+    """Per image, its views' JPEG bytes -> the (images, V) object array a store shard's ``jpeg`` dataset takes."""
+    out = np.empty((len(codes), len(codes[0]) if codes else 0), dtype=object)
+    for j, views in enumerate(codes):
+        for v, code in enumerate(views):
+            out[j, v] = code
+    return out

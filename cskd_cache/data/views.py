@@ -30,6 +30,7 @@ __all__ = [
     "render_tensor",
     "render",
     "random_resized_crop",
+    "draft_target",
 ]
 
 INTERPOLATIONS = {
@@ -193,6 +194,16 @@ def render_tensor(img: Image.Image, view: Sequence[float], size: int | Sequence[
                   mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """render_view then to_tensor: the exact input a model sees for this view."""
     return to_tensor(render_view(img, view, size, interpolation), mean, std)
+
+
+def draft_target(input_cfg: dict, boxes, keep: float = 1.0):
+    """For draft decoding (`images.load_rgb`'s ``draft``): a function of the full image size giving the smallest
+    decoded size at which every one of ``boxes``, shrunk to ``keep`` of its side (a jitter inside it), still has
+    one source pixel per input pixel of a model with ``input_cfg``."""
+    h, w = _hw(input_cfg["size"])
+    fw = keep * min(float(b[2]) - float(b[0]) for b in boxes)
+    fh = keep * min(float(b[3]) - float(b[1]) for b in boxes)
+    return lambda width, height: (w / max(1e-6, fw), h / max(1e-6, fh))
 
 
 def render(img: Image.Image, view: Sequence[float], input_cfg: dict) -> torch.Tensor:

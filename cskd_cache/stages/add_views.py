@@ -2,7 +2,7 @@
 
 One pass over the original images, one shard per feature-cache shard (`cache.view_store` has the format): each
 image is read once, checked against the digest its row recorded (a remapped root that shows other photos is
-refused), and each of its V views is cut (`view_store.cut_view`) and JPEG-coded. Resumable like extract: a shard
+refused), and each of its V views is cut and JPEG-coded (`data.view_cuts`, the recipe extract uses too). Resumable like extract: a shard
 counts once its file and sidecar both exist and the sidecar names this store's fingerprint and the feature shard's
 sha256; a rerun of the same command does only the rest, and a killed run leaves only temporaries the rerun
 removes. Under torchrun rank r writes shards ``s % world == r`` and rank 0 writes the manifest.
@@ -27,7 +27,7 @@ from ..cache.reader import open_cache
 from ..cache.shards import ShardWriter
 from ..cache.view_store import STORE_FORMAT, StoreError, shard_attrs, store_dir, store_manifest
 from ..data.images import DEFAULT_MAX_PIXELS, RowImages
-from ..data.view_cuts import cut_views
+from ..data.view_cuts import cut_views, jpeg_rows
 
 __all__ = ["AddViewsResult", "run_add_views", "check_store_options", "check_existing_store", "DEFAULT_QUALITY"]
 
@@ -167,13 +167,10 @@ def run_add_views(cache_path, size: int, quality: int = DEFAULT_QUALITY, cache_i
                                     batch_size=batch_size, num_workers=num_workers, collate_fn=list)
                 start = 0
                 for batch in loader:
-                    jpeg = np.empty((len(batch), cache.n_views), dtype=object)
-                    for j, (codes, _) in enumerate(batch):
-                        for v, code in enumerate(codes):
-                            jpeg[j, v] = code
                     sel = rows[start:start + len(batch)]
                     writer.append({"key": [cache.keys[r] for r in sel], "source": [cache.sources[r] for r in sel],
-                                   "jpeg": jpeg, "shape": np.stack([s for _, s in batch])})
+                                   "jpeg": jpeg_rows([codes for codes, _ in batch]),
+                                   "shape": np.stack([s for _, s in batch])})
                     start += len(batch)
                     count += len(batch) * cache.n_views
                     if on_progress:

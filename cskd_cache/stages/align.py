@@ -43,7 +43,6 @@ from .. import dist
 from ..cache.paths import check_images, parse_image_root, resolve_paths
 from ..cache.reader import open_cache
 from ..cache.stats import embed_stats
-from ..cache.view_store import list_stores
 from ..data.datasets import CachedViews, StepBatches, collate, mix_seed
 from ..errors import TrainError
 from ..losses.align import AlignLoss
@@ -54,7 +53,7 @@ from ..train.engine import Task, fit, param_groups, plan_steps, resolve_device, 
 from ..train.engine import train_step as engine_step
 from ..train.run_dir import prepare_run_dir
 from .align_eval import evaluate, split_rows
-from .view_pixels import resolve_view_pixels
+from .view_pixels import resolve_view_pixels, store_may_serve
 
 __all__ = ["AlignConfig", "AlignError", "AlignTask", "run_align", "train_step"]
 
@@ -219,9 +218,8 @@ def run_align(cfg: AlignConfig, on_progress: Callable[[dict], None] | None = Non
     if len(train_rows) == 0:
         raise AlignError(f"{cache.path}: no training rows left after holding out {cfg.eval_fraction:g}; lower "
                          "--eval-fraction")
-    # A store, when one will serve the views, means the originals may be gone: they are checked only when read.
-    checked = cfg.view_pixels in ("originals", "exact") or not list_stores(cache.path)
-    if checked:
+    deferred = store_may_serve(cache, cfg.view_pixels)
+    if not deferred:
         check_images(cache, paths, range(len(cache)))
     ckpt = prepare_run_dir(cfg, Path(cfg.out))
     dist.barrier()
@@ -230,7 +228,7 @@ def run_align(cfg: AlignConfig, on_progress: Callable[[dict], None] | None = Non
     status = on_status if on_status and dist.rank() == 0 else (lambda m: None)
     store, pixels = resolve_view_pixels(cache, cfg.view_pixels, model.student.input_cfg, jitter=False,
                                         verify=not cfg.no_verify, status=status)
-    if store is None and not checked:
+    if store is None and deferred:
         check_images(cache, paths, range(len(cache)))
     train_ds, eval_ds, stats = _datasets(cfg, cache, paths, train_rows, eval_rows, model.student.input_cfg,
                                          loss_fn.uses_tokens, store)

@@ -48,7 +48,6 @@ import torch
 from .. import dist
 from ..cache.paths import check_images, parse_image_root, resolve_paths
 from ..cache.reader import FeatureCache, open_cache
-from ..cache.view_store import list_stores
 from ..data.datasets import CachedViews
 from ..errors import MissingFile, TrainError
 from ..evaluate.metrics import evaluate_predictions
@@ -77,7 +76,7 @@ from .teacher_predictions import (
     ensure_predictions,
     run_teacher_compute,
 )
-from .view_pixels import resolve_view_pixels
+from .view_pixels import resolve_view_pixels, store_may_serve
 
 __all__ = ["DistillConfig", "DistillError", "run_distill", "unlabelled_pool"]
 
@@ -215,8 +214,8 @@ def _link(cfg: DistillConfig, labels: LabelSet, cache: FeatureCache, status) -> 
     if len(held):
         status(f"{len(held)} cache rows are val/test images and were left out of the unlabelled pool")
     paths = resolve_paths(cache, image_root)
-    if cfg.view_pixels in ("originals", "exact") or not list_stores(cache.path):
-        check_images(cache, paths, pool)  # else after the pixel source is known: a store needs no originals
+    if not store_may_serve(cache, cfg.view_pixels):
+        check_images(cache, paths, pool)  # else once the pixel source is known: a store needs no originals
     return link, {lb.key: int(r) for lb, r in zip(labels.labels, link.rows)}, pool, held, paths
 
 
@@ -304,7 +303,7 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     store, pixels = resolve_view_pixels(cache, cfg.view_pixels, student.input_cfg, jitter=cfg.jitter_views,
                                         verify=not cfg.no_verify,
                                         status=status if dist.rank() == 0 else (lambda m: None))
-    if store is None and cfg.view_pixels not in ("originals", "exact") and list_stores(cache.path):
+    if store is None and store_may_serve(cache, cfg.view_pixels):
         check_images(cache, paths, pool)
     streams = _streams(cfg, cache, train, train_rows, pool, paths, preds, kind, student.input_cfg, store)
     # validation decodes whole, as `cskd evaluate` and `cskd predict` do, so a val score is the score they give

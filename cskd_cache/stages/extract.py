@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .. import __version__, dist
+from ..cache import view_store
 from ..cache.lock import DirLock, remove_dead_temporaries
 from ..cache.manifest import (
     DUPLICATES_NAME,
@@ -44,9 +45,11 @@ from ..cache.shards import DiskFull, ShardWriter, check_free_space, estimate_sha
 from ..data.extract_views import ExtractViews, collate
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..data.sources import Item, Plan, plan_sources, sources_to_json
+from ..data.view_cuts import jpeg_rows
 from ..data.views import ViewPolicy
 from ..files import claim_out_dir
 from ..train.config import CommandConfig
+from .add_views import check_existing_store, check_store_options, run_add_views
 
 
 @dataclass
@@ -321,14 +324,13 @@ def run_extract(cfg: ExtractConfig, *, teacher=None,
                 on_plan_progress: Callable[[int, int], None] | None = None,
                 on_store_progress: Callable[[int, int], None] | None = None) -> ExtractResult:
     """Extract (or resume extracting) a cache. Under torchrun each rank writes a disjoint set of shards and
-    rank 0 finalises the manifest. With ``store_views`` the finished cache then gets its view store
-    (`add_views.run_add_views`, resumable on its own: a rerun finishes whichever part is unfinished)."""
+    rank 0 finalises the manifest. With ``store_views`` each view is also cut into the view store from the same
+    decode (`_StoreShards`); `add_views.run_add_views` then writes the store's manifest and cuts any shard a kill
+    left unfinished."""
     if cfg.store_views is not None:
-        from .add_views import check_store_options
         check_store_options(cfg.store_views, cfg.store_quality)
     result = _extract(cfg, teacher, on_progress, on_status, on_plan_progress)
     if cfg.store_views is not None:
-        from .add_views import run_add_views
         result.store = run_add_views(result.cache, cfg.store_views, cfg.store_quality, batch_size=cfg.batch_size,
                                      num_workers=cfg.num_workers, max_pixels=cfg.max_pixels,
                                      on_progress=on_store_progress, on_status=on_status)
@@ -525,13 +527,9 @@ class _StoreShards:
     not finish (a kill between the two) is simply cut again there."""
 
     def __init__(self, cfg: ExtractConfig, manifest: dict, out: Path):
-        from ..cache.view_store import store_dir, store_manifest
-
-        self.m = store_manifest(cfg.views, cfg.store_views, cfg.store_quality, manifest["fingerprint"],
-                                manifest["inputs"]["inputs_sha256"])
-        from .add_views import check_existing_store
-
-        self.dir = store_dir(out, cfg.store_views)
+        self.m = view_store.store_manifest(cfg.views, cfg.store_views, cfg.store_quality, manifest["fingerprint"],
+                                           manifest["inputs"]["inputs_sha256"])
+        self.dir = view_store.store_dir(out, cfg.store_views)
         check_existing_store(self.dir, self.m)  # never cut over a store of another quality
         self.dir.mkdir(exist_ok=True)
         self.writer = None
@@ -541,17 +539,11 @@ class _StoreShards:
         self.index = index
 
     def append(self, rows: dict, good: list[dict]) -> None:
-        jpeg = np.empty((len(good), len(good[0]["jpeg"])), dtype=object)
-        for j, b in enumerate(good):
-            for v, code in enumerate(b["jpeg"]):
-                jpeg[j, v] = code
-        self.writer.append({"key": rows["key"], "source": rows["source"], "jpeg": jpeg,
+        self.writer.append({"key": rows["key"], "source": rows["source"], "jpeg": jpeg_rows([b["jpeg"] for b in good]),
                             "shape": np.stack([b["jpeg_shape"] for b in good])})
 
     def finish(self, feature_record: dict) -> None:
-        from ..cache.view_store import shard_attrs as store_attrs
-
-        self.writer.finish([], store_attrs(self.m, self.index),
+        self.writer.finish([], view_store.shard_attrs(self.m, self.index),
                            {"fingerprint": self.m["fingerprint"], "feature_sha256": feature_record["sha256"]})
         self.writer = None
 

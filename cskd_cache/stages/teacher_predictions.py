@@ -50,7 +50,7 @@ from ..cache.manifest import MANIFEST_NAME, CacheError, canonical_json, file_sha
 from ..cache.reader import FeatureCache
 from ..cache.shards import ShardWriter
 from ..data.images import DEFAULT_MAX_PIXELS, RowImages
-from ..data.views import render
+from ..data.views import draft_target, render
 from ..errors import ConfigError
 from ..files import read_json
 
@@ -344,12 +344,7 @@ class _RowViews(Dataset):
         if self.store is not None:  # each stored view is exactly its box: render all of it, with the view's flip
             return torch.stack([render(self.store.image(row, v), [0.0, 0.0, 1.0, 1.0, b[4]], c)
                                 for v, b in enumerate(self.boxes[i])])
-        draft = None
-        if self.draft:
-            h, w = (c["size"], c["size"]) if isinstance(c["size"], int) else c["size"]
-            fw = min(float(b[2] - b[0]) for b in self.boxes[i])
-            fh = min(float(b[3] - b[1]) for b in self.boxes[i])
-            draft = lambda W, H: (w / max(1e-6, fw), h / max(1e-6, fh))  # noqa: E731
+        draft = draft_target(c, self.boxes[i]) if self.draft else None
         img = self.images.load(self.paths[i], row, draft=draft)
         return torch.stack([render(img, b, c) for b in self.boxes[i]])
 

@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import math
 
-from ..cache.view_store import StoreError, ViewStore, find_store, needed_size
+from ..cache.view_store import StoreError, ViewStore, find_store, list_stores, needed_size
 
-__all__ = ["resolve_view_pixels", "suggest_size"]
+__all__ = ["resolve_view_pixels", "suggest_size", "store_may_serve"]
 
 
 def suggest_size(need: int) -> int:
     """A store size to recommend for ``need`` px: rounded up to a multiple of 32 (251 -> 256)."""
     return int(math.ceil(need / 32) * 32)
+
+
+def store_may_serve(cache, mode: str) -> bool:
+    """Whether a view store may serve this run's cached views, so that the original images may be gone and are
+    checked only once `resolve_view_pixels` has said they will be read."""
+    return mode in ("auto", "store") and bool(list_stores(cache.path))
 
 
 def resolve_view_pixels(cache, mode: str, input_cfg: dict, jitter: bool, verify: bool = True,
