@@ -35,6 +35,9 @@ EpochsOpt = Annotated[int, typer.Option(min=1, help="Passes over the main stream
                                                     "ignored with --max-steps.")]
 MaxStepsOpt = Annotated[Optional[int], typer.Option(min=1, help="Train for exactly N optimiser steps instead of "
                                                                 "--epochs (default: use --epochs).")]
+EvalEveryOpt = Annotated[Optional[int], typer.Option(min=1, help="Validate and checkpoint every N steps instead of "
+                                                                "after each pass over the main stream (pair it "
+                                                                "with --max-steps to schedule by steps).")]
 BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Images per step and process (labelled images in "
                                                        "finetune and distill).")]
 SizeOpt = Annotated[Optional[int], typer.Option(min=8, help="Input size in pixels (square) of the model being "
@@ -95,7 +98,8 @@ NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="Skip the one-tim
 # `with_options` (name, annotation, default): the flags, their help and their defaults are the same everywhere.
 TRAIN_OPTIONS = (
     ("out", OutOpt, None), ("config", ConfigOpt, None), ("epochs", EpochsOpt, 10), ("max_steps", MaxStepsOpt, None),
-    ("batch_size", BatchSizeOpt, 32), ("size", SizeOpt, None), ("lr", LrOpt, 1e-3), ("lr_encoder", LrEncoderOpt, None),
+    ("eval_every", EvalEveryOpt, None), ("batch_size", BatchSizeOpt, 32), ("size", SizeOpt, None),
+    ("lr", LrOpt, 1e-3), ("lr_encoder", LrEncoderOpt, None),
     ("weight_decay", WeightDecayOpt, 0.05), ("warmup_fraction", WarmupFractionOpt, 0.05),
     ("min_lr_fraction", MinLrFractionOpt, 0.01), ("clip_grad", ClipGradOpt, 1.0), ("ema", EmaOpt, 0.0),
     ("seed", SeedOpt, 0), ("num_workers", NumWorkersOpt, 2), ("device", DeviceOpt, "auto"), ("amp", AmpOpt, True),

@@ -177,6 +177,28 @@ def test_resume_reaches_the_same_weights(data, tmp_path):
     assert ma == mb
 
 
+def test_eval_every_schedules_validation_by_steps_whatever_the_label_count(data, tmp_path):
+    # 10% of the train labels is 3 steps per pass at batch 8, all of them 4x as many: with --eval-every the
+    # validation and checkpoint steps are the same at both counts, and a kill between them resumes identically.
+    steps = {}
+    for fraction in (0.1, 1.0):
+        out = tmp_path / f"f{fraction}"
+        s = run_finetune(cfg(data, out, max_steps=10, eval_every=4, label_fraction=fraction))
+        evals = [r for r in read_metrics(out / "metrics.jsonl") if r["type"] == "eval"]
+        steps[fraction] = [r["step"] for r in evals]
+        assert s["step"] == 10 and sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "epoch-0003"
+        assert yaml.safe_load((out / "config.yaml").read_text())["resolved"]["steps_per_epoch"] == 4
+    assert steps[0.1] == steps[1.0] == [0, 4, 8, 10]
+    part = cfg(data, tmp_path / "part", max_steps=10, eval_every=4, keep_checkpoints=0)
+    with pytest.raises(Crash):
+        run_finetune(part, on_progress=crash_in_second_epoch())
+    run_finetune(FinetuneConfig(**{**part.to_dict(), "resume": True}))
+    wa, wb = (load_file(tmp_path / x / "iaa_model.safetensors") for x in ("f1.0", "part"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(FinetuneError, match="--eval-every must be >= 1"):
+        run_finetune(cfg(data, tmp_path / "bad", eval_every=0))
+
+
 def test_model_ema_follows_its_formula():
     from cskd_cache.train.ema import ModelEma
 

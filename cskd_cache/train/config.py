@@ -122,6 +122,7 @@ class TrainConfig(CommandConfig):
     out: str = ""
     epochs: int = 10
     max_steps: int | None = None
+    eval_every: int | None = None  # steps between evaluations/checkpoints (None: one pass over the main stream)
     batch_size: int = 32
     size: int | None = None  # input size of the model being trained (None: its own)
     lr: float = 1e-3
@@ -151,6 +152,8 @@ class TrainConfig(CommandConfig):
         err = self.error
         if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
             raise err("--epochs and --max-steps must be >= 1")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise err(f"--eval-every must be >= 1 step, got {self.eval_every}")
         if self.batch_size < 1:
             raise err("--batch-size must be >= 1")
         if not 0 <= self.warmup_fraction <= 1 or not 0 <= self.min_lr_fraction <= 1:

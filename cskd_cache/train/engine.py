@@ -116,7 +116,9 @@ def check_finite(values: dict[str, float], step: int, epoch: int, lr_flags: str 
 
 @dataclass(frozen=True)
 class Plan:
-    """How many optimiser steps, in how many epochs, with which learning-rate multiplier at each step."""
+    """How many optimiser steps, in how many epochs, with which learning-rate multiplier at each step. An "epoch"
+    here is the interval between evaluations and checkpoints: one pass over the main stream, or ``eval_every``
+    steps when the config sets it."""
 
     steps_per_epoch: int
     total: int
@@ -130,10 +132,13 @@ class Plan:
 
 
 def plan_steps(cfg, steps_per_epoch: int) -> Plan:
-    """``cfg.max_steps`` steps if set, else ``cfg.epochs`` epochs; warm-up and decay as fractions of all steps."""
+    """``cfg.max_steps`` steps if set, else ``cfg.epochs`` epochs; warm-up and decay as fractions of all steps.
+    ``cfg.eval_every`` (steps) replaces the pass over the data as the interval between evaluations, so that a
+    step budget validates as often at 5% of the labels as at 100% (a pass over 5% is a handful of steps)."""
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    interval = min(getattr(cfg, "eval_every", None) or steps_per_epoch, total)
     warmup = round(total * cfg.warmup_fraction)
-    return Plan(steps_per_epoch, total, math.ceil(total / steps_per_epoch), warmup,
+    return Plan(interval, total, math.ceil(total / interval), warmup,
                 cosine_schedule(total, warmup, final=cfg.min_lr_fraction))
 
 
