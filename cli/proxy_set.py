@@ -25,6 +25,11 @@ def proxy_set(
     levels: Annotated[int, typer.Option(min=1, max=5, help="Severity levels drawn from (1..5).")] = 5,
     kinds: Annotated[str, typer.Option(help="Comma-separated degradations.")] = "blur,noise,jpeg,exposure,colour",
     size: Annotated[int, typer.Option(min=8, help="Working size: shorter side in pixels.")] = 256,
+    content_weight: Annotated[float, typer.Option(min=0, max=1, help="Content variant: score = (1 - W) x quality + W "
+                                                  "x a seeded preference of the photo's content group (blocks of "
+                                                  "the sorted file names, e.g. neighbouring ImageNet classes; "
+                                                  "written to content.csv). 0 = quality only.")] = 0.0,
+    content_groups: Annotated[int, typer.Option(min=2, help="Content groups of --content-weight.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the split, the drawn degradations and their noise.")] = 0,
     workers: Annotated[int, typer.Option(min=1, help="Processes; the output does not depend on it.")] = 1,
     config: DefaultsOpt = None,
@@ -48,7 +53,8 @@ def proxy_set(
     with failing():
         labels = build_proxy_set(paths, out, levels=levels, kinds=[k.strip() for k in kinds.split(",") if k.strip()],
                                  per_image=per_image, seed=seed, size=size, workers=workers,
-                                 unlabelled_per_image=unlabelled_per_image)
+                                 unlabelled_per_image=unlabelled_per_image, content_weight=content_weight,
+                                 content_groups=content_groups)
     console.print(summarise(labels), highlight=False)
     if unlabelled_per_image:
         n_unl = len((out / "unlabelled.csv").read_text(encoding="utf-8").splitlines()) - 1  # minus the header

@@ -182,6 +182,35 @@ def test_unlabelled_extras_are_train_only_new_pairs_and_leave_labels_unchanged(b
         r["path"] for r in _rows(fewer))
 
 
+def test_content_variant_mixes_a_per_group_preference_into_every_score(built, tmp_path):
+    root, srcs, labels = built
+    out = build_proxy_set(srcs, tmp_path / "content", per_image=3, seed=7, size=48, content_weight=0.5,
+                          content_groups=4)
+    groups = {r["source"]: (int(r["group"]), float(r["preference"])) for r in _rows(out.parent / "content.csv")}
+    names = sorted(groups)
+    # contiguous blocks of the sorted names (5 sources each), one preference per block, the 4 values 1, 4, 7, 10
+    assert [groups[n][0] for n in names] == [i // 5 for i in range(20)]
+    assert sorted({p for _, p in groups.values()}) == [1.0, 4.0, 7.0, 10.0]
+    assert len({groups[n] for n in names}) == 4
+    plain = {r["path"]: r for r in _rows(labels)}
+    for r in _rows(out):
+        quality = level_score(int(r["level"]))
+        assert float(r["score"]) == pytest.approx(0.5 * quality + 0.5 * groups[r["source"]][1], abs=0.006)
+        assert r["split"] == plain[r["path"]]["split"] and r["kind"] == plain[r["path"]]["kind"]
+        # the images themselves are those of the quality-only build: only the labels change
+        assert (out.parent / r["path"]).read_bytes() == (labels.parent / r["path"]).read_bytes()
+    # a source's scores still fall with level, but a pristine photo of a disliked group can rank below a
+    # degraded photo of a liked one: content matters
+    rows = _rows(out)
+    pristine_low = min(float(r["score"]) for r in rows if r["kind"] == "pristine")
+    degraded_high = max(float(r["score"]) for r in rows if r["kind"] != "pristine")
+    assert pristine_low < degraded_high
+    again = build_proxy_set(srcs, tmp_path / "content", per_image=3, seed=7, size=48)  # rebuilt without content
+    assert again.read_bytes() == labels.read_bytes() and not (again.parent / "content.csv").exists()
+    with pytest.raises(ValueError, match="content_weight must be in"):
+        build_proxy_set(srcs, tmp_path / "bad", content_weight=1.5)
+
+
 def test_labels_parse_through_load_labels(built):
     _, srcs, labels = built
     rows = _rows(labels)

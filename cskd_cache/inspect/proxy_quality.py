@@ -41,6 +41,15 @@ drawn without repetition from the grid pairs its labelled versions did not use (
 no score: they are never labels). They are the semi-supervised pool a teacher labels; val and test sources get
 none, so no version of a held-out photo is ever trained on.
 
+Content variant (``content_weight`` W > 0). The degradation recipe asks a student to see distortions an ImageNet
+network's features are trained to ignore; real aesthetic scores also depend on content, which a pretrained
+teacher's features do encode. With W > 0 every score becomes ``(1 - W) x quality + W x preference(group)``: the
+sorted source names are cut into ``content_groups`` contiguous blocks (for ImageNet-sample's ``nXXXXXXXX_name``
+files that is blocks of adjacent ImageNet classes: fish and birds, dogs, insects, tools...), and each block gets a
+preference drawn once from 1 + 9 x k / (G - 1), k a permutation of 0..G-1 seeded with (seed, "content"). The
+groups are written to ``content.csv`` (``source,group,preference``). Unlike the degradations, the groups depend
+on which sources are in the set (they are blocks of its sorted names).
+
 Split by source photo (every version of a photo in the same split, so no near-duplicate leaks between splits):
 the sorted source names are shuffled by ``seed`` and cut 70/10/20 into train/val/test (exact counts, rounded).
 
@@ -78,6 +87,8 @@ DIST_STD = 1.0
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.1), ("test", 0.2))
 COLUMNS = ("path", "score", "dist", "split", "source", "kind", "level", "param")
 UNLABELLED_COLUMNS = ("path", "source", "kind", "level", "param")
+CONTENT_COLUMNS = ("source", "group", "preference")
+CONTENT_GROUPS = 8
 
 # parameter ladders, index = level - 1 (see the module docstring)
 BLUR_SIGMA = (0.8, 1.5, 2.5, 4.0, 6.0)
@@ -182,6 +193,14 @@ def _draw_versions(name: str, seed: int, n: int, kinds: Sequence[str], levels: i
     return sorted((grid[j] for j in pick), key=lambda kl: (kinds.index(kl[0]), kl[1]))
 
 
+def content_preferences(names: Sequence[str], groups: int, seed: int) -> dict[str, tuple[int, float]]:
+    """{source: (group, preference)}: contiguous blocks of the sorted names, a seeded preference per block."""
+    order = sorted(names)
+    perm = _rng(seed, "content").permutation(groups)
+    pref = [1.0 + 9.0 * int(k) / max(1, groups - 1) for k in perm]
+    return {n: (i * groups // len(order), pref[i * groups // len(order)]) for i, n in enumerate(order)}
+
+
 def _write_version(im: Image.Image, name: str, kind: str, level: int, seed: int, out_dir: Path,
                    folder: str) -> tuple[str, str]:
     out, param = degrade(im, kind, level, _rng(seed, name, kind, level))
@@ -235,8 +254,9 @@ def _write_bytes(data: bytes, path: Path) -> None:
 
 
 def _process(src: Path, name: str, split: str, out_dir: Path, size: int, seed: int, per_image: int,
-             kinds: Sequence[str], levels: int, unlabelled_per_image: int = 0) -> tuple[list[dict], list[dict]]:
-    """(labelled rows, unlabelled rows) of one source."""
+             kinds: Sequence[str], levels: int, unlabelled_per_image: int = 0,
+             content: tuple[float, float] = (0.0, 0.0)) -> tuple[list[dict], list[dict]]:
+    """(labelled rows, unlabelled rows) of one source; ``content`` = (weight, this source's preference)."""
     im = _fit_short_side(load_rgb(src), size)
     rows = []
     rel = Path("images") / f"{name}__pristine.png"
@@ -246,8 +266,9 @@ def _process(src: Path, name: str, split: str, out_dir: Path, size: int, seed: i
     for kind, level in versions:
         path, param = _write_version(im, name, kind, level, seed, out_dir, "images")
         rows.append({"path": path, "level": level, "kind": kind, "param": param})
+    weight, pref = content
     for r in rows:
-        score = level_score(r["level"])
+        score = round((1.0 - weight) * level_score(r["level"]) + weight * pref, 6)
         r.update(score=f"{score:.2f}", dist=_fmt_dist(score_dist(score)), split=split, source=name)
     extra = []
     if split == "train" and unlabelled_per_image:
@@ -282,12 +303,14 @@ def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
 
 def build_proxy_set(src_images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, levels: int = LEVELS,
                     kinds: Sequence[str] = KINDS, per_image: int = 4, seed: int = 0, size: int = 256,
-                    workers: int = 1, unlabelled_per_image: int = 0) -> Path:
+                    workers: int = 1, unlabelled_per_image: int = 0, content_weight: float = 0.0,
+                    content_groups: int = CONTENT_GROUPS) -> Path:
     """Write the pristine + ``per_image`` degraded versions of every source image and ``labels.csv`` (and, with
     ``unlabelled_per_image`` > 0, the train sources' unlabelled extras and ``unlabelled.csv``).
 
     src_images: image files; their file names (without extension) must be unique, they name the outputs.
     levels: severity levels 1..levels (at most 5) drawn from; kinds: a subset of `KINDS`.
+    content_weight, content_groups: the content variant (module docstring; 0 = quality only).
     Returns the path of ``labels.csv``. Undecodable sources are skipped and listed in ``skipped.txt``.
     workers > 1 processes sources in parallel; the output does not depend on it.
     """
@@ -297,15 +320,19 @@ def build_proxy_set(src_images: Sequence[str | os.PathLike], out_dir: str | os.P
     if not srcs:
         raise DataError("no source images")
     names = _source_names(srcs)
+    if not 0.0 <= content_weight <= 1.0 or content_groups < 2:
+        raise DataError(f"content_weight must be in [0, 1] and content_groups >= 2, got {content_weight}, "
+                        f"{content_groups}")
     splits = split_sources(names, seed)
+    prefs = content_preferences(names, content_groups, seed) if content_weight > 0 else {}
     out_dir = Path(out_dir)
     _claim(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     if unlabelled_per_image:
         (out_dir / "unlabelled").mkdir(exist_ok=True)
     jobs = sorted(zip(names, srcs))
-    args = [(src, name, splits[name], out_dir, size, seed, per_image, kinds, levels, unlabelled_per_image)
-            for name, src in jobs]
+    args = [(src, name, splits[name], out_dir, size, seed, per_image, kinds, levels, unlabelled_per_image,
+             (content_weight, prefs[name][1]) if prefs else (0.0, 0.0)) for name, src in jobs]
     results: list[tuple[list[dict], list[dict]] | str] = []
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -331,6 +358,12 @@ def build_proxy_set(src_images: Sequence[str | os.PathLike], out_dir: str | os.P
         _write_csv(unl, UNLABELLED_COLUMNS, extra)
     elif unl.exists():  # a rebuild without extras must not leave the last build's list behind
         unl.unlink()
+    groups_csv = out_dir / "content.csv"
+    if prefs:
+        _write_csv(groups_csv, CONTENT_COLUMNS, [{"source": n, "group": g, "preference": f"{p:.2f}"}
+                                                 for n, (g, p) in sorted(prefs.items())])
+    elif groups_csv.exists():
+        groups_csv.unlink()
     # Nor its images: a folder scan (`cskd extract --images OUT/unlabelled`) would otherwise pick up versions no
     # list names any more (another per_image, seed or source set).
     _prune(out_dir, "images", {r["path"] for r in rows})
