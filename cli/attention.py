@@ -13,7 +13,6 @@ from ._options import DefaultsOpt, TrustCodeOpt
 
 
 def attention(
-    images: Annotated[Path, typer.Option(help="Folder of images (scanned recursively), shown to every model.")],
     out: Annotated[Path, typer.Option(help="Output folder: attention.json, attention_distance.png, "
                                            "attention_entropy.png.")],
     model: Annotated[Optional[str], typer.Option(help="Model: open_clip:NAME@PRETRAINED|none, "
@@ -21,6 +20,11 @@ def attention(
                                                       "distill run).")] = None,
     compare: Annotated[Optional[tuple[str, str]], typer.Option(help="Two models to overlay (e.g. run:BEFORE "
                                                                     "run:AFTER), same forms as --model.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of images (scanned recursively), shown to every "
+                                                        "model (needed with --model/--compare).")] = None,
+    cache: Annotated[Optional[list[Path]], typer.Option(help="A cache extracted with --attention-stats: its teacher's "
+                                                             "stored statistics are read, not recomputed. "
+                                                             "Repeatable.")] = None,
     max_images: Annotated[int, typer.Option(min=1, help="Use at most N images (a seeded sample when the folder "
                                                         "has more).")] = 64,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
@@ -37,8 +41,10 @@ def attention(
     from cskd_cache.train.engine import resolve_device
 
     specs = ([model] if model else []) + [s for s in (compare or ()) if s]
-    if not specs:
-        fail("no model: pass --model SPEC and/or --compare SPEC_A SPEC_B", code=2)
+    if not specs and not cache:
+        fail("no model: pass --model SPEC, --compare SPEC_A SPEC_B and/or --cache CACHE", code=2)
+    if specs and images is None:
+        fail("--model/--compare need --images FOLDER (the images shown to every model)", code=2)
     with failing():
         dev = resolve_device(device)
     bars = {}
@@ -48,7 +54,8 @@ def attention(
             update(sum(d for d, _ in bars.values()), total * len(specs))
 
         result = run_attention(specs, images, out, max_images=max_images, batch_size=batch_size, device=str(dev),
-                               seed=seed, max_pixels=max_pixels, on_progress=on_progress, trust_code=trust_code)
+                               seed=seed, max_pixels=max_pixels, on_progress=on_progress, trust_code=trust_code,
+                               caches=[str(c) for c in cache or []])
     table = Table(title=f"cskd attention -> {out}")
     for col in ("model", "layers x heads", "images", "distance px (first -> last)", "entropy nats (first -> last)",
                 "uniform"):

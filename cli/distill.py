@@ -37,6 +37,10 @@ def distill(
                                                              "constraint, keeping each layer's mean attention "
                                                              "distance near the aligned student's own at the start "
                                                              "(0 = off, the default until measured).")] = 0.0,
+    attn_reference: Annotated[str, typer.Option(help="The profile --attn-distance keeps: student (the aligned "
+                                                     "student's own at the start) or teacher (the teacher's, stored "
+                                                     "by `cskd extract --attention-stats`, matched by relative "
+                                                     "depth).")] = "student",
     consistency: Annotated[float, typer.Option(min=0, help="Weight of consistency regularisation: each unlabelled "
                                                            "view's prediction on a second jitter is pulled towards "
                                                            "the first (stop-gradient; EMD, or MSE for scalar "

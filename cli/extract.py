@@ -58,6 +58,10 @@ def extract(
                                                        "side SIZE px, JPEG (a view store: training then never "
                                                        "decodes the originals; 256 covers 224 px students).")] = None,
     store_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality of --store-views.")] = 90,
+    attention_stats: Annotated[bool, typer.Option(help="Also store, per view, layer and head, the teacher's mean "
+                                                       "attention distance and entropy (ViT teachers; a few KB per "
+                                                       "image), read by `cskd attention --cache` and by `cskd distill "
+                                                       "--attn-reference teacher`.")] = False,
     config: DefaultsOpt = None,
 ) -> None:
     """Run a teacher once over images and store its embeddings and patch tokens in an HDF5 cache."""
@@ -72,7 +76,7 @@ def extract(
         seed=seed, tokens=tokens, token_grid=token_grid, layers=_layers(layers), batch_size=batch_size,
         num_workers=num_workers, device=device, shard_size=shard_size,
         compression=None if compression in (None, "none") else compression, max_pixels=max_pixels,
-        store_views=store_views, store_quality=store_quality)
+        store_views=store_views, store_quality=store_quality, attention_stats=attention_stats)
     if not cfg.images and not cfg.lists:
         fail("no input images: pass --images DIR and/or --list FILE", code=2)
     with failing():

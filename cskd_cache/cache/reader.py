@@ -78,6 +78,16 @@ class FeatureCache:
     def __len__(self) -> int:
         return self.n
 
+    def read_all(self, name: str) -> np.ndarray:
+        """Every row of a small per-row array (e.g. ``attn_distance``), read now from every shard."""
+        if name not in self.arrays:
+            raise CacheError(f"{self.path}: the cache has no {name!r} array (it has {', '.join(sorted(self.arrays))})")
+        parts = []
+        for p in self.shards:
+            with h5py.File(p, "r") as f:
+                parts.append(f[name][:])
+        return np.concatenate(parts)
+
     @functools.cached_property
     def rows_sha256(self) -> str:
         """sha256 over the ordered ``source \0 key \n`` list: which images the rows are, in order. Computed once

@@ -59,7 +59,7 @@ from ..errors import EvaluateError, MissingFile
 
 __all__ = ["NotAttentionModel", "UnsupportedAttention", "AttentionModel", "from_module", "load_attention_model",
            "attention_probs", "distance_matrix", "attention_stats", "measure", "select_images", "plot_attention",
-           "run_attention",
+           "run_attention", "stats_storage", "stored_record", "depth_matched",
            "FORMAT", "VERSION"]
 
 FORMAT = "cskd-attention"
@@ -308,12 +308,22 @@ def load_attention_model(spec: str, device: str | torch.device = "cpu", label: s
 class _Recorder:
     """Forward pre-hooks that turn each site's input into per-head sums of the statistics."""
 
-    def __init__(self, model: AttentionModel):
+    def __init__(self, model: AttentionModel, per_image: bool = False):
         self.model = model
         self.dist = distance_matrix(model.grid, model.patch_size)
         self.sums = [None] * len(model.sites)
+        self.per_image = per_image
+        self.last: list[dict | None] = [None] * len(model.sites)
         self.images = 0
         self.handles = []
+
+    def take(self) -> dict[str, np.ndarray]:
+        """With ``per_image``: (B, layers, heads) float32 ``distance`` and ``entropy`` of the last forward."""
+        if any(v is None for v in self.last):
+            raise UnsupportedAttention(f"{self.model.spec}: some attention modules never ran in the last forward")
+        out = {k: torch.stack([v[k] for v in self.last], 1).numpy().astype(np.float32) for k in ("distance", "entropy")}
+        self.last = [None] * len(self.model.sites)
+        return out
 
     def __enter__(self):
         for i, site in enumerate(self.model.sites):
@@ -346,6 +356,9 @@ class _Recorder:
                     "windowed or pooled attention is not supported")
             with torch.no_grad():
                 stats = attention_stats(attention_probs(module, x), self.model.num_prefix_tokens, self.dist)
+            if self.per_image:
+                self.last[i] = {k: v.float().cpu() for k, v in stats.items()}
+                return
             sums = {k: v.double().sum(0).cpu() for k, v in stats.items()}
             self.sums[i] = sums if self.sums[i] is None else {k: self.sums[i][k] + v for k, v in sums.items()}
         return hook
@@ -395,6 +408,44 @@ def measure(model: AttentionModel, images: Sequence[str | os.PathLike], batch_si
             "num_prefix_tokens": model.num_prefix_tokens, "num_layers": len(model.sites),
             "num_heads": model.num_heads, "images": rec.images, "skipped_images": skipped,
             "uniform_distance": ud, "uniform_entropy": ue, "layers": layers}
+
+
+def stats_storage(model: AttentionModel) -> dict:
+    """The manifest's ``storage.attention_stats`` for a teacher measured at extract time."""
+    ud, ue = _uniform(distance_matrix(model.grid, model.patch_size))
+    return {"num_layers": len(model.sites), "num_heads": model.num_heads, "input_size": list(model.input_size),
+            "patch_size": list(model.patch_size), "grid": list(model.grid),
+            "num_prefix_tokens": model.num_prefix_tokens, "family": model.family, "uniform_distance": ud,
+            "uniform_entropy": ue, "definitions": "cskd_cache.inspect.attention (docs/cache-format.md)"}
+
+
+def stored_record(cache, label: str | None = None) -> dict:
+    """The MODEL record of attention.json from a cache's stored teacher statistics (`cskd extract
+    --attention-stats`): every row's every view, averaged, without running the teacher again."""
+    info = cache.manifest.get("storage", {}).get("attention_stats")
+    if not info:
+        raise EvaluateError(f"{cache.path}: the cache holds no attention statistics; extract it with "
+                            "`cskd extract --attention-stats` (ViT teachers), or measure with --model")
+    dist, ent = cache.read_all("attn_distance").astype(np.float64), cache.read_all("attn_entropy").astype(np.float64)
+    d, e = dist.reshape(-1, *dist.shape[2:]).mean(0), ent.reshape(-1, *ent.shape[2:]).mean(0)
+    teacher = cache.manifest["teacher"]["spec"]
+    return {"label": label or f"{teacher} (stored in {cache.path.name})", "spec": teacher, "family": info["family"],
+            "input_size": info["input_size"], "patch_size": info["patch_size"], "grid": info["grid"],
+            "num_prefix_tokens": info["num_prefix_tokens"], "num_layers": info["num_layers"],
+            "num_heads": info["num_heads"], "images": int(dist.shape[0] * dist.shape[1]), "skipped_images": 0,
+            "uniform_distance": info["uniform_distance"], "uniform_entropy": info["uniform_entropy"],
+            "source": "cache", "layers": [{"layer": i, "distance": [float(v) for v in d[i]],
+                                           "entropy": [float(v) for v in e[i]]} for i in range(d.shape[0])]}
+
+
+def depth_matched(values: Sequence[float], n: int) -> list[float]:
+    """A per-layer profile of len(values) layers resampled to ``n`` layers by relative depth (layer i of n at
+    i / (n - 1) of the way through), linearly interpolated: how a 12-layer teacher's profile meets a 6-layer
+    student."""
+    v = np.asarray(values, dtype=np.float64)
+    if n == 1 or len(v) == 1:
+        return [float(v.mean())] * n
+    return [float(x) for x in np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(v)), v)]
 
 
 # --- plots and the whole command ----------------------------------------------------------------------------
@@ -455,22 +506,27 @@ def select_images(folder: str | os.PathLike, max_images: int | None, seed: int =
     return paths
 
 
-def run_attention(specs: Sequence[str], images: str | os.PathLike, out: str | os.PathLike,
+def run_attention(specs: Sequence[str], images: str | os.PathLike | None, out: str | os.PathLike,
                   max_images: int | None = 64, batch_size: int = 16, device: str = "cpu", seed: int = 0,
                   max_pixels: int | None = None, on_progress: Callable[[str, int, int], None] | None = None,
-                  trust_code: bool = False) -> dict:
-    """Measure every model over the same images; write OUT/attention.json, attention_distance.png and
+                  trust_code: bool = False, caches: Sequence[str | os.PathLike] = ()) -> dict:
+    """Measure every model over the same images, and read the stored teacher statistics of every cache in
+    ``caches`` (no teacher is run for those); write OUT/attention.json, attention_distance.png and
     attention_entropy.png (temp names renamed at the end, so a failure leaves no partial output)."""
     from ..cache.manifest import write_json
+    from ..cache.reader import open_cache
 
-    if not specs:
+    if not specs and not caches:
         raise EvaluateError("no model given")
+    if specs and images is None:
+        raise EvaluateError("measuring a model needs --images (a folder of images)")
     from ..files import claim_out_dir
 
     claim_out_dir(out, "attention.json", "attention report")
-    paths = select_images(images, max_images, seed)
+    # Stored statistics are read first: a cache without them is refused before any model is loaded.
+    records = [stored_record(open_cache(c)) for c in caches]
+    paths = select_images(images, max_images, seed) if specs else []
     dev = torch.device(device)
-    records = []
     for spec, label in zip(specs, _labels(specs)):
         model = load_attention_model(spec, device=dev, label=label, trust_code=trust_code)
         cb = (lambda d, t, _l=label: on_progress(_l, d, t)) if on_progress else None
@@ -478,7 +534,8 @@ def run_attention(specs: Sequence[str], images: str | os.PathLike, out: str | os
         del model
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"format": FORMAT, "version": VERSION, "definitions": DEFINITIONS, "images_dir": str(images),
+    result = {"format": FORMAT, "version": VERSION, "definitions": DEFINITIONS,
+              "images_dir": str(images) if images is not None else None,
               "seed": seed, "models": records}
     pngs = {"distance": out / "attention_distance.png", "entropy": out / "attention_entropy.png"}
     tmps = {k: p.with_name(f".{p.name}.tmp") for k, p in pngs.items()}

@@ -113,6 +113,9 @@ class DistillConfig(IAATrainConfig):
     consistency: float = 0.0  # off until the ablation shows it earns its place (losses.consistency)
     rounds: int = 1  # collaborative rounds (`rounds`): each round's student teaches the next
     attn_distance: float = 0.0  # ViT students: keep per-layer attention distances near the aligned start's
+    # the profile --attn-distance keeps: "student" (its own at the start of Stage II) or "teacher" (the CLIP
+    # teacher's, stored in the cache by `cskd extract --attention-stats`, matched by relative depth)
+    attn_reference: str = "student"
 
     error: ClassVar[type] = DistillError
     command: ClassVar[str] = "distill"
@@ -125,6 +128,8 @@ class DistillConfig(IAATrainConfig):
                                "`cskd finetune` run)")
         if self.lambda_u < 0 or self.lambda_f < 0 or self.consistency < 0 or self.attn_distance < 0:
             raise DistillError("--lambda-u, --lambda-f, --consistency and --attn-distance must be >= 0")
+        if self.attn_reference not in ("student", "teacher"):
+            raise DistillError(f"--attn-reference must be student or teacher, got {self.attn_reference!r}")
         if self.consistency > 0 and not self.jitter_views:
             raise DistillError("--consistency compares two jitters of each cached view; it needs --jitter-views "
                                "(without jitter both views are the same pixels and agree trivially)")
@@ -278,6 +283,7 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     report_labels(labels, train, val, status)
     cache = open_cache(cfg.cache, verify=not cfg.no_verify)
     link, row_of, pool, held, paths = _link(cfg, labels, cache, status)
+    attn_teacher = _teacher_profile(cfg, cache)
     train_rows = np.array([row_of[lb.key] for lb in train.labels], np.int64)
     val_rows = np.array([row_of[lb.key] for lb in val.labels], np.int64)
     ckpt = prepare_run_dir(cfg, run_dir, own=OWN_NAMES)
@@ -323,7 +329,7 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
                    val=val_ds, device=device, lambda_u=cfg.lambda_u, lambda_f=cfg.lambda_f, embed_dim=cache.embed_dim,
                    distill_loss=cfg.distill_loss, temperature=cfg.temperature, facts=facts, status=status,
                    consistency=cfg.consistency, attn_distance=cfg.attn_distance,
-                   attn_reference=_saved_reference(run_dir) if ckpt is not None else None,
+                   attn_reference=_saved_reference(run_dir) if ckpt is not None else None, attn_teacher=attn_teacher,
                    extra_meta={"labels_spec": cfg.labels, "teacher": cfg.teacher, "cache": str(cache.path),
                                "cache_fingerprint": cache.manifest.get("fingerprint")})
     result = fit(task, cfg, run_dir=run_dir, ckpt=ckpt, device=device, plan=plan_steps(cfg, task.steps_per_epoch()),
@@ -333,6 +339,20 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
                    "unlabelled_rows": len(pool), "heldout_rows": len(held), "teacher": teacher_info,
                    "broken_images": len(train.unreadable) + len(val.unreadable), "seconds": time.perf_counter() - t0})
     return result
+
+
+def _teacher_profile(cfg: DistillConfig, cache) -> list[float] | None:
+    """--attn-reference teacher: the cached teacher's per-layer mean attention distance (over rows, views and
+    heads) as a fraction of uniform attention's on its grid, so that it can meet a student of another input size
+    and patch; refused before the run directory exists when the cache holds no statistics."""
+    if cfg.attn_distance <= 0 or cfg.attn_reference != "teacher":
+        return None
+    info = cache.manifest.get("storage", {}).get("attention_stats")
+    if not info:
+        raise DistillError(f"--attn-reference teacher: cache {cache.path} holds no attention statistics; extract it "
+                           "with `cskd extract --attention-stats` (a ViT teacher), or use --attn-reference student")
+    d = cache.read_all("attn_distance").astype(np.float64)
+    return [float(v) for v in d.mean(axis=(0, 1, 3)) / info["uniform_distance"]]
 
 
 def _saved_reference(run_dir: Path) -> list[float] | None:

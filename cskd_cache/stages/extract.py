@@ -74,6 +74,9 @@ class ExtractConfig(CommandConfig):
     max_pixels: int = DEFAULT_MAX_PIXELS
     store_views: int | None = None  # also cut every view into a view store of this short side (`add_views`)
     store_quality: int = 90
+    # per view, layer and head: the teacher's mean attention distance and entropy (`inspect.attention`), for
+    # `cskd attention --cache` and distill's teacher reference profile; ViT-family teachers only
+    attention_stats: bool = False
 
     command: ClassVar[str] = "extract"
     error: ClassVar[type] = CacheError
@@ -115,7 +118,17 @@ def _pool_grid(t: torch.Tensor, grid: int | None) -> torch.Tensor:
     return t.reshape(b, -1, c)
 
 
-def build_manifest(cfg: ExtractConfig, teacher, plan: Plan) -> dict:
+def attention_sites(cfg: ExtractConfig, teacher):
+    """The teacher as an `inspect.attention.AttentionModel` for --attention-stats, or a one-line refusal."""
+    from ..inspect.attention import NotAttentionModel, UnsupportedAttention, from_module
+
+    try:
+        return from_module(teacher.model, teacher.preprocess, teacher.preprocess_cfg["size"], cfg.teacher)
+    except (NotAttentionModel, UnsupportedAttention) as e:
+        raise CacheError(f"--attention-stats: {e}; drop --attention-stats for this teacher") from None
+
+
+def build_manifest(cfg: ExtractConfig, teacher, plan: Plan, attn=None) -> dict:
     """Everything that defines the cache's rows; `fingerprint` hashes the meaning-bearing part."""
     desc = teacher.describe()
     check_token_grid(cfg, teacher)
@@ -137,14 +150,21 @@ def build_manifest(cfg: ExtractConfig, teacher, plan: Plan) -> dict:
     layers = normalise_layers(cfg.layers, teacher.num_blocks)
     for i, (lgrid, lc) in layer_shapes(teacher, layers, cfg.token_grid).items():
         arrays[f"layer_{i}"] = {"shape": [None, v, lgrid[0] * lgrid[1], lc], "dtype": "float16", "grid": lgrid}
+    storage = {"tokens": cfg.tokens, "token_grid": grid, "native_grid": native, "layers": layers,
+               "token_source": "last block, final norm applied, prefix tokens split off"}
+    if attn is not None:
+        from ..inspect.attention import stats_storage
+
+        storage["attention_stats"] = stats_storage(attn)
+        for name in ("attn_distance", "attn_entropy"):
+            arrays[name] = {"shape": [None, v, len(attn.sites), attn.num_heads], "dtype": "float32"}
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "created_by": f"cskd {__version__}",
         "teacher": desc,
         "preprocess": teacher.preprocess_cfg,
         "views": cfg.policy().to_dict(),
-        "storage": {"tokens": cfg.tokens, "token_grid": grid, "native_grid": native, "layers": layers,
-                    "token_source": "last block, final norm applied, prefix tokens split off"},
+        "storage": storage,
         "arrays": arrays,
         "layout": {"shard_size": cfg.shard_size, "compression": cfg.compression},
         "inputs": {"images": len(plan.items), "inputs_sha256": plan.inputs_sha256},
@@ -370,7 +390,9 @@ def _extract(cfg, teacher, on_progress, on_status, on_plan_progress) -> ExtractR
         teacher = teacher or build_teacher(cfg.teacher, device=device)
         normalise_layers(cfg.layers, teacher.num_blocks)
         check_token_grid(cfg, teacher)
-        return _run_locked(cfg, teacher, out, device, rank, world, t_start, status, on_progress, on_plan_progress)
+        attn = attention_sites(cfg, teacher) if cfg.attention_stats else None
+        return _run_locked(cfg, teacher, out, device, rank, world, t_start, status, on_progress, on_plan_progress,
+                           attn)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a sidecar or the manifest hit the full disk
             raise DiskFull(f"{out}: disk full ({e}); free space and re-run the same command: complete shards are "
@@ -382,7 +404,7 @@ def _extract(cfg, teacher, on_progress, on_status, on_plan_progress) -> ExtractR
             out.rmdir()  # refused before writing anything: leave no empty folder behind
 
 
-def _run_locked(cfg, teacher, out, device, rank, world, t_start, status, on_progress, on_plan_progress):
+def _run_locked(cfg, teacher, out, device, rank, world, t_start, status, on_progress, on_plan_progress, attn=None):
     plan = None
     if rank == 0:
         status("listing and hashing input images")
@@ -393,7 +415,7 @@ def _run_locked(cfg, teacher, out, device, rank, world, t_start, status, on_prog
         raise CacheError(f"no input images found in {where}; pass --images DIR or --list FILE with image files "
                          f"({len(plan.missing)} listed files missing)")
 
-    manifest = build_manifest(cfg, teacher, plan)
+    manifest = build_manifest(cfg, teacher, plan, attn)
     n_shards = math.ceil(len(plan.items) / cfg.shard_size)
 
     if rank == 0:
@@ -420,7 +442,7 @@ def _run_locked(cfg, teacher, out, device, rank, world, t_start, status, on_prog
     t_loop = time.perf_counter()
     if mine:
         _extract_shards(cfg, teacher, plan, manifest, mine, out, device, timings,
-                        lambda n: on_progress and on_progress(n, total_images), images_done)
+                        lambda n: on_progress and on_progress(n, total_images), images_done, attn)
     timings["extract"] = time.perf_counter() - t_loop
 
     dist.barrier()
@@ -441,7 +463,7 @@ def _run_locked(cfg, teacher, out, device, rank, world, t_start, status, on_prog
         resumed_shards=len(done), timings=timings, fingerprint=manifest["fingerprint"])
 
 
-def _extract_shards(cfg, teacher, plan, manifest, shards, out, device, timings, progress, images_done):
+def _extract_shards(cfg, teacher, plan, manifest, shards, out, device, timings, progress, images_done, attn=None):
     size = cfg.shard_size
     shard_items: list[tuple[int, list[Item]]] = [(i, plan.items[i * size:(i + 1) * size]) for i in shards]
     flat = [it for _, items in shard_items for it in items]
@@ -464,6 +486,11 @@ def _extract_shards(cfg, teacher, plan, manifest, shards, out, device, timings, 
     cur, cur_index, writer, skipped = -1, -1, None, []
     count = images_done
     it_loader = iter(loader)
+    recorder = None
+    if attn is not None:
+        from ..inspect.attention import _Recorder
+
+        recorder = _Recorder(attn, per_image=True).__enter__()  # hooks on the teacher's own attention modules
     try:
         while True:
             t0 = time.perf_counter()
@@ -499,6 +526,10 @@ def _extract_shards(cfg, teacher, plan, manifest, shards, out, device, timings, 
                 with torch.inference_mode(), amp:
                     feats = teacher(x, layers=layers)
                 rows = _rows(feats, good, flat, cfg, layers, manifest)
+                if recorder is not None:
+                    stats = recorder.take()
+                    for k in ("distance", "entropy"):
+                        rows[f"attn_{k}"] = stats[k].reshape(len(good), cfg.views, *stats[k].shape[1:])
                 timings["forward"] += time.perf_counter() - t1
                 t2 = time.perf_counter()
                 writer.append(rows)
@@ -518,6 +549,9 @@ def _extract_shards(cfg, teacher, plan, manifest, shards, out, device, timings, 
         if store:
             store.abort()
         raise
+    finally:
+        if recorder is not None:
+            recorder.__exit__(None, None, None)
 
 
 class _StoreShards:

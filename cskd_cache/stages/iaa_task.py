@@ -150,7 +150,8 @@ class IAATask(Task):
                  val_labels: LabelSet, streams: list[Stream], val: CachedViews | None, device, lambda_u: float = 0.0,
                  lambda_f: float = 0.0, embed_dim: int | None = None, distill_loss: str = "emd",
                  temperature: float = 1.0, facts: dict | None = None, extra_meta: dict | None = None, status=None,
-                 consistency: float = 0.0, attn_distance: float = 0.0, attn_reference: list[float] | None = None):
+                 consistency: float = 0.0, attn_distance: float = 0.0, attn_reference: list[float] | None = None,
+                 attn_teacher: list[float] | None = None):
         self.cfg, self.kind, self.bins, self.labels, self.val_labels = cfg, kind, bins, labels, val_labels
         self.streams, self.device = streams, device
         head = build_head(kind, encoder.pooled_dim, bins)
@@ -168,7 +169,15 @@ class IAATask(Task):
         self.attn_distance, self.probe = attn_distance, None
         if attn_distance > 0:
             self.probe = AttentionProbe(encoder)
-            ref = attn_reference if attn_reference is not None else self._reference(streams[-1].dataset)
+            if attn_reference is not None:
+                ref = attn_reference
+            elif attn_teacher is not None:  # relative to uniform attention: rescaled to the student's own grid
+                from ..inspect.attention import depth_matched
+
+                uniform = float(self.probe.dist.double().mean())
+                ref = [v * uniform for v in depth_matched(attn_teacher, len(self.probe.sites))]
+            else:
+                ref = self._reference(streams[-1].dataset)
             self.attn_loss = AttentionDistanceLoss(torch.tensor(ref))
             self.facts["attn_reference"] = [float(v) for v in ref]
         self.eval_loader = None
