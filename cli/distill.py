@@ -33,6 +33,13 @@ def distill(
     rounds: Annotated[int, typer.Option(min=1, help="Collaborative rounds: each round's student teaches the next "
                                                     "(earlier rounds kept in --out/rounds/round-K/). 1 = one "
                                                     "distillation.")] = 1,
+    refine_teacher: Annotated[bool, typer.Option(help="With --rounds >= 2: before each later round, train the teacher "
+                                                      "again (its fine-tuned encoder, a fresh head) on the labels + "
+                                                      "the last student's predictions on every unlabelled view; "
+                                                      "that refined teacher teaches the round. Needs a run: "
+                                                      "teacher.")] = False,
+    refine_lr_encoder: Annotated[float, typer.Option(help="Encoder learning rate of --refine-teacher's teacher "
+                                                          "runs.")] = 3e-4,
     attn_distance: Annotated[float, typer.Option(min=0, help="ViT students: weight of the attention-distance "
                                                              "constraint, keeping each layer's mean attention "
                                                              "distance near the aligned student's own at the start "

@@ -398,6 +398,37 @@ def test_collaborative_rounds_make_each_student_the_next_teacher(data, tmp_path)
         run_distill(cfg(data, tmp_path / "direct", rounds=2))
 
 
+def test_refine_teacher_trains_the_teacher_again_on_labels_and_the_students_predictions(data, tmp_path):
+    from safetensors.torch import load_file
+
+    from cskd_cache.models.runs import build_encoder
+    from cskd_cache.stages.rounds import run_rounds
+
+    # a finetune run as an encoder spec: its encoder with the run's weights, without the head
+    enc = build_encoder(f"run:{data / 'teacher'}", trust_code=True)
+    saved = load_file(data / "teacher" / "iaa_model.safetensors")
+    mine = enc.model.state_dict()
+    assert mine and all(torch.equal(mine[k], saved[f"encoder.model.{k}"]) for k in mine)
+
+    teacher = f"run:{data / 'teacher'}"
+    said = []
+    r = run_rounds(cfg(data, tmp_path / "run", teacher=teacher, rounds=2, refine_teacher=True, max_steps=2),
+                   on_status=said.append)
+    rounds = tmp_path / "run" / "rounds"
+    refined = yaml.safe_load((rounds / "teacher-2" / "config.yaml").read_text())
+    assert refined["student"] == teacher and refined["teacher"] == f"run:{rounds / 'round-1'}"
+    assert refined["lr_encoder"] == 3e-4 and refined["refine_teacher"] is False
+    final = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert final["teacher"] == f"run:{rounds / 'teacher-2'}"
+    assert [x.get("refined_teacher") for x in r["rounds"]] == [None, str(rounds / "teacher-2"), None]
+    said.clear()
+    run_rounds(cfg(data, tmp_path / "run", teacher=teacher, rounds=2, refine_teacher=True, max_steps=2,
+                   resume=True), on_status=said.append)
+    assert any("refined already" in m for m in said)
+    with pytest.raises(DistillError, match="--refine-teacher refines a run: teacher"):
+        run_rounds(cfg(data, tmp_path / "head", rounds=2, refine_teacher=True))
+
+
 def test_attention_distance_constraint_resumes_to_the_same_weights(data, tmp_path):
     from safetensors.torch import load_file
 

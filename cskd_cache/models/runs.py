@@ -70,11 +70,17 @@ def run_dir_of(spec: str | os.PathLike) -> Path:
 def build_encoder(spec: str, pretrained_ok: bool = True, size: int | list[int] | None = None,
                   trust_code: bool = False):
     """A trainable encoder (StudentEncoder, train mode) from any encoder spec: ``run:RUN_DIR`` (an align run's
-    student, at the input size it was trained at) or ``timm:``/``py:`` (`students.build_student`)."""
+    student, or the encoder of a finetune/distill run without its head, at the input size it was trained at) or
+    ``timm:``/``py:`` (`students.build_student`)."""
     raw = spec.strip() if isinstance(spec, str) else ""
     if not raw.startswith("run:"):
         return build_student(raw, pretrained_ok=pretrained_ok, size=size, trust_code=trust_code)
-    encoder = load_encoder(raw[4:], trust_code=trust_code)
+    run_dir = run_dir_of(raw)
+    if not (run_dir / STUDENT_JSON).is_file() and (run_dir / IAA_JSON).is_file():
+        # a scorer's encoder: its weights were loaded through the IAAModel, which shares them with this object
+        encoder = load_iaa_model(run_dir, trust_code=trust_code).model.encoder._encoder[0]
+    else:
+        encoder = load_encoder(run_dir, trust_code=trust_code)
     # Its weights learnt one input size; a matching request is a no-op, a different one would silently change
     # what the aligned features mean.
     trained = list(encoder.input_cfg["size"])

@@ -112,6 +112,8 @@ class DistillConfig(IAATrainConfig):
     labels_outside_cache: bool = False  # the labelled images are deliberately not in the cache: 0 links is fine
     consistency: float = 0.0  # off until the ablation shows it earns its place (losses.consistency)
     rounds: int = 1  # collaborative rounds (`rounds`): each round's student teaches the next
+    refine_teacher: bool = False  # rounds >= 2: the teacher is itself refined on labels + the student's labels
+    refine_lr_encoder: float = 3e-4  # the refined teacher's encoder lr (it starts fine-tuned, as an aligned one)
     attn_distance: float = 0.0  # ViT students: keep per-layer attention distances near the aligned start's
     # the profile --attn-distance keeps: "student" (its own at the start of Stage II) or "teacher" (the CLIP
     # teacher's, stored in the cache by `cskd extract --attention-stats`, matched by relative depth)
@@ -128,6 +130,9 @@ class DistillConfig(IAATrainConfig):
                                "`cskd finetune` run)")
         if self.lambda_u < 0 or self.lambda_f < 0 or self.consistency < 0 or self.attn_distance < 0:
             raise DistillError("--lambda-u, --lambda-f, --consistency and --attn-distance must be >= 0")
+        if self.refine_teacher and not str(self.teacher).startswith("run:"):
+            raise DistillError(f"--refine-teacher refines a run: teacher (a finetune run); --teacher {self.teacher} "
+                               "is not one")
         if self.attn_reference not in ("student", "teacher"):
             raise DistillError(f"--attn-reference must be student or teacher, got {self.attn_reference!r}")
         if self.consistency > 0 and not self.jitter_views:

@@ -8,9 +8,14 @@ metrics, checkpoints, iaa_model.*), so every round's metrics are kept; round N i
 returned summary lists every round's validation.
 
 The variant the defaults follow: the student is re-initialised every round and only the teacher changes (the
-self-training / noisy-student loop, Xie et al. 2020). Refining the teacher itself on labels + pseudo-labels
-(``--refine-teacher``, which the issue names) is not implemented: it needs pseudo-labelled finetune data, and
-the cheap variant has to earn its place on the benchmarks first.
+self-training / noisy-student loop, Xie et al. 2020), because it costs one distillation per round and needs no
+second trainable copy of the large model.
+
+``--refine-teacher`` (both learners refine the task knowledge, as the paper puts it): before round k + 1 the
+teacher itself is trained again, on the labels plus round k's student's predictions on every unlabelled cached
+view: a distillation whose student is the current teacher's fine-tuned encoder (its head learnt afresh, at its
+own input size, encoder lr ``refine_lr_encoder``) and whose teacher is round k's student. That refined teacher,
+RUN_DIR/rounds/teacher-(k+1)/, teaches round k + 1. It needs a ``run:`` teacher (a finetune run).
 
 A rerun with ``--resume`` continues the first unfinished round; finished rounds (their ``end`` record written)
 are kept as they are.
@@ -41,11 +46,34 @@ def _finished(run_dir: Path) -> bool:
         return False
 
 
+def _student_of(run_dir: Path, k: int) -> Path:
+    return run_dir / ROUNDS_DIR / f"round-{k}"
+
+
+def _teacher_of(cfg: DistillConfig, run_dir: Path, k: int) -> str:
+    """Round k's teacher: --teacher for round 1; then round k-1's student, or with --refine-teacher the teacher
+    refined on round k-1's student's predictions."""
+    if k == 1:
+        return cfg.teacher
+    if cfg.refine_teacher:
+        return f"run:{run_dir / ROUNDS_DIR / f'teacher-{k}'}"
+    return f"run:{_student_of(run_dir, k - 1)}"
+
+
 def _round_cfg(cfg: DistillConfig, k: int, run_dir: Path) -> DistillConfig:
-    out = run_dir if k == cfg.rounds else run_dir / ROUNDS_DIR / f"round-{k}"
-    teacher = cfg.teacher if k == 1 else f"run:{run_dir / ROUNDS_DIR / f'round-{k - 1}'}"
-    return dataclasses.replace(cfg, out=str(out), teacher=teacher, rounds=1,
-                               predictions=cfg.predictions if k == 1 else None)
+    out = run_dir if k == cfg.rounds else _student_of(run_dir, k)
+    return dataclasses.replace(cfg, out=str(out), teacher=_teacher_of(cfg, run_dir, k), rounds=1,
+                               refine_teacher=False, predictions=cfg.predictions if k == 1 else None)
+
+
+def _refine_cfg(cfg: DistillConfig, k: int, run_dir: Path) -> DistillConfig:
+    """The distillation that makes round k's teacher: the previous teacher's encoder learns from the labels and
+    from round k-1's student."""
+    previous = cfg.teacher if k == 2 else f"run:{run_dir / ROUNDS_DIR / f'teacher-{k - 1}'}"
+    return dataclasses.replace(cfg, out=str(run_dir / ROUNDS_DIR / f"teacher-{k}"), student=previous, size=None,
+                               teacher=f"run:{_student_of(run_dir, k - 1)}", rounds=1, refine_teacher=False,
+                               lr_encoder=cfg.refine_lr_encoder, predictions=None, attn_distance=0.0,
+                               consistency=0.0)
 
 
 def run_rounds(cfg: DistillConfig, on_progress: Callable[[dict], None] | None = None,
@@ -55,6 +83,7 @@ def run_rounds(cfg: DistillConfig, on_progress: Callable[[dict], None] | None = 
     directory, teacher and validation."""
     if cfg.rounds < 1:
         raise DistillError(f"--rounds must be >= 1, got {cfg.rounds}")
+    cfg.validate()  # every round's settings are refused before round 1 trains
     if cfg.rounds == 1:
         return run_distill(cfg, on_progress, on_status, on_teacher_progress)
     status = on_status or (lambda m: None)
@@ -64,6 +93,15 @@ def run_rounds(cfg: DistillConfig, on_progress: Callable[[dict], None] | None = 
                            "a new --out")
     rounds, result = [], {}
     for k in range(1, cfg.rounds + 1):
+        if cfg.refine_teacher and k >= 2:
+            tc = _refine_cfg(cfg, k, run_dir)
+            if _finished(Path(tc.out)):
+                status(f"teacher of round {k}: refined already ({tc.out})")
+                val = json.loads((Path(tc.out) / "iaa_model.json").read_text(encoding="utf-8")).get("val") or {}
+            else:
+                status(f"teacher of round {k}: refining {tc.student} on the labels + {tc.teacher} -> {tc.out}")
+                val = run_distill(tc, None, on_status, on_teacher_progress).get("val")
+            rounds.append({"round": k, "refined_teacher": tc.out, "from": tc.student, "val": val})
         rc = _round_cfg(cfg, k, run_dir)
         out = Path(rc.out)
         if k < cfg.rounds and _finished(out):
