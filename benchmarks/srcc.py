@@ -8,28 +8,29 @@
         --teacher open_clip:ViT-L-14@/models/vitl14.pt --teacher-model run:runs/align-vitl --work runs/ava
 
 Steps (each writes under --work and is skipped when its output is already there, so a rerun only evaluates; a
-finished student run made with another --ema is refused, not compared):
+finished or half-finished run made with other settings is refused, not compared; a killed run resumes). The
+label-dependent runs go to --work/--runs (default fFRACTION), so label fractions share the proxy, cache and Stage I:
 
-1. ``proxy``   (with --proxy-from) `cskd_cache.inspect.proxy_quality`: every source photo pristine + 4 degraded versions
-               (blur, noise, JPEG, exposure, colour; 5 levels), score = 10 - 1.8 x level, split by source photo;
-               each train photo also gets --unlabelled-per-image more versions that are never labels.
+1. ``proxy``   (with --proxy-from) `cskd_cache.inspect.proxy_quality`: every source photo (or a seeded --photos
+               sample) pristine + --per-image degraded versions (--kinds, 5 levels), score = 10 - 1.8 x level
+               (with --content-weight W: (1-W) x that + W x a per-content-group preference), split by source
+               photo; each train photo also gets --unlabelled-per-image more versions that are never labels.
 2. ``cache``   `cskd extract` with the feature teacher (default: EfficientNet-Lite0, ImageNet-pretrained, the only
                real pretrained image backbone offline; stands in for CLIP), --views views, tokens at native grid.
                With --proxy-from it holds the train photos' versions only (``pool.txt``): Stage I and Stage II never
                see a val or test photo, not even unlabelled.
-3. ``labels-only`` `cskd finetune` of the student (random init) on --label-fraction of the train labels: the
-               baseline.
-4. ``align``   `cskd align` of the student (random init) on the cache: Stage I (--standardize-global: to
-               per-dimension standardised embeddings).
-5. ``teacher`` `cskd finetune` of --teacher-model (default: that same pretrained EfficientNet-Lite0 as a trainable
-               py: student) on the same labels: the Stage II IAA teacher.
+3. ``teacher`` `cskd finetune` of --teacher-model (default: that same pretrained EfficientNet-Lite0 as a trainable
+               py: student) on --label-fraction of the train labels: the Stage II IAA teacher (or --teacher-run).
+4. ``labels-only`` `cskd finetune` of the student (random init) on the same labels: the baseline.
+5. ``align``   `cskd align` of the student (random init) on the cache: Stage I (--align-steps, --align-w-token,
+               --standardize-global), in --work/--align-name.
 6. ``cskd``    `cskd distill --teacher run:TEACHER --student run:ALIGN`: labelled EMD + --lambda-u x EMD to the
-               teacher's distribution on every unlabelled cached view (val/test images are never in that pool),
-               shown with a mild crop + flip inside the view (--jitter-views, the default; labels-only trains with
-               the same augmentation).
-7. ``distill-only`` (--ablation) `cskd distill` from a random-init student: what Stage I adds.
-8. ``all-labels`` (--all-labels-epochs N) `cskd finetune` of the student on *every* train label: not a CSKD
-               result but a reference, what this student reaches in this budget when labels are not scarce.
+               teacher's distribution on every unlabelled cached view, views jittered (--consistency,
+               --attn-distance, --rounds, --refine-teacher, --distill-lr-encoder as in `cskd distill`).
+7. ``distill-only`` (--ablation) the same distillation into a random-init student: what Stage I adds.
+8. ``probe``   (--probe) the training-free kNN probe of the Stage I encoder and of a random-init one: from the
+               labelled train images to the other train labels, before any Stage II.
+9. ``all-labels`` (--all-labels-steps N) the student on *every* train label, a reference.
 
 Every model is evaluated on the test split with `cskd evaluate` (SRCC, PLCC, accuracy, bootstrap 95% intervals over
 test images). The last lines compare CSKD with the labels-only student: the SRCC difference with a paired bootstrap
@@ -79,9 +80,13 @@ def step_proxy(args, work: Path) -> str:
         if not src.is_dir():
             sys.exit(f"error: --proxy-from {src} is not a folder of photos (e.g. ../shared/data/photos)")
         files = [str(p) for p in scan_images(src)]
+        if args.photos and args.photos < len(files):  # a seeded sample, the same rule as `cskd proxy-set --n`
+            pick = np.random.default_rng(args.seed).choice(len(files), size=args.photos, replace=False)
+            files = [files[i] for i in sorted(pick)]
         log(f"proxy set: {len(files)} photos from {src} -> {out}")
         build_proxy_set(files, out, per_image=args.per_image, seed=args.seed, workers=args.workers,
-                        unlabelled_per_image=args.unlabelled_per_image)
+                        unlabelled_per_image=args.unlabelled_per_image, kinds=args.kinds.split(","),
+                        content_weight=args.content_weight)
     return f"csv:{out / 'labels.csv'}"
 
 
@@ -116,65 +121,117 @@ def step_cache(args, work: Path, images: list[str], lists: list[str]) -> str:
     return str(out)
 
 
-def finished(out: Path, **settings) -> bool:
-    """True when the run in ``out`` is complete (loss_curve.png is written last). A finished run trained with
-    other ``settings`` (config keys: ema, jitter_views) is an error, not something to compare silently; a key
-    its config lacks (runs from before it existed) counts as off."""
-    if not done(out, "loss_curve.png"):
+def finished(cfg) -> bool:
+    """True when the run in ``cfg.out`` is complete (loss_curve.png is written last). A finished or half-finished
+    run trained with other settings is an error, not something to compare silently: the config's own
+    ``changed`` decides, as `--resume` does."""
+    out = Path(cfg.out)
+    if not (out / "config.yaml").is_file():
         return False
     import yaml
 
     saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
-    for key, want in settings.items():
-        have = type(want)(saved.get(key) or 0)
-        if have != want:
-            flag = "--" + key.replace("_", "-")
-            sys.exit(f"error: {out} was trained with {flag} {have}, this run asks for {want}; remove it or use "
-                     "another --work")
-    return True
+    diff = cfg.changed(saved)
+    if diff:
+        sys.exit(f"error: {out} was trained with other settings ({', '.join(diff)}); remove it or use another "
+                 "--work / --runs / --tag")
+    return done(out, "loss_curve.png")
 
 
-def finetune(args, labels: str, model: str, out: Path, epochs: int, size: int | None, lr_encoder: float | None,
+def train_kwargs(args, steps: int) -> dict:
+    """The schedule every run shares: a fixed number of optimiser steps, validated every --eval-every steps, the
+    best val step kept; resumable."""
+    return dict(epochs=1, max_steps=steps, eval_every=args.eval_every, batch_size=args.batch_size, lr=args.lr,
+                seed=args.seed, num_workers=args.workers, resume=True)
+
+
+def finetune(args, labels: str, model: str, out: Path, steps: int, size: int | None, lr_encoder: float | None,
              label_fraction: float | None = None, ema: float = 0.0):
     from cskd_cache.stages.finetune import FinetuneConfig, run_finetune
 
     fraction = args.label_fraction if label_fraction is None else label_fraction
-    if not finished(out, ema=ema):
+    cfg = FinetuneConfig(model=model, labels=labels, out=str(out), label_fraction=fraction, size=size,
+                         lr_encoder=lr_encoder, ema=ema, trust_code=True,  # its own runs, whose py: spec it wrote
+                         **train_kwargs(args, steps))
+    if not finished(cfg):
         log(f"finetune {model} -> {out}")
-        s = run_finetune(FinetuneConfig(model=model, labels=labels, out=str(out), label_fraction=fraction,
-                                        epochs=epochs, batch_size=args.batch_size, size=size, lr=args.lr,
-                                        lr_encoder=lr_encoder, seed=args.seed, num_workers=args.workers, ema=ema,
-                                        trust_code=True))  # its own runs, whose py: zoo spec it wrote
-        log(f"finetune {out.name}: val SRCC {s['val']['srcc']:.3f} (epoch {s['best_epoch']})")
+        s = run_finetune(cfg)
+        log(f"finetune {out.name}: val SRCC {s['val']['srcc']:.3f} (step {s['val']['step']})")
 
 
 def align(args, cache: str, out: Path):
     from cskd_cache.stages.align import AlignConfig, run_align
 
-    if not finished(out, standardize_global=args.standardize_global):
+    cfg = AlignConfig(cache=cache, student=args.student, out=str(out), size=args.size,
+                      standardize_global=args.standardize_global, view_pixels=args.view_pixels,
+                      w_token=args.align_w_token, **{**train_kwargs(args, args.align_steps), "lr": args.align_lr,
+                                                     "eval_every": None})
+    if not finished(cfg):
         log(f"align {args.student} on {cache} -> {out}")
-        s = run_align(AlignConfig(cache=cache, student=args.student, out=str(out), epochs=args.align_epochs,
-                                  batch_size=args.batch_size, size=args.size, lr=args.lr, seed=args.seed,
-                                  num_workers=args.workers, standardize_global=args.standardize_global,
-                                  view_pixels=args.view_pixels))
-        log(f"align: held-out global cos {s['initial']['global_cos']:.3f} -> {s['global_cos']:.3f}, "
-            f"kNN agreement {s['initial']['knn_agreement']:.3f} -> {s['knn_agreement']:.3f}")
+        s = run_align(cfg)
+        f3 = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731 (too few held-out rows: no figure)
+        log(f"align: held-out global cos {f3(s['initial']['global_cos'])} -> {f3(s['global_cos'])}, "
+            f"kNN agreement {f3(s['initial']['knn_agreement'])} -> {f3(s['knn_agreement'])}")
 
 
-def distill(args, labels: str, cache: str, teacher_run: Path, student: str, out: Path):
-    from cskd_cache.stages.distill import DistillConfig, run_distill
+def distill(args, labels: str, cache: str, teacher_run: Path, student: str, out: Path, lr_encoder: float | None):
+    from cskd_cache.stages.distill import DistillConfig
+    from cskd_cache.stages.rounds import run_rounds
 
-    if not finished(out, ema=args.ema, jitter_views=args.jitter_views):
+    cfg = DistillConfig(labels=labels, cache=cache, teacher=f"run:{teacher_run}", student=student, out=str(out),
+                        label_fraction=args.label_fraction, size=args.size, lambda_u=args.lambda_u,
+                        unlabelled_ratio=args.unlabelled_ratio, ema=args.ema, jitter_views=args.jitter_views,
+                        trust_code=True, view_pixels=args.view_pixels, lr_encoder=lr_encoder,
+                        consistency=args.consistency, attn_distance=args.attn_distance, rounds=args.rounds,
+                        refine_teacher=args.refine_teacher,
+                        **train_kwargs(args, args.distill_steps))
+    if not finished(cfg):
         log(f"distill {student} from run:{teacher_run} -> {out}")
-        s = run_distill(DistillConfig(labels=labels, cache=cache, teacher=f"run:{teacher_run}", student=student,
-                                      out=str(out), label_fraction=args.label_fraction, epochs=args.distill_epochs,
-                                      batch_size=args.batch_size, size=args.size, lr=args.lr,
-                                      lambda_u=args.lambda_u, unlabelled_ratio=args.unlabelled_ratio, seed=args.seed,
-                                      num_workers=args.workers, ema=args.ema,
-                                      jitter_views=args.jitter_views, trust_code=True,
-                                      view_pixels=args.view_pixels))
+        s = run_rounds(cfg)
         log(f"distill {out.name}: val SRCC {s['val']['srcc']:.3f}; {s['unlabelled_rows']} unlabelled rows, "
             f"{s['heldout_rows']} held out")
+
+
+def knn_probe_score(args, labels: str, cache: str, encoder_spec: str, out: Path) -> dict:
+    """The training-free probe of an encoder, before any Stage II: its pooled features of every cache row (view
+    0), then similarity-weighted kNN regression (k = 10) from the --label-fraction train labels to the other train
+    labels in the cache. Never touches val or test images. Cached in ``out`` (probe.json)."""
+    f = out / "probe.json"
+    if f.is_file():
+        return json.loads(f.read_text())
+    import torch
+
+    from cskd_cache.cache.paths import resolve_paths
+    from cskd_cache.cache.reader import open_cache
+    from cskd_cache.inspect.neighbors import embed_rows, knn_probe
+    from cskd_cache.labels import load_labels
+    from cskd_cache.labels.link import link_labels
+    from cskd_cache.labels.targets import keep_fraction
+    from cskd_cache.models.runs import build_encoder
+
+    c = open_cache(cache)
+    ls = load_labels(labels, check_images=False)
+    link = link_labels(ls, c, {})
+    kept = {lb.key for lb in keep_fraction(ls, args.label_fraction, 0).labels if lb.split == "train"}
+    rows = np.asarray(link.rows)
+    train_rows, train_y, test_rows, test_y = [], [], [], []
+    for lb, r in zip(ls.labels, rows):
+        if lb.split != "train" or r < 0:
+            continue
+        (train_rows if lb.key in kept else test_rows).append(r)
+        (train_y if lb.key in kept else test_y).append(lb.score)
+    torch.manual_seed(args.seed)
+    enc = build_encoder(encoder_spec, size=None if encoder_spec.startswith("run:") else args.size,
+                        trust_code=True).eval()
+    with torch.no_grad():
+        feats = embed_rows(c, enc, resolve_paths(c, {}), num_workers=args.workers)
+    res = knn_probe(feats, np.array(train_rows), np.array(train_y), np.array(test_rows), np.array(test_y), 10, None,
+                    n_boot=200, seed=args.seed)
+    res.pop("predictions")
+    res = {k: v for k, v in res.items() if not isinstance(v, np.ndarray)}
+    out.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(res, indent=2, default=float))
+    return res
 
 
 def evaluate(args, labels: str, run: Path) -> dict:
@@ -221,6 +278,7 @@ def srcc_by_kind(labels_csv: Path, res: dict) -> tuple[dict[str, int], dict[str,
         for key in m["_pred"]:
             if kind.get(key, "pristine") != "pristine":
                 groups.setdefault(kind[key], []).append(key)
+        groups = {k: ks for k, ks in groups.items() if len(ks) >= 2}
         table[name] = {k: srcc([m["_true"][x] for x in ks], [m["_pred"][x] for x in ks]) for k, ks in groups.items()}
         counts.update({k: len(ks) for k, ks in groups.items()})
     return dict(sorted(counts.items())), table
@@ -231,36 +289,61 @@ def fmt_ci(m: dict, name: str) -> str:
     return f"{m[name]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m[name]:.3f}"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=SCHEDULE_NOTE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--proxy-from", help="folder of photos to build the proxy quality set from")
     src.add_argument("--labels", help="DATASET_SPEC of a labelled set (ava:ROOT, csv:FILE, ...)")
     p.add_argument("--images", action="append", default=[], help="unlabelled image folders to extract (with --labels)")
     p.add_argument("--work", required=True, help="folder for every intermediate (reruns reuse what is there)")
+    p.add_argument("--runs", default=None,
+                   help="subfolder of --work for the label-dependent runs (teacher, students; default "
+                        "'fFRACTION', so several label fractions share one proxy, cache and Stage I)")
+    p.add_argument("--tag", default="", help="suffix of the CSKD and distill-only run names (a Stage II variant)")
+    p.add_argument("--align-name", default="align", help="Stage I run folder under --work (a Stage I variant)")
     p.add_argument("--teacher", default=LITE0_TEACHER, help=f"feature teacher spec for the cache ({LITE0_TEACHER})")
     p.add_argument("--teacher-model", default=LITE0_STUDENT,
                    help=f"encoder fine-tuned as the IAA teacher ({LITE0_STUDENT}; e.g. run:ALIGN_RUN)")
+    p.add_argument("--teacher-run", default=None,
+                   help="use this finished teacher run (same labels and fraction) instead of training RUNS/teacher")
+    p.add_argument("--teacher-size", type=int, default=None, help="input size of the IAA teacher (default: its own)")
     p.add_argument("--student", default="timm:mobilenetv3_small_100", help="student spec (random init)")
     p.add_argument("--size", type=int, default=224, help="student input size (default 224)")
     p.add_argument("--label-fraction", type=float, default=0.1, help="share of train labels used (default 0.1)")
+    p.add_argument("--photos", type=int, default=None, help="with --proxy-from: a seeded sample of N photos")
     p.add_argument("--per-image", type=int, default=4, help="degraded versions per proxy photo (default 4)")
+    p.add_argument("--kinds", default="blur,noise,jpeg,exposure,colour", help="proxy degradations")
+    p.add_argument("--content-weight", type=float, default=0.0,
+                   help="proxy variant: score = (1-W) x quality + W x a per-content-group preference "
+                        "(`proxy_quality`; default 0: quality only)")
     p.add_argument("--unlabelled-per-image", type=int, default=8,
                    help="unlabelled extra versions per train photo, with --proxy-from (default 8; 0: the train "
                         "split alone is the pool)")
     p.add_argument("--views", type=int, default=2, help="cached views per image (default 2)")
-    p.add_argument("--teacher-epochs", type=int, default=12)
-    p.add_argument("--baseline-epochs", type=int, default=40,
-                   help="labels-only epochs (more than distill: it sees far fewer images per epoch)")
-    p.add_argument("--align-epochs", type=int, default=6)
-    p.add_argument("--distill-epochs", type=int, default=10)
+    p.add_argument("--teacher-steps", type=int, default=400, help="optimiser steps of the IAA teacher (default 400)")
+    p.add_argument("--baseline-steps", type=int, default=600, help="labels-only student steps (default 600)")
+    p.add_argument("--align-steps", type=int, default=600, help="Stage I steps (default 600)")
+    p.add_argument("--distill-steps", type=int, default=600, help="Stage II steps (default 600)")
+    p.add_argument("--eval-every", type=int, default=50,
+                   help="validate every N steps; the best val step is kept (default 50)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--align-lr", type=float, default=1e-3, help="Stage I learning rate (default 1e-3)")
+    p.add_argument("--align-w-token", type=float, default=None,
+                   help="Stage I token-loss weight (default: align's, 1 with tokens; the global weight is 1)")
+    p.add_argument("--distill-lr-encoder", type=float, default=None,
+                   help="encoder learning rate of the CSKD distillation, i.e. for the aligned student (default: "
+                        "--lr); distill-only keeps --lr")
     p.add_argument("--lambda-u", type=float, default=4.0,
-                   help="weight of the distillation loss (default 4: at 1 the 284 labels, seen ~10x per epoch, "
-                   "are memorised)")
+                   help="weight of the distillation loss (default 4: at 1 the few labels, seen many times, are "
+                   "memorised)")
     p.add_argument("--unlabelled-ratio", type=float, default=1.0,
                    help="unlabelled images per labelled image in a distill step (default 1)")
+    p.add_argument("--consistency", type=float, default=0.0, help="`cskd distill --consistency` (default 0)")
+    p.add_argument("--attn-distance", type=float, default=0.0, help="`cskd distill --attn-distance` (ViT students)")
+    p.add_argument("--rounds", type=int, default=1, help="`cskd distill --rounds` (default 1)")
+    p.add_argument("--refine-teacher", action="store_true", help="`cskd distill --refine-teacher` (with --rounds)")
     p.add_argument("--standardize-global", action="store_true",
                    help="Stage I aligns to per-dimension standardised embeddings (`cskd align --standardize-global`)")
     p.add_argument("--jitter-views", action=argparse.BooleanOptionalAction, default=True,
@@ -270,8 +353,11 @@ def main(argv=None) -> int:
                    help="weight EMA decay of every student run (labels-only, distill, all-labels); the teacher "
                         "never (default 0 = off)")
     p.add_argument("--ablation", action="store_true", help="also distil into a random-init student (no Stage I)")
-    p.add_argument("--all-labels-epochs", type=int, default=0,
-                   help="also train the student on all train labels for N epochs, as a reference (default 0: no)")
+    p.add_argument("--no-cskd", action="store_true", help="skip Stage I and the CSKD student (with --ablation)")
+    p.add_argument("--probe", action="store_true",
+                   help="also score the training-free kNN probe of the Stage I encoder and of a random-init one")
+    p.add_argument("--all-labels-steps", type=int, default=0,
+                   help="also train the student on all train labels for N steps, as a reference (default 0: no)")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--group-by", default=None,
                    help="resample whole groups in every bootstrap: a regex on the label key whose first group names "
@@ -284,12 +370,22 @@ def main(argv=None) -> int:
                    help="where align and distill read cached views (`--view-pixels`; default auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
-    args = p.parse_args(argv)
+    return p
 
+
+SCHEDULE_NOTE = """Schedules are in optimiser steps, never in epochs: every run trains its --*-steps steps at every
+--label-fraction (a pass over 5% of the labels is a handful of steps, over 100% twenty times as many), is
+validated every --eval-every steps, and keeps its best val step. So the curve over label fractions compares the
+same budget, and no count is tuned to one fraction."""
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if args.proxy_from and args.group_by is None:
         args.group_by = r"^(.*)__"  # the proxy set's NAME__kind.png: versions of one photo are not independent
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    runs_dir = work / (args.runs or f"f{args.label_fraction:g}")
     t0 = time.perf_counter()
     if args.proxy_from:
         labels = step_proxy(args, work)
@@ -300,21 +396,28 @@ def main(argv=None) -> int:
             sys.exit("error: --labels needs --images (the unlabelled folders, labelled images included)")
     cache = step_cache(args, work, images, lists)
 
-    runs = {}
-    finetune(args, labels, args.student, work / "labels-only", args.baseline_epochs, args.size, None, ema=args.ema)
-    align(args, cache, work / "align")
-    finetune(args, labels, args.teacher_model, work / "teacher", args.teacher_epochs, None, 3e-4)
-    runs["teacher (fine-tuned, labels only)"] = work / "teacher"
-    runs["student, labels only"] = work / "labels-only"
-    distill(args, labels, cache, work / "teacher", f"run:{work / 'align'}", work / "cskd")
-    runs["student, CSKD (align + distill)"] = work / "cskd"
-    if args.ablation:
-        distill(args, labels, cache, work / "teacher", args.student, work / "distill-only")
-        runs["student, distill only (no Stage I)"] = work / "distill-only"
-    if args.all_labels_epochs:
-        finetune(args, labels, args.student, work / "all-labels", args.all_labels_epochs, args.size, None, 1.0,
+    runs, tag = {}, args.tag
+    align_dir = work / args.align_name
+    teacher_dir = Path(args.teacher_run) if args.teacher_run else runs_dir / "teacher"
+    if not args.teacher_run:
+        finetune(args, labels, args.teacher_model, teacher_dir, args.teacher_steps, args.teacher_size, 3e-4)
+    elif not done(teacher_dir, "loss_curve.png"):
+        sys.exit(f"error: --teacher-run {teacher_dir} is not a finished run")
+    finetune(args, labels, args.student, runs_dir / "labels-only", args.baseline_steps, args.size, None, ema=args.ema)
+    runs["teacher (fine-tuned, labels only)"] = teacher_dir
+    runs["student, labels only"] = runs_dir / "labels-only"
+    if not args.no_cskd:
+        align(args, cache, align_dir)
+        distill(args, labels, cache, teacher_dir, f"run:{align_dir}", runs_dir / f"cskd{tag}",
+                args.distill_lr_encoder)
+        runs["student, CSKD (align + distill)"] = runs_dir / f"cskd{tag}"
+    if args.ablation or args.no_cskd:
+        distill(args, labels, cache, teacher_dir, args.student, runs_dir / f"distill-only{tag}", None)
+        runs["student, distill only (no Stage I)"] = runs_dir / f"distill-only{tag}"
+    if args.all_labels_steps:
+        finetune(args, labels, args.student, runs_dir / "all-labels", args.all_labels_steps, args.size, None, 1.0,
                  ema=args.ema)
-        runs["reference: student on all train labels"] = work / "all-labels"
+        runs["reference: student on all train labels"] = runs_dir / "all-labels"
 
     log("evaluating on the test split")
     res = {name: evaluate(args, labels, run) for name, run in runs.items()}
@@ -335,6 +438,7 @@ def main(argv=None) -> int:
         for ln in lines:
             print("  ".join(c.ljust(w[i]) for i, c in enumerate(ln)))
 
+    summary = {name: {k: v for k, v in m.items() if not k.startswith("_") and k != "skipped"} for name, m in res.items()}
     if args.proxy_from:
         counts, by_kind = srcc_by_kind(work / "proxy" / "labels.csv", res)
         print("\nSRCC within each degradation kind (test split; pristine photos only count in the overall SRCC):")
@@ -342,30 +446,33 @@ def main(argv=None) -> int:
         print("|---|" + "---|" * len(counts))
         for name, row in by_kind.items():
             print(f"| {name} | " + " | ".join(f"{row[k]:.2f}" for k in counts) + " |")
-
-    base, cskd = res["student, labels only"], res["student, CSKD (align + distill)"]
-    d, lo, hi = paired_diff(cskd, base, args.bootstrap, args.seed, args.group_by)
-    disjoint = cskd["srcc_ci"][0] > base["srcc_ci"][1]
-    print(f"\nCSKD - labels-only SRCC: {d:+.3f} (paired bootstrap 95% CI [{lo:+.3f}, {hi:+.3f}]); "
-          f"SRCC intervals disjoint: {'yes' if disjoint else 'no'}")
-    summary = {name: {k: v for k, v in m.items() if not k.startswith("_") and k != "skipped"} for name, m in res.items()}
-    if args.proxy_from:
         summary["srcc_by_kind"] = by_kind
-    summary["cskd_minus_labels_only"] = {"srcc": d, "ci": [lo, hi], "intervals_disjoint": bool(disjoint)}
-    if args.ablation:  # what Stage I adds: the same distillation with and without the aligned start
-        d1, lo1, hi1 = paired_diff(cskd, res["student, distill only (no Stage I)"], args.bootstrap, args.seed,
-                                   args.group_by)
+
+    base = res["student, labels only"]
+    print()
+    for key, name in (("cskd_minus_labels_only", "student, CSKD (align + distill)"),
+                      ("distill_only_minus_labels_only", "student, distill only (no Stage I)")):
+        if name in res:
+            d, lo, hi = paired_diff(res[name], base, args.bootstrap, args.seed, args.group_by)
+            disjoint = res[name]["srcc_ci"][0] > base["srcc_ci"][1]
+            print(f"{name.split(', ')[1]} - labels-only SRCC: {d:+.3f} (paired bootstrap 95% CI [{lo:+.3f}, "
+                  f"{hi:+.3f}]); SRCC intervals disjoint: {'yes' if disjoint else 'no'}")
+            summary[key] = {"srcc": d, "ci": [lo, hi], "intervals_disjoint": bool(disjoint)}
+    if "student, CSKD (align + distill)" in res and "student, distill only (no Stage I)" in res:
+        d1, lo1, hi1 = paired_diff(res["student, CSKD (align + distill)"], res["student, distill only (no Stage I)"],
+                                   args.bootstrap, args.seed, args.group_by)
         print(f"CSKD - distill-only SRCC (what Stage I adds): {d1:+.3f} (paired bootstrap 95% CI "
               f"[{lo1:+.3f}, {hi1:+.3f}])")
         summary["cskd_minus_distill_only"] = {"srcc": d1, "ci": [lo1, hi1]}
+    if args.probe and not args.no_cskd:
+        summary["probe"] = {
+            "aligned": knn_probe_score(args, labels, cache, f"run:{align_dir}", align_dir / "probe"),
+            "random_init": knn_probe_score(args, labels, cache, args.student, work / f"probe-random-{args.size}")}
+        print("kNN probe SRCC (label-fraction train labels -> other train labels): aligned "
+              f"{summary['probe']['aligned']['srcc']:.3f}, random init {summary['probe']['random_init']['srcc']:.3f}")
     summary["args"] = vars(args)
-    (work / "srcc.json").write_text(json.dumps(summary, indent=2, default=str))
-    from cskd_cache.inspect.compare import build_compare
-
-    # the same runs side by side, labels-only first: its paired SRCC differences are the ones printed above
-    order = ["student, labels only", *[n for n in runs if n != "student, labels only"]]
-    page = build_compare([runs[n] for n in order], work / "compare.html", args.bootstrap, args.seed, labels=order)
-    log(f"done in {time.perf_counter() - t0:.0f} s; numbers in {work / 'srcc.json'}, runs side by side in {page['out']}")
+    (runs_dir / f"srcc{tag}.json").write_text(json.dumps(summary, indent=2, default=str))
+    log(f"done in {time.perf_counter() - t0:.0f} s; numbers in {runs_dir / f'srcc{tag}.json'}")
     return 0
 
 

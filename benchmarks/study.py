@@ -1,0 +1,266 @@
+"""The Stage II study on one proxy variant: label-efficiency curve, Stage II ablation, Stage I variants.
+
+    # the two proxy variants of the README (different photos, splits, degradations, label recipes)
+    python benchmarks/study.py --variant degradation --work runs/study/A
+    python benchmarks/study.py --variant content --work runs/study/B
+    # then the tables and the curve of both
+    python benchmarks/study.py --report runs/study/A runs/study/B --plot docs/img/label_efficiency.png
+
+Every row is one `benchmarks/srcc.py` protocol run (schedules in optimiser steps, the same at every label
+fraction; best val step kept; photo-level bootstrap), sharing the proxy set, the cache and Stage I where the
+row does not change them; a rerun reuses every finished run. What runs, per variant:
+
+- the curve: label fractions 5%, 10%, 25%, 100%; labels-only, distill-only and CSKD students (and the teacher);
+- the Stage II ablation at 10% labels: consistency 1, rounds 2 and 3, rounds 2 with the teacher refined; the attention-distance constraint with a
+  ViT student (``vit_tiny_patch16_224`` at 112 px, its own labels-only / CSKD runs), on and off;
+- the Stage I variants at 10% labels, each with the training-free kNN probe scored before its Stage II: no token
+  loss, twice the Stage I steps, a 3x lower encoder learning rate in CSKD's distillation, standardised global
+  targets.
+
+Paired differences (same resampled test photos) are against the CSKD default of the same fraction, and for the
+curve against the labels-only student.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+import srcc  # noqa: E402
+
+PHOTOS = str(ROOT.parent / "shared" / "data" / "photos" / "imagenet-sample")
+SIZE = 128
+COMMON = ["--student", "timm:mobilenetv3_small_100", "--size", str(SIZE), "--teacher-size", str(SIZE),
+          "--teacher-steps", "120", "--baseline-steps", "300", "--align-steps", "300", "--distill-steps", "200",
+          "--eval-every", "25", "--bootstrap", "1000"]
+# Two proxies built differently: other photos and split (seed), other degradation kinds, versions per photo,
+# unlabelled extras, and a score that depends on content as well as on quality.
+VARIANTS = {
+    "degradation": ["--photos", "320", "--seed", "0", "--per-image", "4", "--unlabelled-per-image", "4"],
+    "content": ["--photos", "320", "--seed", "1", "--per-image", "3", "--unlabelled-per-image", "5",
+                "--kinds", "blur,noise,jpeg,exposure", "--content-weight", "0.5"],
+}
+FRACTIONS = (0.05, 0.1, 0.25, 1.0)
+REF = 0.1
+VIT = ["--student", "timm:vit_tiny_patch16_224", "--size", "112", "--runs", "vit-f0.1", "--align-name", "align-vit"]
+# name -> (extra srcc.py arguments, runs folder, run name, Stage I folder)
+ABLATION = {
+    "consistency 1": (["--consistency", "1", "--tag", "-cons"], "f0.1", "cskd-cons", "align"),
+    "rounds 2": (["--rounds", "2", "--tag", "-r2"], "f0.1", "cskd-r2", "align"),
+    "rounds 3": (["--rounds", "3", "--tag", "-r3"], "f0.1", "cskd-r3", "align"),
+    "rounds 2, refine-teacher": (["--rounds", "2", "--refine-teacher", "--tag", "-r2refine"], "f0.1", "cskd-r2refine",
+                                 "align"),
+    "ViT student, CSKD": (VIT, "vit-f0.1", "cskd", "align-vit"),
+    "ViT student, CSKD + attention distance 1": (VIT + ["--attn-distance", "1", "--tag", "-attn"], "vit-f0.1",
+                                                 "cskd-attn", "align-vit"),
+}
+STAGE1 = {
+    "no token loss (global only)": (["--align-name", "align-notok", "--align-w-token", "0"], "f0.1", "cskd-notok",
+                                    "align-notok"),
+    "Stage I twice as long (600 steps)": (["--align-name", "align-long", "--align-steps", "600"], "f0.1",
+                                          "cskd-long", "align-long"),
+    "encoder lr 3e-4 in distill": (["--distill-lr-encoder", "3e-4", "--tag", "-lrenc"], "f0.1", "cskd-lrenc",
+                                   "align"),
+    "standardised global targets": (["--align-name", "align-std", "--standardize-global"], "f0.1", "cskd-std",
+                                    "align-std"),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(work: Path, variant: str, extra: list[str]) -> None:
+    argv = ["--proxy-from", PHOTOS, "--work", str(work), *VARIANTS[variant], *COMMON, *extra]
+    log("srcc.py " + " ".join(extra))
+    srcc.main(argv)
+
+
+PHASES = ("core", "curve", "stage2", "stage1", "stage2b", "stage1b", "vit")
+# the second halves (b) are the costlier rows, run when the budget allows
+LATER = {"rounds 3", "rounds 2, refine-teacher", "Stage I twice as long (600 steps)", "standardised global targets"}
+
+
+def study(work: Path, variant: str, phases: list[str]) -> None:
+    t0 = time.perf_counter()
+    ref = ["--label-fraction", str(REF)]
+    for phase in phases:
+        if phase == "core":
+            run(work, variant, [*ref, "--ablation", "--probe"])
+        if phase == "curve":
+            for f in FRACTIONS:
+                run(work, variant, ["--label-fraction", str(f), "--ablation"])
+        if phase in ("stage1", "stage1b"):
+            for label, (extra, runs, name, align) in STAGE1.items():
+                if (label in LATER) != (phase == "stage1b"):
+                    continue
+                tag = [] if "--tag" in extra else ["--tag", name[len("cskd"):]]
+                run(work, variant, [*ref, "--probe", *extra, *tag])
+        if phase in ("stage2", "stage2b", "vit"):
+            for label, (extra, runs, name, align) in ABLATION.items():
+                if (runs == "vit-f0.1") == (phase == "vit") and (phase == "vit" or
+                                                                 (label in LATER) == (phase == "stage2b")):
+                    teacher = ["--teacher-run", str(work / f"f{REF:g}" / "teacher")] if runs != f"f{REF:g}" else []
+                    run(work, variant, [*ref, *extra, *teacher])
+    log(f"phases {', '.join(phases)} done in {time.perf_counter() - t0:.0f} s")
+
+
+# --- the report -------------------------------------------------------------------------------------------------
+
+
+def load(run_dir: Path) -> dict | None:
+    m = run_dir / "eval-test" / "metrics.json"
+    if not m.is_file():
+        return None
+    out = json.loads(m.read_text())
+    with open(run_dir / "eval-test" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    out["_pred"] = {r["key"]: float(r["pred"]) for r in rows}
+    out["_true"] = {r["key"]: float(r["true"]) for r in rows}
+    return out
+
+
+def ci(m: dict) -> str:
+    return f"{m['srcc']:.3f} [{m['srcc_ci'][0]:.3f}, {m['srcc_ci'][1]:.3f}]"
+
+
+def diff(a: dict, b: dict) -> str:
+    d, lo, hi = srcc.paired_diff(a, b, 1000, 0, r"^(.*)__")
+    return f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def probe(work: Path, align: str) -> str:
+    f = work / align / "probe" / "probe.json"
+    return f"{json.loads(f.read_text())['srcc']:.3f}" if f.is_file() else "-"
+
+
+def report(works: list[Path], plot: Path | None) -> None:
+    curves = {}
+    for work in works:
+        name = work.name
+        print(f"\n### {name}: label-efficiency curve (test SRCC [95% photo-level CI]; paired vs labels-only)\n")
+        print("| labels | train labels | teacher | labels-only | distill-only | CSKD | distill-only - labels-only | "
+              "CSKD - labels-only | CSKD - distill-only |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        curve = {}
+        for f in FRACTIONS:
+            d = work / f"f{f:g}"
+            ms = {k: load(d / k) for k in ("teacher", "labels-only", "distill-only", "cskd")}
+            if any(v is None for v in ms.values()):
+                continue
+            n = json.loads((d / "labels-only" / "config.yaml").with_name("iaa_model.json").read_text()).get(
+                "labels", {}).get("train")
+            print(f"| {f:.0%} | {n if n is not None else '-'} | {ci(ms['teacher'])} | {ci(ms['labels-only'])} | "
+                  f"{ci(ms['distill-only'])} | {ci(ms['cskd'])} | {diff(ms['distill-only'], ms['labels-only'])} | "
+                  f"{diff(ms['cskd'], ms['labels-only'])} | {diff(ms['cskd'], ms['distill-only'])} |")
+            curve[f] = ms
+        curves[name] = curve
+        ref = work / f"f{REF:g}"
+        base, lab = load(ref / "cskd"), load(ref / "labels-only")
+        if base is None:
+            continue
+        print(f"\n### {name}: Stage II ablation at {REF:.0%} labels (paired vs the CSKD default)\n")
+        print("| variant | CSKD SRCC [95% CI] | - CSKD default | - labels-only |")
+        print("|---|---|---|---|")
+        print(f"| CSKD default (consistency 0, 1 round) | {ci(base)} | - | {diff(base, lab)} |")
+        vit_lab, vit_base = load(work / "vit-f0.1" / "labels-only"), load(work / "vit-f0.1" / "cskd")
+        for label, (_, runs, run_name, _) in ABLATION.items():
+            m = load(work / runs / run_name)
+            if m is None:
+                continue
+            if runs == "vit-f0.1":
+                vs = "-" if run_name == "cskd" or vit_base is None else diff(m, vit_base)
+                print(f"| {label} | {ci(m)} | {vs} (vs ViT CSKD) | {diff(m, vit_lab) if vit_lab else '-'} "
+                      "(vs ViT labels-only) |")
+            else:
+                print(f"| {label} | {ci(m)} | {diff(m, base)} | {diff(m, lab)} |")
+        print(f"\n### {name}: Stage I variants at {REF:.0%} labels (kNN probe before Stage II; paired vs distill-only)"
+              "\n")
+        print("| Stage I | kNN probe SRCC | CSKD SRCC [95% CI] | - distill-only | - CSKD default |")
+        print("|---|---|---|---|---|")
+        do = load(ref / "distill-only")
+        rand = work / f"probe-random-{SIZE}" / "probe.json"
+        rp = f"{json.loads(rand.read_text())['srcc']:.3f}" if rand.is_file() else "-"
+        print(f"| none (distill-only, random init) | {rp} | {ci(do)} | - | {diff(do, base)} |")
+        print(f"| default (300 steps, global + token) | {probe(work, 'align')} | {ci(base)} | {diff(base, do)} | - |")
+        pairs = [(probe(work, "align"), base["srcc"])]
+        for label, (_, runs, run_name, align) in STAGE1.items():
+            m = load(work / runs / run_name)
+            if m is None:
+                continue
+            print(f"| {label} | {probe(work, align)} | {ci(m)} | {diff(m, do)} | {diff(m, base)} |")
+            if align != "align":
+                pairs.append((probe(work, align), m["srcc"]))
+        pairs = [(float(p), s) for p, s in pairs if p != "-"]
+        if len(pairs) >= 3:
+            p, s = np.array(pairs).T
+            from cskd_cache.evaluate.metrics import srcc as spearman
+
+            print(f"\nprobe vs final CSKD SRCC over the {len(pairs)} Stage I encoders: Pearson "
+                  f"{np.corrcoef(p, s)[0, 1]:+.2f}, Spearman {spearman(p, s):+.2f}")
+    if plot:
+        plot_curves(curves, plot)
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4), squeeze=False)
+    styles = {"labels-only": ("tab:gray", "o"), "distill-only": ("tab:blue", "s"), "cskd": ("tab:red", "^"),
+              "teacher": ("tab:green", "x")}
+    for ax, (name, curve) in zip(axes[0], curves.items()):
+        fs = sorted(curve)
+        for key, (color, marker) in styles.items():
+            y = np.array([curve[f][key]["srcc"] for f in fs])
+            lo = np.array([curve[f][key]["srcc_ci"][0] for f in fs])
+            hi = np.array([curve[f][key]["srcc_ci"][1] for f in fs])
+            ax.plot(fs, y, marker=marker, color=color, label=key if key != "cskd" else "CSKD",
+                    linestyle="--" if key == "teacher" else "-")
+            ax.fill_between(fs, lo, hi, color=color, alpha=0.12)
+        ax.set_xscale("log")
+        ax.set_xticks(fs, [f"{f:.0%}" for f in fs])
+        ax.set_xlabel("share of train labels")
+        ax.set_ylabel("test SRCC (95% photo-level CI)")
+        ax.set_title(f"proxy: {name}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"\ncurve: {path}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", choices=sorted(VARIANTS), help="run the study on this proxy variant")
+    p.add_argument("--work", help="the variant's work folder")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help=f"comma-separated, in order (default {','.join(PHASES)}): core = 10%% labels with the "
+                        "distill-only ablation and the probe; curve; stage2; stage1; vit")
+    p.add_argument("--report", nargs="+", type=Path, help="print the tables of these work folders")
+    p.add_argument("--plot", type=Path, help="with --report: the label-efficiency curve PNG")
+    a = p.parse_args(argv)
+    if a.report:
+        report(a.report, a.plot)
+        return 0
+    if not a.variant or not a.work:
+        p.error("--variant and --work (or --report)")
+    study(Path(a.work), a.variant, [x for x in a.phases.split(",") if x])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
