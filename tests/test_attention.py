@@ -138,7 +138,7 @@ def test_identity_attention_has_distance_and_entropy_zero_after_dropping_prefix(
 def test_identity_attention_through_a_real_vit(images, monkeypatch):
     # Every token attends only to itself: the statistics of the whole pipeline (hooks, prefix removal,
     # averaging over images) must be exactly 0.
-    import cskd_cache.inspect.attention as attention
+    import cskd_cache.models.attention_stats as attention  # where the hooks recompute the probabilities
 
     def identity(module, x):
         return torch.eye(x.shape[1]).expand(x.shape[0], module.num_heads, -1, -1)

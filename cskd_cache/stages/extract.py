@@ -74,7 +74,7 @@ class ExtractConfig(CommandConfig):
     max_pixels: int = DEFAULT_MAX_PIXELS
     store_views: int | None = None  # also cut every view into a view store of this short side (`add_views`)
     store_quality: int = 90
-    # per view, layer and head: the teacher's mean attention distance and entropy (`inspect.attention`), for
+    # per view, layer and head: the teacher's mean attention distance and entropy (`models.attention_stats`), for
     # `cskd attention --cache` and distill's teacher reference profile; ViT-family teachers only
     attention_stats: bool = False
 
@@ -119,8 +119,8 @@ def _pool_grid(t: torch.Tensor, grid: int | None) -> torch.Tensor:
 
 
 def attention_sites(cfg: ExtractConfig, teacher):
-    """The teacher as an `inspect.attention.AttentionModel` for --attention-stats, or a one-line refusal."""
-    from ..inspect.attention import NotAttentionModel, UnsupportedAttention, from_module
+    """The teacher as a `models.attention_stats.AttentionModel` for --attention-stats, or a one-line refusal."""
+    from ..models.attention_stats import NotAttentionModel, UnsupportedAttention, from_module
 
     try:
         return from_module(teacher.model, teacher.preprocess, teacher.preprocess_cfg["size"], cfg.teacher)
@@ -153,7 +153,7 @@ def build_manifest(cfg: ExtractConfig, teacher, plan: Plan, attn=None) -> dict:
     storage = {"tokens": cfg.tokens, "token_grid": grid, "native_grid": native, "layers": layers,
                "token_source": "last block, final norm applied, prefix tokens split off"}
     if attn is not None:
-        from ..inspect.attention import stats_storage
+        from ..models.attention_stats import stats_storage
 
         storage["attention_stats"] = stats_storage(attn)
         for name in ("attn_distance", "attn_entropy"):
@@ -488,9 +488,9 @@ def _extract_shards(cfg, teacher, plan, manifest, shards, out, device, timings, 
     it_loader = iter(loader)
     recorder = None
     if attn is not None:
-        from ..inspect.attention import _Recorder
+        from ..models.attention_stats import AttentionRecorder
 
-        recorder = _Recorder(attn, per_image=True).__enter__()  # hooks on the teacher's own attention modules
+        recorder = AttentionRecorder(attn, per_image=True).__enter__()  # hooks on the teacher's own attention modules
     try:
         while True:
             t0 = time.perf_counter()

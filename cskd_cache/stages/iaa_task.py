@@ -172,7 +172,7 @@ class IAATask(Task):
             if attn_reference is not None:
                 ref = attn_reference
             elif attn_teacher is not None:  # relative to uniform attention: rescaled to the student's own grid
-                from ..inspect.attention import depth_matched
+                from ..models.attention_stats import depth_matched
 
                 uniform = float(self.probe.dist.double().mean())
                 ref = [v * uniform for v in depth_matched(attn_teacher, len(self.probe.sites))]
