@@ -51,6 +51,7 @@ VARIANTS = {
                 "--kinds", "blur,noise,jpeg,exposure", "--content-weight", "0.5"],
 }
 FRACTIONS = (0.05, 0.1, 0.25, 1.0)
+CURVE_ORDER = (0.05, 1.0, 0.25, 0.1)  # the ends first: a curve cut short still spans the range
 REF = 0.1
 VIT = ["--student", "timm:vit_tiny_patch16_224", "--size", "112", "--runs", "vit-f0.1", "--align-name", "align-vit"]
 # name -> (extra srcc.py arguments, runs folder, run name, Stage I folder)
@@ -86,7 +87,7 @@ def run(work: Path, variant: str, extra: list[str]) -> None:
     srcc.main(argv)
 
 
-PHASES = ("core", "curve", "stage2", "stage1", "stage2b", "stage1b", "vit")
+PHASES = ("core", "stage2", "stage1", "curve", "stage2b", "stage1b", "vit")
 # the second halves (b) are the costlier rows, run when the budget allows
 LATER = {"rounds 3", "rounds 2, refine-teacher", "Stage I twice as long (600 steps)", "standardised global targets"}
 
@@ -98,7 +99,7 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
         if phase == "core":
             run(work, variant, [*ref, "--ablation", "--probe"])
         if phase == "curve":
-            for f in FRACTIONS:
+            for f in CURVE_ORDER:
                 run(work, variant, ["--label-fraction", str(f), "--ablation"])
         if phase in ("stage1", "stage1b"):
             for label, (extra, runs, name, align) in STAGE1.items():
@@ -158,8 +159,10 @@ def report(works: list[Path], plot: Path | None) -> None:
             ms = {k: load(d / k) for k in ("teacher", "labels-only", "distill-only", "cskd")}
             if any(v is None for v in ms.values()):
                 continue
-            n = json.loads((d / "labels-only" / "config.yaml").with_name("iaa_model.json").read_text()).get(
-                "labels", {}).get("train")
+            import yaml
+
+            n = (yaml.safe_load((d / "labels-only" / "config.yaml").read_text()).get("resolved") or {}).get(
+                "train_labels_used")
             print(f"| {f:.0%} | {n if n is not None else '-'} | {ci(ms['teacher'])} | {ci(ms['labels-only'])} | "
                   f"{ci(ms['distill-only'])} | {ci(ms['cskd'])} | {diff(ms['distill-only'], ms['labels-only'])} | "
                   f"{diff(ms['cskd'], ms['labels-only'])} | {diff(ms['cskd'], ms['distill-only'])} |")

@@ -429,6 +429,19 @@ def test_refine_teacher_trains_the_teacher_again_on_labels_and_the_students_pred
         run_rounds(cfg(data, tmp_path / "head", rounds=2, refine_teacher=True))
 
 
+def test_consistency_resumes_to_the_same_weights(data, tmp_path):
+    from safetensors.torch import load_file
+
+    base = dict(consistency=1.0, max_steps=None, epochs=2, keep_checkpoints=0)
+    run_distill(cfg(data, tmp_path / "full", **base))
+    part = cfg(data, tmp_path / "part", **base)
+    with pytest.raises(Crash):
+        run_distill(part, on_progress=crash_in_second_epoch())
+    run_distill(DistillConfig(**{**part.to_dict(), "resume": True}))
+    wa, wb = (load_file(tmp_path / x / "iaa_model.safetensors") for x in ("full", "part"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_attention_distance_constraint_resumes_to_the_same_weights(data, tmp_path):
     from safetensors.torch import load_file
 
