@@ -56,13 +56,13 @@ REF = 0.1
 VIT = ["--student", "timm:vit_tiny_patch16_224", "--size", "112", "--runs", "vit-f0.1", "--align-name", "align-vit"]
 # name -> (extra srcc.py arguments, runs folder, run name, Stage I folder)
 ABLATION = {
-    "consistency 1": (["--consistency", "1", "--tag", "-cons"], "f0.1", "cskd-cons", "align"),
-    "rounds 2": (["--rounds", "2", "--tag", "-r2"], "f0.1", "cskd-r2", "align"),
-    "rounds 3": (["--rounds", "3", "--tag", "-r3"], "f0.1", "cskd-r3", "align"),
-    "rounds 2, refine-teacher": (["--rounds", "2", "--refine-teacher", "--tag", "-r2refine"], "f0.1", "cskd-r2refine",
+    "consistency 1": (["--consistency", "1", "--tag=-cons"], "f0.1", "cskd-cons", "align"),
+    "rounds 2": (["--rounds", "2", "--tag=-r2"], "f0.1", "cskd-r2", "align"),
+    "rounds 3": (["--rounds", "3", "--tag=-r3"], "f0.1", "cskd-r3", "align"),
+    "rounds 2, refine-teacher": (["--rounds", "2", "--refine-teacher", "--tag=-r2refine"], "f0.1", "cskd-r2refine",
                                  "align"),
     "ViT student, CSKD": (VIT, "vit-f0.1", "cskd", "align-vit"),
-    "ViT student, CSKD + attention distance 1": (VIT + ["--attn-distance", "1", "--tag", "-attn"], "vit-f0.1",
+    "ViT student, CSKD + attention distance 1": (VIT + ["--attn-distance", "1", "--tag=-attn"], "vit-f0.1",
                                                  "cskd-attn", "align-vit"),
 }
 STAGE1 = {
@@ -70,7 +70,7 @@ STAGE1 = {
                                     "align-notok"),
     "Stage I twice as long (600 steps)": (["--align-name", "align-long", "--align-steps", "600"], "f0.1",
                                           "cskd-long", "align-long"),
-    "encoder lr 3e-4 in distill": (["--distill-lr-encoder", "3e-4", "--tag", "-lrenc"], "f0.1", "cskd-lrenc",
+    "encoder lr 3e-4 in distill": (["--distill-lr-encoder", "3e-4", "--tag=-lrenc"], "f0.1", "cskd-lrenc",
                                    "align"),
     "standardised global targets": (["--align-name", "align-std", "--standardize-global"], "f0.1", "cskd-std",
                                     "align-std"),
@@ -98,14 +98,14 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
     for phase in phases:
         if phase == "core":
             run(work, variant, [*ref, "--ablation", "--probe"])
-        if phase == "curve":
-            for f in CURVE_ORDER:
+        if phase == "curve" or phase.startswith("curve:"):  # curve:F runs that one label fraction
+            for f in (CURVE_ORDER if phase == "curve" else [float(phase.split(":")[1])]):
                 run(work, variant, ["--label-fraction", str(f), "--ablation"])
         if phase in ("stage1", "stage1b"):
             for label, (extra, runs, name, align) in STAGE1.items():
                 if (label in LATER) != (phase == "stage1b"):
                     continue
-                tag = [] if "--tag" in extra else ["--tag", name[len("cskd"):]]
+                tag = [] if any(x.startswith("--tag") for x in extra) else [f"--tag={name[len('cskd'):]}"]
                 run(work, variant, [*ref, "--probe", *extra, *tag])
         if phase in ("stage2", "stage2b", "vit"):
             for label, (extra, runs, name, align) in ABLATION.items():
@@ -145,8 +145,19 @@ def probe(work: Path, align: str) -> str:
     return f"{json.loads(f.read_text())['srcc']:.3f}" if f.is_file() else "-"
 
 
+def correlation(pairs: list[tuple[float, float]], what: str) -> None:
+    """How well the training-free probe predicts the SRCC after Stage II."""
+    if len(pairs) < 3:
+        return
+    from cskd_cache.evaluate.metrics import srcc as spearman
+
+    p, s = np.array(pairs).T
+    print(f"\nkNN probe vs final SRCC over {what}: Pearson {np.corrcoef(p, s)[0, 1]:+.2f}, "
+          f"Spearman {spearman(p, s):+.2f}")
+
+
 def report(works: list[Path], plot: Path | None) -> None:
-    curves = {}
+    curves, all_pairs = {}, []
     for work in works:
         name = work.name
         print(f"\n### {name}: label-efficiency curve (test SRCC [95% photo-level CI]; paired vs labels-only)\n")
@@ -196,7 +207,7 @@ def report(works: list[Path], plot: Path | None) -> None:
         rp = f"{json.loads(rand.read_text())['srcc']:.3f}" if rand.is_file() else "-"
         print(f"| none (distill-only, random init) | {rp} | {ci(do)} | - | {diff(do, base)} |")
         print(f"| default (300 steps, global + token) | {probe(work, 'align')} | {ci(base)} | {diff(base, do)} | - |")
-        pairs = [(probe(work, "align"), base["srcc"])]
+        pairs = [(rp, do["srcc"]), (probe(work, "align"), base["srcc"])]
         for label, (_, runs, run_name, align) in STAGE1.items():
             m = load(work / runs / run_name)
             if m is None:
@@ -205,12 +216,9 @@ def report(works: list[Path], plot: Path | None) -> None:
             if align != "align":
                 pairs.append((probe(work, align), m["srcc"]))
         pairs = [(float(p), s) for p, s in pairs if p != "-"]
-        if len(pairs) >= 3:
-            p, s = np.array(pairs).T
-            from cskd_cache.evaluate.metrics import srcc as spearman
-
-            print(f"\nprobe vs final CSKD SRCC over the {len(pairs)} Stage I encoders: Pearson "
-                  f"{np.corrcoef(p, s)[0, 1]:+.2f}, Spearman {spearman(p, s):+.2f}")
+        all_pairs += pairs
+        correlation(pairs, f"{name}'s {len(pairs)} encoders (random init included)")
+    correlation(all_pairs, f"all {len(all_pairs)} encoders of {', '.join(w.name for w in works)}")
     if plot:
         plot_curves(curves, plot)
 
@@ -252,7 +260,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", help="the variant's work folder")
     p.add_argument("--phases", default=",".join(PHASES),
                    help=f"comma-separated, in order (default {','.join(PHASES)}): core = 10%% labels with the "
-                        "distill-only ablation and the probe; curve; stage2; stage1; vit")
+                        "distill-only ablation and the probe; curve (or curve:F, one fraction); stage2; stage1; stage2b; stage1b; vit")
     p.add_argument("--report", nargs="+", type=Path, help="print the tables of these work folders")
     p.add_argument("--plot", type=Path, help="with --report: the label-efficiency curve PNG")
     a = p.parse_args(argv)
