@@ -429,34 +429,33 @@ def test_refine_teacher_trains_the_teacher_again_on_labels_and_the_students_pred
         run_rounds(cfg(data, tmp_path / "head", rounds=2, refine_teacher=True))
 
 
-def test_consistency_resumes_to_the_same_weights(data, tmp_path):
+def killed_and_resumed_equals_uninterrupted(data, tmp_path, **base) -> dict:
+    """Train ``base`` whole and, in another run dir, killed in its second epoch then resumed: same weights.
+    Returns the uninterrupted run's summary."""
     from safetensors.torch import load_file
 
-    base = dict(consistency=1.0, max_steps=None, epochs=2, keep_checkpoints=0)
-    run_distill(cfg(data, tmp_path / "full", **base))
+    full = run_distill(cfg(data, tmp_path / "full", **base))
     part = cfg(data, tmp_path / "part", **base)
     with pytest.raises(Crash):
         run_distill(part, on_progress=crash_in_second_epoch())
     run_distill(DistillConfig(**{**part.to_dict(), "resume": True}))
     wa, wb = (load_file(tmp_path / x / "iaa_model.safetensors") for x in ("full", "part"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    return full
+
+
+def test_consistency_resumes_to_the_same_weights(data, tmp_path):
+    killed_and_resumed_equals_uninterrupted(data, tmp_path, consistency=1.0, max_steps=None, epochs=2,
+                                            keep_checkpoints=0)
 
 
 def test_attention_distance_constraint_resumes_to_the_same_weights(data, tmp_path):
-    from safetensors.torch import load_file
-
     base = dict(student="timm:test_vit", size=32, attn_distance=1.0, max_steps=None, epochs=2, keep_checkpoints=0)
-    full = run_distill(cfg(data, tmp_path / "full", **base))
+    full = killed_and_resumed_equals_uninterrupted(data, tmp_path, **base)
     saved = yaml.safe_load((tmp_path / "full" / "config.yaml").read_text())
     ref = saved["resolved"]["attn_reference"]
     assert len(ref) >= 2 and all(r > 0 for r in ref) and full["step"] > 0
     train = [x for x in read_metrics(tmp_path / "full" / "metrics.jsonl") if x["type"] == "train"]
     assert all("attn_distance" in x for x in train)
-    part = cfg(data, tmp_path / "part", **base)
-    with pytest.raises(Crash):
-        run_distill(part, on_progress=crash_in_second_epoch())
-    run_distill(DistillConfig(**{**part.to_dict(), "resume": True}))
-    wa, wb = (load_file(tmp_path / x / "iaa_model.safetensors") for x in ("full", "part"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     with pytest.raises(ModelError, match="needs a ViT-family student"):
         run_distill(cfg(data, tmp_path / "cnn", student="timm:test_resnet", size=32, attn_distance=1.0))
