@@ -75,6 +75,12 @@ def step_proxy(args, work: Path) -> str:
     from cskd_cache.inspect.proxy_quality import build_proxy_set
 
     out = work / "proxy"
+    recipe = {k: getattr(args, k) for k in ("proxy_from", "photos", "per_image", "unlabelled_per_image", "kinds",
+                                            "content_weight", "seed")}
+    saved = out / "recipe.json"
+    if saved.is_file() and json.loads(saved.read_text()) != recipe:
+        sys.exit(f"error: {out} was built with {saved.read_text().strip()}; this run asks for {json.dumps(recipe)}. "
+                 "Use another --work")
     if not (out / "labels.csv").is_file() or (args.unlabelled_per_image and not (out / "unlabelled.csv").is_file()):
         src = Path(args.proxy_from)
         if not src.is_dir():
@@ -87,6 +93,8 @@ def step_proxy(args, work: Path) -> str:
         build_proxy_set(files, out, per_image=args.per_image, seed=args.seed, workers=args.workers,
                         unlabelled_per_image=args.unlabelled_per_image, kinds=args.kinds.split(","),
                         content_weight=args.content_weight)
+    if not saved.is_file():
+        saved.write_text(json.dumps(recipe) + "\n")
     return f"csv:{out / 'labels.csv'}"
 
 
