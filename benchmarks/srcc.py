@@ -480,7 +480,14 @@ def main(argv=None) -> int:
               f"{summary['probe']['aligned']['srcc']:.3f}, random init {summary['probe']['random_init']['srcc']:.3f}")
     summary["args"] = vars(args)
     (runs_dir / f"srcc{tag}.json").write_text(json.dumps(summary, indent=2, default=str))
-    log(f"done in {time.perf_counter() - t0:.0f} s; numbers in {runs_dir / f'srcc{tag}.json'}")
+    from cskd_cache.inspect.compare import build_compare
+
+    # the same runs side by side, labels-only first: its paired SRCC differences are the ones printed above
+    order = ["student, labels only", *[n for n in runs if n != "student, labels only"]]
+    page = build_compare([runs[n] for n in order], runs_dir / f"compare{tag}.html", args.bootstrap, args.seed,
+                         labels=order)
+    log(f"done in {time.perf_counter() - t0:.0f} s; numbers in {runs_dir / f'srcc{tag}.json'}, runs side by side "
+        f"in {page['out']}")
     return 0
 
 

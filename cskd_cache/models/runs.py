@@ -77,8 +77,7 @@ def build_encoder(spec: str, pretrained_ok: bool = True, size: int | list[int] |
         return build_student(raw, pretrained_ok=pretrained_ok, size=size, trust_code=trust_code)
     run_dir = run_dir_of(raw)
     if not (run_dir / STUDENT_JSON).is_file() and (run_dir / IAA_JSON).is_file():
-        # a scorer's encoder: its weights were loaded through the IAAModel, which shares them with this object
-        encoder = load_iaa_model(run_dir, trust_code=trust_code).model.encoder._encoder[0]
+        encoder = load_iaa_model(run_dir, trust_code=trust_code).model.encoder.student
     else:
         encoder = load_encoder(run_dir, trust_code=trust_code)
     # Its weights learnt one input size; a matching request is a no-op, a different one would silently change

@@ -165,6 +165,11 @@ class _Enc(nn.Module):
         self._encoder = [encoder]  # a list keeps it out of the module tree (its params are already under model)
         self.input_cfg = encoder.input_cfg
 
+    @property
+    def student(self):
+        """The StudentEncoder itself (its weights are this module's), e.g. to train it on without the head."""
+        return self._encoder[0]
+
     def forward(self, x):
         return self._encoder[0](x)
 

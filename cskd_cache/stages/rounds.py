@@ -46,6 +46,11 @@ def _finished(run_dir: Path) -> bool:
         return False
 
 
+def _kept_val(run_dir: Path) -> dict:
+    """The validation of a finished round's kept model."""
+    return json.loads((run_dir / "iaa_model.json").read_text(encoding="utf-8")).get("val") or {}
+
+
 def _student_of(run_dir: Path, k: int) -> Path:
     return run_dir / ROUNDS_DIR / f"round-{k}"
 
@@ -97,7 +102,7 @@ def run_rounds(cfg: DistillConfig, on_progress: Callable[[dict], None] | None = 
             tc = _refine_cfg(cfg, k, run_dir)
             if _finished(Path(tc.out)):
                 status(f"teacher of round {k}: refined already ({tc.out})")
-                val = json.loads((Path(tc.out) / "iaa_model.json").read_text(encoding="utf-8")).get("val") or {}
+                val = _kept_val(Path(tc.out))
             else:
                 status(f"teacher of round {k}: refining {tc.student} on the labels + {tc.teacher} -> {tc.out}")
                 val = run_distill(tc, None, on_status, on_teacher_progress).get("val")
@@ -106,8 +111,7 @@ def run_rounds(cfg: DistillConfig, on_progress: Callable[[dict], None] | None = 
         out = Path(rc.out)
         if k < cfg.rounds and _finished(out):
             status(f"round {k} of {cfg.rounds}: finished already ({out})")
-            summary = json.loads((out / "iaa_model.json").read_text(encoding="utf-8")).get("val") or {}
-            rounds.append({"round": k, "run_dir": str(out), "teacher": rc.teacher, "val": summary})
+            rounds.append({"round": k, "run_dir": str(out), "teacher": rc.teacher, "val": _kept_val(out)})
             continue
         status(f"round {k} of {cfg.rounds}: teacher {rc.teacher} -> {out}")
         result = run_distill(rc, on_progress, on_status, on_teacher_progress)

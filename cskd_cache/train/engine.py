@@ -136,7 +136,7 @@ def plan_steps(cfg, steps_per_epoch: int) -> Plan:
     ``cfg.eval_every`` (steps) replaces the pass over the data as the interval between evaluations, so that a
     step budget validates as often at 5% of the labels as at 100% (a pass over 5% is a handful of steps)."""
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    interval = min(getattr(cfg, "eval_every", None) or steps_per_epoch, total)
+    interval = min(cfg.eval_every or steps_per_epoch, total)
     warmup = round(total * cfg.warmup_fraction)
     return Plan(interval, total, math.ceil(total / interval), warmup,
                 cosine_schedule(total, warmup, final=cfg.min_lr_fraction))
