@@ -254,7 +254,7 @@ def bench_model(name: str, role: str, args, onnx_dir: Path, emit) -> None:
     size_mb = sum(f.stat().st_size for f in onnx_dir.glob(f"{name}.onnx*")) / 2**20
     print(f"  exported with the {exporter} exporter in {time.perf_counter() - t:.1f} s ({size_mb:.0f} MiB)",
           flush=True)
-    del model
+    model = None  # frees it before the ONNX session loads (rebinding: the timing lambda closes over it)
     gc.collect()
     sess = ort_session(path, args.threads)
     in_name = sess.get_inputs()[0].name
@@ -275,7 +275,7 @@ def bench_model(name: str, role: str, args, onnx_dir: Path, emit) -> None:
                        done=(t_first,))
         emit({**row, **summarise(r["times"], b), "warmup": r["warmup"], "iters": r["iters"],
               "load1": round(os.getloadavg()[0], 2), "note": ""})
-    del sess
+    sess = None  # closes the session before its files go (rebinding, not del: the timing lambda closes over it)
     if args.onnx_dir is None:
         for f in onnx_dir.glob(f"{name}.onnx*"):
             f.unlink()

@@ -15,7 +15,8 @@ row does not change them; a rerun reuses every finished run. What runs, per vari
   ViT student (``vit_tiny_patch16_224`` at 112 px, its own labels-only / CSKD runs), on and off;
 - the Stage I variants at 10% labels, each with the training-free kNN probe scored before its Stage II: no token
   loss, twice the Stage I steps, a 3x lower encoder learning rate in CSKD's distillation, standardised global
-  targets.
+  targets;
+- exposure: at 100% labels, distill-only and CSKD with the baseline's 300 steps (equal labelled images).
 
 Paired differences (same resampled test photos) are against the CSKD default of the same fraction, and for the
 curve against the labels-only student.
@@ -87,7 +88,10 @@ def run(work: Path, variant: str, extra: list[str]) -> None:
     srcc.main(argv)
 
 
-PHASES = ("core", "stage2", "stage1", "curve", "stage2b", "stage1b", "vit")
+PHASES = ("core", "stage2", "stage1", "curve", "stage2b", "stage1b", "vit", "exposure")
+# At 100% labels the curve's distillation (200 steps x 32 labelled) sees fewer labelled images than labels-only
+# (300 x 32): this row gives both distilled students the baseline's 300 steps, so label exposure is equal.
+EXPOSURE = (1.0, ["--distill-steps", "300", "--tag=-s300"], "-s300")
 # the second halves (b) are the costlier rows, run when the budget allows
 LATER = {"rounds 3", "rounds 2, refine-teacher", "Stage I twice as long (600 steps)", "standardised global targets"}
 
@@ -107,6 +111,8 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
                     continue
                 tag = [] if any(x.startswith("--tag") for x in extra) else [f"--tag={name[len('cskd'):]}"]
                 run(work, variant, [*ref, "--probe", *extra, *tag])
+        if phase == "exposure":
+            run(work, variant, ["--label-fraction", str(EXPOSURE[0]), "--ablation", *EXPOSURE[1]])
         if phase in ("stage2", "stage2b", "vit"):
             for label, (extra, runs, name, align) in ABLATION.items():
                 if (runs == "vit-f0.1") == (phase == "vit") and (phase == "vit" or
@@ -179,6 +185,15 @@ def report(works: list[Path], plot: Path | None) -> None:
                   f"{diff(ms['cskd'], ms['labels-only'])} | {diff(ms['cskd'], ms['distill-only'])} |")
             curve[f] = ms
         curves[name] = curve
+        d = work / f"f{EXPOSURE[0]:g}"
+        eq = {k: load(d / f"{k}{EXPOSURE[2]}") for k in ("distill-only", "cskd")}
+        lab = load(d / "labels-only")
+        if lab is not None and all(eq.values()):
+            print(f"\n{name}, {EXPOSURE[0]:.0%} labels with Stage II given the baseline's 300 steps (equal labelled "
+                  "images): ")
+            print(f"distill-only {ci(eq['distill-only'])}, CSKD {ci(eq['cskd'])}; CSKD - labels-only "
+                  f"{diff(eq['cskd'], lab)}, CSKD - distill-only {diff(eq['cskd'], eq['distill-only'])}, "
+                  f"distill-only - labels-only {diff(eq['distill-only'], lab)}")
         ref = work / f"f{REF:g}"
         base, lab = load(ref / "cskd"), load(ref / "labels-only")
         if base is None:
@@ -261,7 +276,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", help="the variant's work folder")
     p.add_argument("--phases", default=",".join(PHASES),
                    help=f"comma-separated, in order (default {','.join(PHASES)}): core = 10%% labels with the "
-                        "distill-only ablation and the probe; curve (or curve:F, one fraction); stage2; stage1; stage2b; stage1b; vit")
+                        "distill-only ablation and the probe; curve (or curve:F, one fraction); stage2; stage1; stage2b; stage1b; vit; "
+                        "exposure = 100%% labels with Stage II as long as labels-only")
     p.add_argument("--report", nargs="+", type=Path, help="print the tables of these work folders")
     p.add_argument("--plot", type=Path, help="with --report: the label-efficiency curve PNG")
     a = p.parse_args(argv)

@@ -205,6 +205,17 @@ def test_an_old_name_is_read_as_the_new_one_with_one_notice():
     assert AlignConfig(eval_fraction=0.2, size=48).changed(old) == []
 
 
+def test_a_field_added_after_a_run_was_made_reads_as_its_default():
+    from cskd_cache.stages.distill import DistillConfig
+
+    saved = DistillConfig(teacher="run:t").to_dict()
+    del saved["refine_teacher"], saved["attn_reference"]
+    assert DistillConfig(teacher="run:t").changed(saved) == []
+    # a value other than the default is still a change, so a resume cannot switch it on silently
+    assert DistillConfig(teacher="run:t", rounds=2, refine_teacher=True).changed(saved) == ["refine_teacher",
+                                                                                            "rounds"]
+
+
 def test_every_exception_the_library_defines_is_a_cskd_error():
     import importlib
     import inspect

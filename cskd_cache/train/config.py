@@ -109,10 +109,23 @@ class CommandConfig:
                 raise self.error(f"{_flag(name)} is required")
 
     def changed(self, saved: dict) -> list[str]:
-        """Fields whose value differs from a saved config (old names read as today's), ignoring `RESUMABLE`."""
+        """Fields whose value differs from a saved config (old names read as today's), ignoring `RESUMABLE`.
+
+        A field the saved config lacks was added after that run was made; the run behaved as its default, so it
+        counts as the default (a run made before ``refine_teacher`` existed resumes without it).
+        """
         old = self.normalise(saved, notice=False)
         new = self.to_dict()
-        return sorted(k for k in new if k not in RESUMABLE and json_safe(old.get(k)) != new[k])
+        defaults = {f.name: _default(f) for f in dataclasses.fields(self)}
+        return sorted(k for k in new if k not in RESUMABLE and json_safe(old.get(k, defaults.get(k))) != new[k])
+
+
+def _default(field: dataclasses.Field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
 
 
 @dataclass
