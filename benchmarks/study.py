@@ -207,6 +207,8 @@ def report(works: list[Path], plot: Path | None) -> None:
             m = load(work / runs / run_name)
             if m is None:
                 continue
+            if runs == "vit-f0.1" and run_name == "cskd" and vit_lab is not None:
+                print(f"| ViT student, labels-only | {ci(vit_lab)} | - | - |")
             if runs == "vit-f0.1":
                 vs = "-" if run_name == "cskd" or vit_base is None else diff(m, vit_base)
                 print(f"| {label} | {ci(m)} | {vs} (vs ViT CSKD) | {diff(m, vit_lab) if vit_lab else '-'} "
