@@ -255,6 +255,7 @@ def evaluate(args, labels: str, run: Path) -> dict:
         rows = list(csv.DictReader(f))
     m["_pred"] = {r["key"]: float(r["pred"]) for r in rows}
     m["_true"] = {r["key"]: float(r["true"]) for r in rows}
+    m["_group"] = {r["key"]: r["group"] for r in rows if r.get("group")}
     return m
 
 
@@ -267,7 +268,7 @@ def paired_diff(a: dict, b: dict, n: int, seed: int, group_by: str | None = None
     t = np.array([a["_true"][k] for k in keys])
     pa, pb = np.array([a["_pred"][k] for k in keys]), np.array([b["_pred"][k] for k in keys])
     both = np.stack([pa, pb], 1)
-    groups = group_keys(keys, group_by) if group_by else None
+    groups = group_keys(keys, group_by, a.get("_group")) if group_by else None
     lo, hi = bootstrap_ci(lambda tt, pp: srcc(tt, pp[:, 0]) - srcc(tt, pp[:, 1]), t, both, n=n, seed=seed,
                           groups=groups)
     return srcc(t, pa) - srcc(t, pb), lo, hi

@@ -28,7 +28,8 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap resampling.")] = 0,
     group_by: Annotated[Optional[str], typer.Option(help="Resample whole groups in the bootstrap: a regex on the "
                                                          "label key whose first group names the source photo, "
-                                                         "e.g. '^(.*)__' for the proxy set (default: images).")]
+                                                         "e.g. '^(.*)__' for the proxy set, or column:NAME for a "
+                                                         "column of a csv:/jsonl: label file (default: images).")]
     = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
     trust_code: TrustCodeOpt = False,

@@ -153,3 +153,58 @@ def test_group_by_resamples_source_photos_together(data, tmp_path):
     assert p["srcc"] == m["srcc"] and p["srcc_ci"] != m["srcc_ci"]  # same point estimate, other resampling
     r = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), "--group-by", "^nomatch"])
     assert r.exit_code == 1 and "does not match the label key" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_group_by_a_label_column_resamples_its_groups_and_records_them(data, tmp_path):
+    d, model = data
+    # the same rows as labels.csv, plus a source-photo column that pairs the images up; one row lacks it
+    with open(d / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for i, r in enumerate(rows):
+        r["photo"] = f"p{i // 2}"
+    args = ["evaluate", "--model", str(model), "--num-workers", "0", "--bootstrap", "200"]
+    grouped = d / "grouped.csv"
+    with open(grouped, "w", newline="") as f:
+        w = csv.DictWriter(f, ["path", "dist", "split", "photo"])
+        w.writeheader()
+        w.writerows(rows)
+    r = runner.invoke(app, [*args, "--labels", f"csv:{grouped}", "--out", str(tmp_path / "c"),
+                            "--group-by", "column:photo"])
+    assert r.exit_code == 0, r.output + r.stderr
+    m = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    with open(tmp_path / "c" / "predictions.csv", newline="") as f:
+        pred = list(csv.DictReader(f))
+    by_key = {x["path"]: x["photo"] for x in rows}  # the key is the path as written
+    assert [p["group"] for p in pred] == [by_key[p["key"]] for p in pred]
+    assert m["bootstrap"]["groups"] == len({p["group"] for p in pred}) < len(pred)
+    # the interval is the cluster bootstrap's over those groups, computed from the written predictions
+    t, y = np.array([float(p["true"]) for p in pred]), np.array([float(p["pred"]) for p in pred])
+    lo, hi = M.bootstrap_ci(M.srcc, t, y, n=200, seed=0, groups=[p["group"] for p in pred])
+    assert m["srcc_ci"] == pytest.approx([lo, hi])
+
+    rows[3]["photo"] = ""
+    with open(grouped, "w", newline="") as f:
+        w = csv.DictWriter(f, ["path", "dist", "split", "photo"])
+        w.writeheader()
+        w.writerows(rows)
+    r = runner.invoke(app, [*args, "--labels", f"csv:{grouped}", "--out", str(tmp_path / "bad"),
+                            "--group-by", "column:photo"])
+    assert r.exit_code == 1 and "has no 'photo' value" in r.stderr and str(grouped) in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_paired_comparison_resamples_the_recorded_column_groups():
+    from cskd_cache.errors import EvaluateError
+    from cskd_cache.evaluate.evaluate import group_keys
+    from cskd_cache.inspect.compare import paired_srcc
+
+    rng = np.random.default_rng(1)
+    keys = [f"k{i}" for i in range(40)]
+    truth = rng.normal(size=40)
+    a = {k: (t, t + rng.normal(), f"g{i // 10}") for i, (k, t) in enumerate(zip(keys, truth))}
+    b = {k: (t, t + 0.1 * rng.normal(), f"g{i // 10}") for i, (k, t) in enumerate(zip(keys, truth))}
+    grouped = paired_srcc(a, b, 200, 0, "column:photo")
+    plain = paired_srcc(a, b, 200, 0)
+    assert grouped["groups"] == 4 and grouped["diff"] == plain["diff"] and grouped["ci"] != plain["ci"]
+    with pytest.raises(EvaluateError, match="evaluate again with --group-by 'column:photo'"):
+        group_keys(keys, "column:photo", {k: "g" for k in keys[:-1]})

@@ -20,7 +20,8 @@ Output folder (written to temporary names and renamed, so a file with its final 
     e.g. the versions of one source photo, are resampled together), ``n_labels`` (rows in the split), ``n_missing``,
     ``n_unreadable``, ``skipped`` ([{key, path, reason}]) and ``notes``.
 ``predictions.csv``
-    ``key,path,true,pred`` for every scored image (full float precision).
+    ``key,path,true,pred`` for every scored image (full float precision), and ``group`` with ``--group-by``, so a
+    later paired comparison (`cskd report`, ``benchmarks/srcc.py``) resamples the same groups.
 ``scatter.png``
     predicted vs true score with the y = x line and both scores' histograms in the margins; SRCC and PLCC in the
     title.
@@ -177,20 +178,47 @@ def plot_confusion(dist_true: np.ndarray, dist_pred: np.ndarray, path: str | os.
     save_png(fig, Path(path))
 
 
-def _predictions_csv(keys, paths, y_true, y_pred) -> str:
+def _predictions_csv(keys, paths, y_true, y_pred, groups=None) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["key", "path", "true", "pred"])
-    for row in zip(keys, paths, y_true, y_pred):
-        w.writerow([row[0], row[1], repr(float(row[2])), repr(float(row[3]))])
+    w.writerow(["key", "path", "true", "pred"] + (["group"] if groups is not None else []))
+    for i, row in enumerate(zip(keys, paths, y_true, y_pred)):
+        w.writerow([row[0], row[1], repr(float(row[2])), repr(float(row[3]))]
+                   + ([groups[i]] if groups is not None else []))
     return buf.getvalue()
 
 
-def group_keys(keys: list[str], pattern: str) -> list[str]:
+COLUMN = "column:"
+
+
+def column_groups(labels, spec: str, source: str) -> dict[str, str]:
+    """``--group-by column:NAME``: each label's group is its label-file column NAME (csv:/jsonl: files keep their
+    other columns); every row needs a value, or the evaluation stops before scoring."""
+    name = spec[len(COLUMN):]
+    out = {}
+    for lb in labels:
+        value = (lb.extra or {}).get(name, "")
+        if not value:
+            cols = sorted((lb.extra or {}))
+            raise EvaluateError(f"--group-by {spec!r}: {source} row {lb.key!r} has no {name!r} value (its other "
+                                f"columns: {', '.join(cols) or 'none'}); give every row one, or group by a key "
+                                "pattern")
+        out[lb.key] = value
+    return out
+
+
+def group_keys(keys: list[str], pattern: str, recorded: dict[str, str] | None = None) -> list[str]:
     """The group of each key: the first capture group of ``pattern`` (or its whole match), searched in the key;
-    several images of one source photo (the proxy set's ``NAME__blur3.png``: ``^(.*)__``) then resample together."""
+    several images of one source photo (the proxy set's ``NAME__blur3.png``: ``^(.*)__``) then resample together.
+    A ``column:NAME`` pattern takes the groups from ``recorded`` (key -> group: the label column, or the ``group``
+    column of a grouped evaluation's predictions.csv)."""
     import re
 
+    if pattern.startswith(COLUMN):
+        if recorded is None or any(k not in recorded for k in keys):
+            raise EvaluateError(f"--group-by {pattern!r}: no recorded group for some keys; evaluate again with "
+                                f"--group-by {pattern!r} so predictions.csv carries the group column")
+        return [recorded[k] for k in keys]
     try:
         rx = re.compile(pattern)
     except re.error as e:
@@ -226,6 +254,9 @@ def run_evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None
     n_labels = len(part)
     if n_labels == 0:
         raise EvaluateError(f"{cfg.labels}: no {cfg.split!r} labels ({labels.summary()}); pick another --split")
+    # a label file without the grouping column is refused before the images are scored
+    recorded = column_groups(part.labels, cfg.group_by, cfg.labels) if cfg.group_by and \
+        cfg.group_by.startswith(COLUMN) else None
     device = resolve_device(cfg.device)
     scorer = load_iaa_model(cfg.model, device=device, trust_code=cfg.trust_code)
     if on_status:
@@ -259,7 +290,7 @@ def run_evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None
     elif labels.bins and not model_bins:
         notes.append("EMD left out: the model has a scalar head (no distribution)")
     keys = [lb.key for lb, k in zip(part.labels, ok) if k]
-    groups = group_keys(keys, cfg.group_by) if cfg.group_by else None
+    groups = group_keys(keys, cfg.group_by, recorded) if cfg.group_by else None
     m = evaluate_predictions(y_true, y_pred, threshold=labels.threshold if same_scale else None,
                              dist_true=dist_true, dist_pred=dist_pred, n_boot=cfg.bootstrap, alpha=ALPHA,
                              seed=cfg.seed, groups=groups)
@@ -276,7 +307,7 @@ def run_evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [lb.path for lb, k in zip(part.labels, ok) if k]
-    atomic_write_text(out / "predictions.csv", _predictions_csv(keys, paths, y_true, y_pred))
+    atomic_write_text(out / "predictions.csv", _predictions_csv(keys, paths, y_true, y_pred, groups))
     title = (f"{labels.name} {cfg.split} (n={m['n']}): SRCC {m['srcc']:.3f}, PLCC {m['plcc']:.3f}\n"
              f"{Path(str(cfg.model)).name}")
     plot_scatter(y_true, y_pred, title, out / "scatter.png", labels.scale if same_scale else None)

@@ -66,7 +66,7 @@ def config_differences(configs: list[dict]) -> tuple[list[tuple[str, list]], lis
     return differ, [[k for k in c if k not in shared] for c in configs]
 
 
-def _predictions(summary: dict) -> dict[str, tuple[float, float]] | None:
+def _predictions(summary: dict) -> dict[str, tuple[float, float, str | None]] | None:
     src = summary.get("source") or {}
     if src.get("kind") != "evaluate":
         return None
@@ -75,7 +75,7 @@ def _predictions(summary: dict) -> dict[str, tuple[float, float]] | None:
         return None
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            return {r["key"]: (float(r["true"]), float(r["pred"])) for r in csv.DictReader(f)}
+            return {r["key"]: (float(r["true"]), float(r["pred"]), r.get("group")) for r in csv.DictReader(f)}
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise EvaluateError(f"{path}: not the key,path,true,pred table `cskd evaluate` writes ({type(e).__name__}: "
                             f"{e}); re-run the evaluation") from None
@@ -97,7 +97,7 @@ def paired_srcc(a: dict, b: dict, n_boot: int = 1000, seed: int = 0, group_by: s
     pa, pb = np.array([a[k][1] for k in keys]), np.array([b[k][1] for k in keys])
     diff = srcc(truth, pb) - srcc(truth, pa)
     rng = np.random.default_rng(seed)
-    groups = group_keys(keys, group_by) if group_by else None
+    groups = group_keys(keys, group_by, {k: a[k][2] for k in keys if a[k][2] is not None}) if group_by else None
     stats = []
     for i in resamples(len(keys), n_boot, rng, groups):
         d = srcc(truth[i], pb[i]) - srcc(truth[i], pa[i])

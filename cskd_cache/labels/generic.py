@@ -9,6 +9,7 @@ Fields per row (CSV columns or JSON keys):
 | dist    | these    | K-bin votes or probabilities: a JSON list, ``0.1;0.2;...``, or columns d1..dK  |
 | split   | no       | train/val/test (aliases: training, validation, valid, dev, testing)             |
 | key     | no       | image id; defaults to path as written                                          |
+| other   | no       | kept per row as text (``Label.extra``), e.g. a source-photo id for ``--group-by column:NAME`` |
 
 With only dist, score = the expected bin value over 1..K and the scale is 1..K. With a score column the
 scale is the observed (min, max) of the scores, because a free-form file does not say its range: use a
@@ -25,6 +26,9 @@ import numpy as np
 
 from ..errors import LabelError, MissingFile
 from .labelset import Label, LabelSet, finish, norm_split, normalise_dist, number, read_csv, seeded_split
+
+
+_FIELDS = {"path", "score", "dist", "split", "key"}
 
 
 def _parse_dist(value, where: str) -> np.ndarray | None:
@@ -66,7 +70,9 @@ def _to_labels(records: list[tuple[str, dict]], base: Path, name: str, val_fract
         split = rec.get("split")
         split = norm_split(split, where) if split not in (None, "") else seeded_split(key, val_fraction, seed)
         full = Path(path) if Path(path).is_absolute() else base / path
-        labels.append(Label(key, str(full), split, score, dist))
+        taken = _FIELDS | {f"d{i}" for i in range(1, len(dcols) + 1)}
+        extra = {k: str(v).strip() for k, v in rec.items() if k not in taken and v is not None}
+        labels.append(Label(key, str(full), split, score, dist, extra or None))
     if not labels:
         raise LabelError(f"{name}: no label rows")
     if has_score:

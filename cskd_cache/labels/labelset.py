@@ -42,6 +42,8 @@ class Label:
     split: str
     score: float
     dist: np.ndarray | None = None
+    # the row's other columns (csv:/jsonl: files), e.g. a source-photo id for `cskd evaluate --group-by column:NAME`
+    extra: dict[str, str] | None = None
 
 
 @dataclass
