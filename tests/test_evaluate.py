@@ -164,10 +164,14 @@ def test_group_by_a_label_column_resamples_its_groups_and_records_them(data, tmp
         r["photo"] = f"p{i // 2}"
     args = ["evaluate", "--model", str(model), "--num-workers", "0", "--bootstrap", "200"]
     grouped = d / "grouped.csv"
-    with open(grouped, "w", newline="") as f:
-        w = csv.DictWriter(f, ["path", "dist", "split", "photo"])
-        w.writeheader()
-        w.writerows(rows)
+
+    def write(rows):
+        with open(grouped, "w", newline="") as f:
+            w = csv.DictWriter(f, ["path", "dist", "split", "photo"])
+            w.writeheader()
+            w.writerows(rows)
+
+    write(rows)
     r = runner.invoke(app, [*args, "--labels", f"csv:{grouped}", "--out", str(tmp_path / "c"),
                             "--group-by", "column:photo"])
     assert r.exit_code == 0, r.output + r.stderr
@@ -183,10 +187,7 @@ def test_group_by_a_label_column_resamples_its_groups_and_records_them(data, tmp
     assert m["srcc_ci"] == pytest.approx([lo, hi])
 
     rows[3]["photo"] = ""
-    with open(grouped, "w", newline="") as f:
-        w = csv.DictWriter(f, ["path", "dist", "split", "photo"])
-        w.writeheader()
-        w.writerows(rows)
+    write(rows)
     r = runner.invoke(app, [*args, "--labels", f"csv:{grouped}", "--out", str(tmp_path / "bad"),
                             "--group-by", "column:photo"])
     assert r.exit_code == 1 and "has no 'photo' value" in r.stderr and str(grouped) in r.stderr
