@@ -17,6 +17,7 @@ row does not change them; a rerun reuses every finished run. What runs, per vari
   loss, twice the Stage I steps, a 3x lower encoder learning rate in CSKD's distillation, standardised global
   targets;
 - exposure: at 100% labels, distill-only and CSKD with the baseline's 300 steps (equal labelled images).
+- weight: that CSKD row again with lambda_u 1 instead of 4 (does the teacher's weight drown the labels?).
 
 Paired differences (same resampled test photos) are against the CSKD default of the same fraction, and for the
 curve against the labels-only student.
@@ -88,10 +89,13 @@ def run(work: Path, variant: str, extra: list[str]) -> None:
     srcc.main(argv)
 
 
-PHASES = ("core", "stage2", "stage1", "curve", "stage2b", "stage1b", "vit", "exposure")
+PHASES = ("core", "stage2", "stage1", "curve", "stage2b", "stage1b", "vit", "exposure", "weight")
 # At 100% labels the curve's distillation (200 steps x 32 labelled) sees fewer labelled images than labels-only
 # (300 x 32): this row gives both distilled students the baseline's 300 steps, so label exposure is equal.
 EXPOSURE = (1.0, ["--distill-steps", "300", "--tag=-s300"], "-s300")
+# A diagnostic of that row: with every label in hand, does the teacher's 4x weight drown the labels? The same 300
+# steps with lambda_u 1, CSKD only.
+WEIGHT = (1.0, ["--distill-steps", "300", "--lambda-u", "1", "--tag=-s300-lu1"], "-s300-lu1")
 # the second halves (b) are the costlier rows, run when the budget allows
 LATER = {"rounds 3", "rounds 2, refine-teacher", "Stage I twice as long (600 steps)", "standardised global targets"}
 
@@ -113,6 +117,8 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
                 run(work, variant, [*ref, "--probe", *extra, *tag])
         if phase == "exposure":
             run(work, variant, ["--label-fraction", str(EXPOSURE[0]), "--ablation", *EXPOSURE[1]])
+        if phase == "weight":
+            run(work, variant, ["--label-fraction", str(WEIGHT[0]), *WEIGHT[1]])
         if phase in ("stage2", "stage2b", "vit"):
             for label, (extra, runs, name, align) in ABLATION.items():
                 if (runs == "vit-f0.1") == (phase == "vit") and (phase == "vit" or
@@ -194,6 +200,10 @@ def report(works: list[Path], plot: Path | None) -> None:
             print(f"distill-only {ci(eq['distill-only'])}, CSKD {ci(eq['cskd'])}; CSKD - labels-only "
                   f"{diff(eq['cskd'], lab)}, CSKD - distill-only {diff(eq['cskd'], eq['distill-only'])}, "
                   f"distill-only - labels-only {diff(eq['distill-only'], lab)}")
+            lu1 = load(d / f"cskd{WEIGHT[2]}")
+            if lu1 is not None:
+                print(f"the same CSKD with lambda_u 1: {ci(lu1)}; - labels-only {diff(lu1, lab)}, - CSKD with lambda_u 4 "
+                      f"{diff(lu1, eq['cskd'])}")
         ref = work / f"f{REF:g}"
         base, lab = load(ref / "cskd"), load(ref / "labels-only")
         if base is None:
@@ -279,7 +289,7 @@ def main(argv=None) -> int:
     p.add_argument("--phases", default=",".join(PHASES),
                    help=f"comma-separated, in order (default {','.join(PHASES)}): core = 10%% labels with the "
                         "distill-only ablation and the probe; curve (or curve:F, one fraction); stage2; stage1; stage2b; stage1b; vit; "
-                        "exposure = 100%% labels with Stage II as long as labels-only")
+                        "exposure = 100%% labels with Stage II as long as labels-only; weight = that CSKD with lambda_u 1")
     p.add_argument("--report", nargs="+", type=Path, help="print the tables of these work folders")
     p.add_argument("--plot", type=Path, help="with --report: the label-efficiency curve PNG")
     a = p.parse_args(argv)
