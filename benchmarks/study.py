@@ -17,7 +17,8 @@ row does not change them; a rerun reuses every finished run. What runs, per vari
   loss, twice the Stage I steps, a 3x lower encoder learning rate in CSKD's distillation, standardised global
   targets;
 - exposure: at 100% labels, distill-only and CSKD with the baseline's 300 steps (equal labelled images).
-- weight: that CSKD row again with lambda_u 1 instead of 4 (does the teacher's weight drown the labels?).
+- weight: that CSKD row again with lambda_u 1 instead of 4 (does the teacher's weight drown the labels?), and
+  lambda_u 1 at 10% labels (a row of the Stage II ablation).
 
 Paired differences (same resampled test photos) are against the CSKD default of the same fraction, and for the
 curve against the labels-only student.
@@ -63,6 +64,7 @@ ABLATION = {
     "rounds 3": (["--rounds", "3", "--tag=-r3"], "f0.1", "cskd-r3", "align"),
     "rounds 2, refine-teacher": (["--rounds", "2", "--refine-teacher", "--tag=-r2refine"], "f0.1", "cskd-r2refine",
                                  "align"),
+    "lambda_u 1": (["--lambda-u", "1", "--tag=-lu1"], "f0.1", "cskd-lu1", "align"),
     "ViT student, CSKD": (VIT, "vit-f0.1", "cskd", "align-vit"),
     "ViT student, CSKD + attention distance 1": (VIT + ["--attn-distance", "1", "--tag=-attn"], "vit-f0.1",
                                                  "cskd-attn", "align-vit"),
@@ -98,6 +100,7 @@ EXPOSURE = (1.0, ["--distill-steps", "300", "--tag=-s300"], "-s300")
 WEIGHT = (1.0, ["--distill-steps", "300", "--lambda-u", "1", "--tag=-s300-lu1"], "-s300-lu1")
 # the second halves (b) are the costlier rows, run when the budget allows
 LATER = {"rounds 3", "rounds 2, refine-teacher", "Stage I twice as long (600 steps)", "standardised global targets"}
+WEIGHT_ONLY = {"lambda_u 1"}
 
 
 def study(work: Path, variant: str, phases: list[str]) -> None:
@@ -117,11 +120,12 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
                 run(work, variant, [*ref, "--probe", *extra, *tag])
         if phase == "exposure":
             run(work, variant, ["--label-fraction", str(EXPOSURE[0]), "--ablation", *EXPOSURE[1]])
-        if phase == "weight":
+        if phase == "weight":  # and the same weight at the ablation's fraction, where the labels are few
             run(work, variant, ["--label-fraction", str(WEIGHT[0]), *WEIGHT[1]])
+            run(work, variant, [*ref, *ABLATION["lambda_u 1"][0]])
         if phase in ("stage2", "stage2b", "vit"):
             for label, (extra, runs, name, align) in ABLATION.items():
-                if (runs == "vit-f0.1") == (phase == "vit") and (phase == "vit" or
+                if label not in WEIGHT_ONLY and (runs == "vit-f0.1") == (phase == "vit") and (phase == "vit" or
                                                                  (label in LATER) == (phase == "stage2b")):
                     teacher = ["--teacher-run", str(work / f"f{REF:g}" / "teacher")] if runs != f"f{REF:g}" else []
                     run(work, variant, [*ref, *extra, *teacher])
