@@ -18,7 +18,8 @@ row does not change them; a rerun reuses every finished run. What runs, per vari
   targets;
 - exposure: at 100% labels, distill-only and CSKD with the baseline's 300 steps (equal labelled images).
 - weight: that CSKD row again with lambda_u 1 instead of 4 (does the teacher's weight drown the labels?), and
-  lambda_u 1 at 10% labels (a row of the Stage II ablation).
+  lambda_u 1 at 10% labels (a row of the Stage II ablation). The README's 25% lambda_u 1 figures come from
+  ``srcc.py --label-fraction 0.25 --lambda-u 1 --tag=-lu1`` with this study's arguments, after the curve.
 
 Paired differences (same resampled test photos) are against the CSKD default of the same fraction, and for the
 curve against the labels-only student.
