@@ -18,8 +18,7 @@ row does not change them; a rerun reuses every finished run. What runs, per vari
   targets;
 - exposure: at 100% labels, distill-only and CSKD with the baseline's 300 steps (equal labelled images).
 - weight: that CSKD row again with lambda_u 1 instead of 4 (does the teacher's weight drown the labels?), and
-  lambda_u 1 at 10% labels (a row of the Stage II ablation). The README's 25% lambda_u 1 figures come from
-  ``srcc.py --label-fraction 0.25 --lambda-u 1 --tag=-lu1`` with this study's arguments, after the curve.
+  lambda_u 1 at 10% labels (a row of the Stage II ablation) and at 25%.
 
 Paired differences (same resampled test photos) are against the CSKD default of the same fraction, and for the
 curve against the labels-only student.
@@ -123,7 +122,8 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
             run(work, variant, ["--label-fraction", str(EXPOSURE[0]), "--ablation", *EXPOSURE[1]])
         if phase == "weight":  # and the same weight at the ablation's fraction, where the labels are few
             run(work, variant, ["--label-fraction", str(WEIGHT[0]), *WEIGHT[1]])
-            run(work, variant, [*ref, *ABLATION["lambda_u 1"][0]])
+            for f in (REF, 0.25):  # 25% needs the curve's CSKD there to be compared with
+                run(work, variant, ["--label-fraction", str(f), *ABLATION["lambda_u 1"][0]])
         if phase in ("stage2", "stage2b", "vit"):
             for label, (extra, runs, name, align) in ABLATION.items():
                 if label not in WEIGHT_ONLY and (runs == "vit-f0.1") == (phase == "vit") and (phase == "vit" or
