@@ -346,7 +346,7 @@ def parser() -> argparse.ArgumentParser:
                         "--lr); distill-only keeps --lr")
     p.add_argument("--lambda-u", type=float, default=4.0,
                    help="weight of the distillation loss (default 4, the README study's; `cskd distill` defaults to "
-                   "1, which measured better at 100%% labels on both proxies and level at 10%%)")
+                   "1, which measured better at 100%% labels on both proxies and split them at 10%% and 25%%)")
     p.add_argument("--unlabelled-ratio", type=float, default=1.0,
                    help="unlabelled images per labelled image in a distill step (default 1)")
     p.add_argument("--consistency", type=float, default=0.0, help="`cskd distill --consistency` (default 0)")

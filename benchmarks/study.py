@@ -196,6 +196,10 @@ def report(works: list[Path], plot: Path | None) -> None:
                   f"{diff(ms['cskd'], ms['labels-only'])} | {diff(ms['cskd'], ms['distill-only'])} |")
             curve[f] = ms
         curves[name] = curve
+        lu, c4, lab = (load(work / "f0.25" / k) for k in ("cskd-lu1", "cskd", "labels-only"))
+        if lu is not None and c4 is not None and lab is not None:
+            print(f"\n{name}, 25% labels with lambda_u 1: {ci(lu)}; - CSKD default {diff(lu, c4)}, - labels-only "
+                  f"{diff(lu, lab)}")
         d = work / f"f{EXPOSURE[0]:g}"
         eq = {k: load(d / f"{k}{EXPOSURE[2]}") for k in ("distill-only", "cskd")}
         lab = load(d / "labels-only")

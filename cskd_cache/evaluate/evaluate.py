@@ -181,10 +181,10 @@ def plot_confusion(dist_true: np.ndarray, dist_pred: np.ndarray, path: str | os.
 def _predictions_csv(keys, paths, y_true, y_pred, groups=None) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["key", "path", "true", "pred"] + (["group"] if groups is not None else []))
-    for i, row in enumerate(zip(keys, paths, y_true, y_pred)):
-        w.writerow([row[0], row[1], repr(float(row[2])), repr(float(row[3]))]
-                   + ([groups[i]] if groups is not None else []))
+    grouped = groups is not None
+    w.writerow(["key", "path", "true", "pred"] + (["group"] if grouped else []))
+    for key, path, t, y, *group in zip(keys, paths, y_true, y_pred, *([groups] if grouped else [])):
+        w.writerow([key, path, repr(float(t)), repr(float(y)), *group])
     return buf.getvalue()
 
 
