@@ -191,7 +191,7 @@ def distill(args, labels: str, cache: str, teacher_run: Path, student: str, out:
                         unlabelled_ratio=args.unlabelled_ratio, ema=args.ema, jitter_views=args.jitter_views,
                         trust_code=True, view_pixels=args.view_pixels, lr_encoder=lr_encoder,
                         consistency=args.consistency, attn_distance=args.attn_distance, rounds=args.rounds,
-                        refine_teacher=args.refine_teacher,
+                        refine_teacher=args.refine_teacher, label_views=args.label_views,
                         **train_kwargs(args, args.distill_steps))
     if not finished(cfg):
         log(f"distill {student} from run:{teacher_run} -> {out}")
@@ -358,6 +358,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jitter-views", action=argparse.BooleanOptionalAction, default=True,
                    help="distil with a mild crop + flip inside each cached view (`cskd distill --jitter-views`, "
                         "the default)")
+    p.add_argument("--label-views", default="cached", choices=("cached", "eval"),
+                   help="which cached views a labelled image shows in distillation (`cskd distill --label-views`; "
+                        "default cached)")
     p.add_argument("--ema", type=float, default=0.0,
                    help="weight EMA decay of every student run (labels-only, distill, all-labels); the teacher "
                         "never (default 0 = off)")

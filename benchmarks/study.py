@@ -19,6 +19,8 @@ row does not change them; a rerun reuses every finished run. What runs, per vari
 - exposure: at 100% labels, distill-only and CSKD with the baseline's 300 steps (equal labelled images).
 - weight: that CSKD row again with lambda_u 1 instead of 4 (does the teacher's weight drown the labels?), and
   lambda_u 1 at 10% labels (a row of the Stage II ablation) and at 25%.
+- diagnose: at 100% labels, distill-only as well as CSKD with lambda_u 1; both with lambda_u 0 (the teacher left
+  out); both with eval label views (a labelled image shown whole, never as a crop), also at 10%.
 
 Paired differences (same resampled test photos) are against the CSKD default of the same fraction, and for the
 curve against the labels-only student.
@@ -91,7 +93,7 @@ def run(work: Path, variant: str, extra: list[str]) -> None:
     srcc.main(argv)
 
 
-PHASES = ("core", "stage2", "stage1", "curve", "stage2b", "stage1b", "vit", "exposure", "weight")
+PHASES = ("core", "stage2", "stage1", "curve", "stage2b", "stage1b", "vit", "exposure", "weight", "diagnose")
 # At 100% labels the curve's distillation (200 steps x 32 labelled) sees fewer labelled images than labels-only
 # (300 x 32): this row gives both distilled students the baseline's 300 steps, so label exposure is equal.
 EXPOSURE = (1.0, ["--distill-steps", "300", "--tag=-s300"], "-s300")
@@ -101,6 +103,17 @@ WEIGHT = (1.0, ["--distill-steps", "300", "--lambda-u", "1", "--tag=-s300-lu1"],
 # the second halves (b) are the costlier rows, run when the budget allows
 LATER = {"rounds 3", "rounds 2, refine-teacher", "Stage I twice as long (600 steps)", "standardised global targets"}
 WEIGHT_ONLY = {"lambda_u 1"}
+# Where the chain falls short of labels-only (A at 100% labels), which part costs? Each row: CSKD and distill-only
+# at that label fraction with the 300 steps of labels-only. lambda_u 0 keeps the teacher out (the aligned student
+# trained on the labels alone, through distill's own data pipeline; its random-init twin is the pipeline's control,
+# to be read against labels-only); eval label views show a labelled image its whole picture only, as finetune does.
+DIAGNOSE = {
+    "lambda_u 1": (1.0, ["--distill-steps", "300", "--lambda-u", "1"], "-s300-lu1"),
+    "lambda_u 0 (no teacher), eval label views": (1.0, ["--distill-steps", "300", "--lambda-u", "0",
+                                                        "--label-views", "eval"], "-s300-lu0"),
+    "eval label views": (1.0, ["--distill-steps", "300", "--label-views", "eval"], "-s300-eval"),
+    "eval label views, 10% labels": (REF, ["--label-views", "eval"], "-eval"),
+}
 
 
 def study(work: Path, variant: str, phases: list[str]) -> None:
@@ -124,6 +137,9 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
             run(work, variant, ["--label-fraction", str(WEIGHT[0]), *WEIGHT[1]])
             for f in (REF, 0.25):  # 25% needs the curve's CSKD there to be compared with
                 run(work, variant, ["--label-fraction", str(f), *ABLATION["lambda_u 1"][0]])
+        if phase == "diagnose":
+            for f, extra, tag in DIAGNOSE.values():
+                run(work, variant, ["--label-fraction", str(f), "--ablation", *extra, f"--tag={tag}"])
         if phase in ("stage2", "stage2b", "vit"):
             for label, (extra, runs, name, align) in ABLATION.items():
                 if label not in WEIGHT_ONLY and (runs == "vit-f0.1") == (phase == "vit") and (phase == "vit" or
@@ -213,6 +229,7 @@ def report(works: list[Path], plot: Path | None) -> None:
             if lu1 is not None:
                 print(f"the same CSKD with lambda_u 1: {ci(lu1)}; - labels-only {diff(lu1, lab)}, - CSKD with lambda_u 4 "
                       f"{diff(lu1, eq['cskd'])}")
+        diagnose(work)
         ref = work / f"f{REF:g}"
         base, lab = load(ref / "cskd"), load(ref / "labels-only")
         if base is None:
@@ -259,6 +276,28 @@ def report(works: list[Path], plot: Path | None) -> None:
         plot_curves(curves, plot)
 
 
+def diagnose(work: Path) -> None:
+    """The rows of DIAGNOSE beside that fraction's default, each paired with labels-only and with each other."""
+    rows = {"default (lambda_u 4, cached label views)": (EXPOSURE[0], EXPOSURE[2]),
+            **{k: (f, tag) for k, (f, _, tag) in DIAGNOSE.items()}}
+    found = []
+    for label, (f, tag) in rows.items():
+        d = work / f"f{f:g}"
+        ms = {k: load(d / f"{k}{tag}") for k in ("cskd", "distill-only")} | {"lab": load(d / "labels-only")}
+        if all(ms.values()):
+            found.append((label, f, ms))
+    if not found:
+        return
+    print(f"\n### {work.name}: what costs where the chain falls short (Stage II as long as labels-only at 100%)\n")
+    print("| variant | labels | distill-only | CSKD | distill-only - labels-only | CSKD - labels-only | "
+          "CSKD - distill-only |")
+    print("|---|---|---|---|---|---|---|")
+    for label, f, ms in found:
+        print(f"| {label} | {f:.0%} | {ci(ms['distill-only'])} | {ci(ms['cskd'])} | "
+              f"{diff(ms['distill-only'], ms['lab'])} | {diff(ms['cskd'], ms['lab'])} | "
+              f"{diff(ms['cskd'], ms['distill-only'])} |")
+
+
 def plot_curves(curves: dict, path: Path) -> None:
     import matplotlib
 
@@ -298,7 +337,8 @@ def main(argv=None) -> int:
     p.add_argument("--phases", default=",".join(PHASES),
                    help=f"comma-separated, in order (default {','.join(PHASES)}): core = 10%% labels with the "
                         "distill-only ablation and the probe; curve (or curve:F, one fraction); stage2; stage1; stage2b; stage1b; vit; "
-                        "exposure = 100%% labels with Stage II as long as labels-only; weight = that CSKD with lambda_u 1")
+                        "exposure = 100%% labels with Stage II as long as labels-only; weight = that CSKD with lambda_u 1; "
+                        "diagnose = what costs at 100%% labels (lambda_u 1 and 0, eval label views)")
     p.add_argument("--report", nargs="+", type=Path, help="print the tables of these work folders")
     p.add_argument("--plot", type=Path, help="with --report: the label-efficiency curve PNG")
     a = p.parse_args(argv)

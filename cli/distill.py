@@ -70,6 +70,9 @@ def distill(
                                                     "view's teacher targets; --no-jitter-views shows the exact "
                                                     "cached views (a student then memorises those few fixed "
                                                     "inputs per image).")] = True,
+    label_views: Annotated[str, typer.Option(help="Which cached views a labelled image shows: cached (any of "
+                                                  "them, crops included, each under the whole picture's label) or "
+                                                  "eval (view 0 only, the pixels finetune trains on).")] = "cached",
     labels_outside_cache: Annotated[bool, typer.Option(help="The labelled images are deliberately not in the cache "
                                                             "(read from disk); without it, labels that link to no "
                                                             "cache row stop the run.")] = False,

@@ -459,3 +459,41 @@ def test_attention_distance_constraint_resumes_to_the_same_weights(data, tmp_pat
     assert all("attn_distance" in x for x in train)
     with pytest.raises(ModelError, match="needs a ViT-family student"):
         run_distill(cfg(data, tmp_path / "cnn", student="timm:test_resnet", size=32, attn_distance=1.0))
+
+
+
+def test_label_views_eval_shows_each_labelled_image_its_eval_view_only(data, tmp_path, monkeypatch):
+    """A label scores the whole picture: with ``label_views="eval"`` a labelled image shows its cached view 0 (the
+    eval view), exactly when jitter is off; the default, "cached", shows its random crops too."""
+    seen, _ = spy_items(monkeypatch, lambda ds: bool(ds.targets) and not ds.teacher)
+    run_distill(cfg(data, tmp_path / "eval", jitter_views=False, max_steps=3, label_views="eval"))
+    linked = [(ds, it) for ds, _, it in seen if it["row"] >= 0]
+    assert len(linked) >= 20 and {it["view"] for _, it in linked} == {0}
+    for ds, it in linked:
+        c = ds.cfg
+        want = render_tensor(load_rgb(ds.paths[it["index"]]), ds.boxes[it["row"], 0], c["size"], c["interpolation"],
+                             c["mean"], c["std"])
+        assert torch.equal(it["image"], want)
+    seen[:] = []
+    run_distill(cfg(data, tmp_path / "cached", jitter_views=False, max_steps=3))
+    assert yaml.safe_load((tmp_path / "cached" / "config.yaml").read_text())["label_views"] == "cached"
+    assert {it["view"] for _, _, it in seen if it["row"] >= 0} == {0, 1}
+    with pytest.raises(DistillError, match="--label-views must be eval or cached"):
+        run_distill(cfg(data, tmp_path / "bad", label_views="crops"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_run_made_before_label_views_resumes_as_it_ran(data, tmp_path):
+    """A config.yaml without ``label_views`` was written by a run that showed every cached view, today's default:
+    it resumes; asking it for eval views is refused, and the message names the value it ran with."""
+    part = cfg(data, tmp_path / "old", max_steps=None, epochs=2, keep_checkpoints=0)
+    with pytest.raises(Crash):
+        run_distill(part, on_progress=crash_in_second_epoch())
+    saved = yaml.safe_load((tmp_path / "old" / "config.yaml").read_text())
+    del saved["label_views"]
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(saved))
+    other = DistillConfig(**{**part.to_dict(), "label_views": "eval", "resume": True})
+    assert other.changed(saved) == ["label_views"] and part.changed(saved) == []
+    with pytest.raises(DistillError, match=r"label_views: 'cached' -> 'eval'"):
+        run_distill(other)
+    assert run_distill(DistillConfig(**{**part.to_dict(), "resume": True}))["val"]["srcc"] is not None

@@ -11,9 +11,11 @@ Data:
   the student memorises the V fixed inputs of each row (proxy benchmark: val SRCC peaked at epoch 4 and fell;
   with it, it kept rising and test SRCC went from 0.528 to 0.627);
 - **labelled** = the train-split labels (after ``label_fraction``). A label linked to a cache row shows that
-  row's cached views (and carries its cached embedding); an unlinked one is read from disk with the eval view
-  (+ the mild augmentation unless ``augment`` is off, as in finetune). The val split is the validation set, the
-  test split is untouched.
+  row's cached views (``label_views`` "cached", the default: random crops down to a quarter of the picture too,
+  each under the whole picture's label, and each with its own cached embedding) or only its view 0, the eval view
+  (``label_views`` "eval": the pixels `cskd finetune` trains on and `cskd evaluate` scores); the README's study
+  measured both. An unlinked label is read from disk with the eval view (+ the mild augmentation unless
+  ``augment`` is off, as in finetune). The val split is the validation set, the test split is untouched.
 
 Teachers (``teacher``):
 
@@ -118,6 +120,7 @@ class DistillConfig(IAATrainConfig):
     # the profile --attn-distance keeps: "student" (its own at the start of Stage II) or "teacher" (the CLIP
     # teacher's, stored in the cache by `cskd extract --attention-stats`, matched by relative depth)
     attn_reference: str = "student"
+    label_views: str = "cached"  # which cached views a labelled image shows (module docstring)
 
     error: ClassVar[type] = DistillError
     command: ClassVar[str] = "distill"
@@ -133,6 +136,8 @@ class DistillConfig(IAATrainConfig):
         if self.refine_teacher and not str(self.teacher).startswith("run:"):
             raise DistillError(f"--refine-teacher refines a run: teacher (a finetune run); --teacher {self.teacher} "
                                "is not one")
+        if self.label_views not in ("eval", "cached"):
+            raise DistillError(f"--label-views must be eval or cached, got {self.label_views!r}")
         if self.attn_reference not in ("student", "teacher"):
             raise DistillError(f"--attn-reference must be student or teacher, got {self.attn_reference!r}")
         if self.consistency > 0 and not self.jitter_views:
@@ -258,7 +263,7 @@ def _streams(cfg: DistillConfig, cache: FeatureCache, train: LabelSet, train_row
     pixels = {"store": store, "sizes": cache.sizes, "draft": cfg.view_pixels != "exact"}
     lab = CachedViews(train.paths(), input_cfg, rows=train_rows, boxes=cache.boxes, embed=embed,
                       targets=label_targets(train, kind), augment=cfg.augment, jitter=cfg.jitter_views,
-                      seed=cfg.seed, max_pixels=cfg.max_pixels, digests=cache.digests, **pixels)
+                      view=0 if cfg.label_views == "eval" else "random", seed=cfg.seed, max_pixels=cfg.max_pixels, digests=cache.digests, **pixels)
     unl = CachedViews([paths[r] for r in pool], input_cfg, rows=pool, boxes=cache.boxes, embed=embed,
                       digests=cache.digests, teacher={name: preds.arrays[name]}, jitter=cfg.jitter_views,
                       seed=cfg.seed, max_pixels=cfg.max_pixels, pair=cfg.consistency > 0, **pixels)

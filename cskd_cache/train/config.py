@@ -114,10 +114,13 @@ class CommandConfig:
         A field the saved config lacks was added after that run was made; the run behaved as its default, so it
         counts as the default (a run made before ``refine_teacher`` existed resumes without it).
         """
-        old = self.normalise(saved, notice=False)
-        new = self.to_dict()
-        defaults = {f.name: _default(f) for f in dataclasses.fields(self)}
-        return sorted(k for k in new if k not in RESUMABLE and json_safe(old.get(k, defaults.get(k))) != new[k])
+        old, new = self.as_saved(saved), self.to_dict()
+        return sorted(k for k in new if k not in RESUMABLE and json_safe(old.get(k)) != new[k])
+
+    def as_saved(self, saved: dict) -> dict:
+        """A saved config under today's names, every field it lacks filled with its default (`changed`)."""
+        made = {f.name: _default(f) for f in dataclasses.fields(self)}
+        return json_safe(made) | self.normalise(saved, notice=False)
 
 
 def _default(field: dataclasses.Field):

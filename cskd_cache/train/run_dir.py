@@ -37,7 +37,7 @@ def prepare_run_dir(cfg, run_dir: Path, own=None) -> Path | None:
         raise cfg.error(f"{run_dir} holds a `{command}` run, not `{cfg.command}`; choose a new --out")
     diff = cfg.changed(old)
     if diff:
-        old = cfg.normalise(old, notice=False)
+        old = cfg.as_saved(old)
         new = cfg.to_dict()
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
         raise cfg.error(f"{run_dir}: --resume with different settings ({shown}); repeat the original options "
