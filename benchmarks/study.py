@@ -11,6 +11,7 @@ fraction; best val step kept; photo-level bootstrap), sharing the proxy set, the
 row does not change them; a rerun reuses every finished run. What runs, per variant:
 
 - the curve: label fractions 5%, 10%, 25%, 100%; labels-only, distill-only and CSKD students (and the teacher);
+  with the study's lambda_u 4 (phase ``curve``) and with `cskd distill`'s default 1 (``curve-lu1``);
 - the Stage II ablation at 10% labels: consistency 1, rounds 2 and 3, rounds 2 with the teacher refined; the attention-distance constraint with a
   ViT student (``vit_tiny_patch16_224`` at 112 px, its own labels-only / CSKD runs), on and off;
 - the Stage I variants at 10% labels, each with the training-free kNN probe scored before its Stage II: no token
@@ -93,7 +94,12 @@ def run(work: Path, variant: str, extra: list[str]) -> None:
     srcc.main(argv)
 
 
-PHASES = ("core", "stage2", "stage1", "curve", "stage2b", "stage1b", "vit", "exposure", "weight", "diagnose")
+# phase -> (extra srcc.py arguments, run-name tag, what it is): the curve at the study's lambda_u 4, and at
+# `cskd distill`'s default 1, the chain a user of the README runs; one weight at every label fraction, not one each
+CURVES = {"curve": ([], "", "lambda_u 4"),
+          "curve-lu1": (["--lambda-u", "1", "--tag=-lu1"], "-lu1", "lambda_u 1, `cskd distill`'s default")}
+PHASES = ("core", "stage2", "stage1", "curve", "stage2b", "stage1b", "vit", "exposure", "weight", "diagnose",
+          "curve-lu1")
 # At 100% labels the curve's distillation (200 steps x 32 labelled) sees fewer labelled images than labels-only
 # (300 x 32): this row gives both distilled students the baseline's 300 steps, so label exposure is equal.
 EXPOSURE = (1.0, ["--distill-steps", "300", "--tag=-s300"], "-s300")
@@ -122,9 +128,10 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
     for phase in phases:
         if phase == "core":
             run(work, variant, [*ref, "--ablation", "--probe"])
-        if phase == "curve" or phase.startswith("curve:"):  # curve:F runs that one label fraction
-            for f in (CURVE_ORDER if phase == "curve" else [float(phase.split(":")[1])]):
-                run(work, variant, ["--label-fraction", str(f), "--ablation"])
+        name, _, one = phase.partition(":")  # curve:F runs that one label fraction
+        if name in CURVES:
+            for f in (CURVE_ORDER if not one else [float(one)]):
+                run(work, variant, ["--label-fraction", str(f), "--ablation", *CURVES[name][0]])
         if phase in ("stage1", "stage1b"):
             for label, (extra, runs, name, align) in STAGE1.items():
                 if (label in LATER) != (phase == "stage1b"):
@@ -193,25 +200,10 @@ def report(works: list[Path], plot: Path | None) -> None:
     curves, all_pairs = {}, []
     for work in works:
         name = work.name
-        print(f"\n### {name}: label-efficiency curve (test SRCC [95% photo-level CI]; paired vs labels-only)\n")
-        print("| labels | train labels | teacher | labels-only | distill-only | CSKD | distill-only - labels-only | "
-              "CSKD - labels-only | CSKD - distill-only |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        curve = {}
-        for f in FRACTIONS:
-            d = work / f"f{f:g}"
-            ms = {k: load(d / k) for k in ("teacher", "labels-only", "distill-only", "cskd")}
-            if any(v is None for v in ms.values()):
-                continue
-            import yaml
-
-            n = (yaml.safe_load((d / "labels-only" / "config.yaml").read_text()).get("resolved") or {}).get(
-                "train_labels_used")
-            print(f"| {f:.0%} | {n if n is not None else '-'} | {ci(ms['teacher'])} | {ci(ms['labels-only'])} | "
-                  f"{ci(ms['distill-only'])} | {ci(ms['cskd'])} | {diff(ms['distill-only'], ms['labels-only'])} | "
-                  f"{diff(ms['cskd'], ms['labels-only'])} | {diff(ms['cskd'], ms['distill-only'])} |")
-            curve[f] = ms
-        curves[name] = curve
+        for _, tag, what in CURVES.values():
+            curve = curve_table(work, tag, what)
+            if curve and (tag or name not in curves):  # the plot shows the default's curve where it ran
+                curves[name] = curve
         lu, c4, lab = (load(work / "f0.25" / k) for k in ("cskd-lu1", "cskd", "labels-only"))
         if lu is not None and c4 is not None and lab is not None:
             print(f"\n{name}, 25% labels with lambda_u 1: {ci(lu)}; - CSKD default {diff(lu, c4)}, - labels-only "
@@ -276,6 +268,32 @@ def report(works: list[Path], plot: Path | None) -> None:
         plot_curves(curves, plot)
 
 
+def curve_table(work: Path, tag: str, what: str) -> dict:
+    """One label-efficiency table (the fractions where every run of ``tag`` finished); returns its runs."""
+    import yaml
+
+    curve = {}
+    for f in FRACTIONS:
+        d = work / f"f{f:g}"
+        ms = {k: load(d / k) for k in ("teacher", "labels-only")} | {k: load(d / f"{k}{tag}")
+                                                                     for k in ("distill-only", "cskd")}
+        if any(v is None for v in ms.values()):
+            continue
+        if not curve:
+            print(f"\n### {work.name}: label-efficiency curve, {what} (test SRCC [95% photo-level CI]; paired vs "
+                  "labels-only)\n")
+            print("| labels | train labels | teacher | labels-only | distill-only | CSKD | distill-only - labels-only | "
+                  "CSKD - labels-only | CSKD - distill-only |")
+            print("|---|---|---|---|---|---|---|---|---|")
+        n = (yaml.safe_load((d / "labels-only" / "config.yaml").read_text()).get("resolved") or {}).get(
+            "train_labels_used")
+        print(f"| {f:.0%} | {n if n is not None else '-'} | {ci(ms['teacher'])} | {ci(ms['labels-only'])} | "
+              f"{ci(ms['distill-only'])} | {ci(ms['cskd'])} | {diff(ms['distill-only'], ms['labels-only'])} | "
+              f"{diff(ms['cskd'], ms['labels-only'])} | {diff(ms['cskd'], ms['distill-only'])} |")
+        curve[f] = ms
+    return curve
+
+
 def diagnose(work: Path) -> None:
     """The rows of DIAGNOSE beside that fraction's default, each paired with labels-only and with each other."""
     rows = {"default (lambda_u 4, cached label views)": (EXPOSURE[0], EXPOSURE[2]),
@@ -338,7 +356,8 @@ def main(argv=None) -> int:
                    help=f"comma-separated, in order (default {','.join(PHASES)}): core = 10%% labels with the "
                         "distill-only ablation and the probe; curve (or curve:F, one fraction); stage2; stage1; stage2b; stage1b; vit; "
                         "exposure = 100%% labels with Stage II as long as labels-only; weight = that CSKD with lambda_u 1; "
-                        "diagnose = what costs at 100%% labels (lambda_u 1 and 0, eval label views)")
+                        "diagnose = what costs at 100%% labels (lambda_u 1 and 0, eval label views); curve-lu1 = the curve "
+                        "with lambda_u 1")
     p.add_argument("--report", nargs="+", type=Path, help="print the tables of these work folders")
     p.add_argument("--plot", type=Path, help="with --report: the label-efficiency curve PNG")
     a = p.parse_args(argv)
