@@ -308,12 +308,14 @@ def diagnose(work: Path) -> None:
         return
     print(f"\n### {work.name}: what costs where the chain falls short (Stage II as long as labels-only at 100%)\n")
     print("| variant | labels | distill-only | CSKD | distill-only - labels-only | CSKD - labels-only | "
-          "CSKD - distill-only |")
-    print("|---|---|---|---|---|---|---|")
+          "CSKD - distill-only | CSKD - that fraction's default CSKD |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, f, ms in found:
+        base = load(work / f"f{f:g}" / ("cskd" + (EXPOSURE[2] if f == EXPOSURE[0] else "")))
+        vs = "-" if base is None or label.startswith("default") else diff(ms["cskd"], base)
         print(f"| {label} | {f:.0%} | {ci(ms['distill-only'])} | {ci(ms['cskd'])} | "
               f"{diff(ms['distill-only'], ms['lab'])} | {diff(ms['cskd'], ms['lab'])} | "
-              f"{diff(ms['cskd'], ms['distill-only'])} |")
+              f"{diff(ms['cskd'], ms['distill-only'])} | {vs} |")
 
 
 def plot_curves(curves: dict, path: Path) -> None:
