@@ -282,8 +282,8 @@ def curve_table(work: Path, tag: str, what: str) -> dict:
         if not curve:
             print(f"\n### {work.name}: label-efficiency curve, {what} (test SRCC [95% photo-level CI]; paired vs "
                   "labels-only)\n")
-            print("| labels | train labels | teacher | labels-only | distill-only | CSKD | distill-only - labels-only | "
-                  "CSKD - labels-only | CSKD - distill-only |")
+            print("| labels | train labels | teacher | labels-only | distill-only | CSKD | "
+                  "distill-only - labels-only | CSKD - labels-only | CSKD - distill-only |")
             print("|---|---|---|---|---|---|---|---|---|")
         n = (yaml.safe_load((d / "labels-only" / "config.yaml").read_text()).get("resolved") or {}).get(
             "train_labels_used")
@@ -357,9 +357,9 @@ def main(argv=None) -> int:
     p.add_argument("--phases", default=",".join(PHASES),
                    help=f"comma-separated, in order (default {','.join(PHASES)}): core = 10%% labels with the "
                         "distill-only ablation and the probe; curve (or curve:F, one fraction); stage2; stage1; stage2b; stage1b; vit; "
-                        "exposure = 100%% labels with Stage II as long as labels-only; weight = that CSKD with lambda_u 1; "
-                        "diagnose = what costs at 100%% labels (lambda_u 1 and 0, eval label views); curve-lu1 = the curve "
-                        "with lambda_u 1")
+                        "exposure = 100%% labels with Stage II as long as labels-only; weight = that CSKD with "
+                        "lambda_u 1; diagnose = what costs at 100%% labels (lambda_u 1 and 0, eval label views); "
+                        "curve-lu1 = the curve with lambda_u 1")
     p.add_argument("--report", nargs="+", type=Path, help="print the tables of these work folders")
     p.add_argument("--plot", type=Path, help="with --report: the label-efficiency curve PNG")
     a = p.parse_args(argv)

@@ -263,7 +263,8 @@ def _streams(cfg: DistillConfig, cache: FeatureCache, train: LabelSet, train_row
     pixels = {"store": store, "sizes": cache.sizes, "draft": cfg.view_pixels != "exact"}
     lab = CachedViews(train.paths(), input_cfg, rows=train_rows, boxes=cache.boxes, embed=embed,
                       targets=label_targets(train, kind), augment=cfg.augment, jitter=cfg.jitter_views,
-                      view=0 if cfg.label_views == "eval" else "random", seed=cfg.seed, max_pixels=cfg.max_pixels, digests=cache.digests, **pixels)
+                      view=0 if cfg.label_views == "eval" else "random", seed=cfg.seed, max_pixels=cfg.max_pixels,
+                      digests=cache.digests, **pixels)
     unl = CachedViews([paths[r] for r in pool], input_cfg, rows=pool, boxes=cache.boxes, embed=embed,
                       digests=cache.digests, teacher={name: preds.arrays[name]}, jitter=cfg.jitter_views,
                       seed=cfg.seed, max_pixels=cfg.max_pixels, pair=cfg.consistency > 0, **pixels)
