@@ -192,6 +192,7 @@ def distill(args, labels: str, cache: str, teacher_run: Path, student: str, out:
                         trust_code=True, view_pixels=args.view_pixels, lr_encoder=lr_encoder,
                         consistency=args.consistency, attn_distance=args.attn_distance, rounds=args.rounds,
                         refine_teacher=args.refine_teacher, label_views=args.label_views,
+                        pool_labelled=args.pool_labelled,
                         **train_kwargs(args, args.distill_steps))
     if not finished(cfg):
         log(f"distill {student} from run:{teacher_run} -> {out}")
@@ -361,6 +362,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--label-views", default="cached", choices=("cached", "eval"),
                    help="which cached views a labelled image shows in distillation (`cskd distill --label-views`; "
                         "default cached)")
+    p.add_argument("--pool-labelled", action=argparse.BooleanOptionalAction, default=True,
+                   help="the teacher's targets cover the labelled train images too (`cskd distill --pool-labelled`, "
+                        "the default); --no-pool-labelled: only the images without a label")
     p.add_argument("--ema", type=float, default=0.0,
                    help="weight EMA decay of every student run (labels-only, distill, all-labels); the teacher "
                         "never (default 0 = off)")

@@ -21,7 +21,8 @@ row does not change them; a rerun reuses every finished run. What runs, per vari
 - weight: that CSKD row again with lambda_u 1 instead of 4 (does the teacher's weight drown the labels?), and
   lambda_u 1 at 10% labels (a row of the Stage II ablation) and at 25%.
 - diagnose: at 100% labels, distill-only as well as CSKD with lambda_u 1; both with lambda_u 0 (the teacher left
-  out); both with eval label views (a labelled image shown whole, never as a crop), also at 10%.
+  out); both with eval label views (a labelled image shown whole, never as a crop), also at 10%; both with
+  lambda_u 1 and the teacher's targets only on the images without a label (``--no-pool-labelled``).
 
 Paired differences (same resampled test photos) are against the CSKD default of the same fraction, and for the
 curve against the labels-only student.
@@ -119,6 +120,8 @@ DIAGNOSE = {
                                                         "--label-views", "eval"], "-s300-lu0"),
     "eval label views": (1.0, ["--distill-steps", "300", "--label-views", "eval"], "-s300-eval"),
     "eval label views, 10% labels": (REF, ["--label-views", "eval"], "-eval"),
+    "lambda_u 1, the teacher only on images without a label": (1.0, ["--distill-steps", "300", "--lambda-u", "1",
+                                                                      "--no-pool-labelled"], "-s300-lu1-nopool"),
 }
 
 

@@ -73,6 +73,9 @@ def distill(
     label_views: Annotated[str, typer.Option(help="Which cached views a labelled image shows: cached (any of "
                                                   "them, crops included, each under the whole picture's label) or "
                                                   "eval (view 0 only, the pixels finetune trains on).")] = "cached",
+    pool_labelled: Annotated[bool, typer.Option(help="The teacher's targets cover the labelled train images too, "
+                                                     "beside their labels; --no-pool-labelled keeps them to images "
+                                                     "without a label.")] = True,
     labels_outside_cache: Annotated[bool, typer.Option(help="The labelled images are deliberately not in the cache "
                                                             "(read from disk); without it, labels that link to no "
                                                             "cache row stop the run.")] = False,

@@ -497,3 +497,16 @@ def test_a_run_made_before_label_views_resumes_as_it_ran(data, tmp_path):
     with pytest.raises(DistillError, match=r"label_views: 'cached' -> 'eval'"):
         run_distill(other)
     assert run_distill(DistillConfig(**{**part.to_dict(), "resume": True}))["val"]["srcc"] is not None
+
+
+def test_no_pool_labelled_keeps_the_teacher_to_images_without_a_label(data, tmp_path, monkeypatch):
+    """By default the unlabelled stream holds every cache row but val/test ones, the labelled train images included;
+    with ``pool_labelled`` off it holds only the images no label in use speaks for: here, exactly the 40 of unl/."""
+    seen, _ = spy_items(monkeypatch, lambda ds: bool(ds.teacher))
+    r = run_distill(cfg(data, tmp_path / "run", pool_labelled=False, max_steps=6))
+    assert r["unlabelled_rows"] == 40
+    shown = {ds.paths[it["index"]] for ds, _, it in seen}
+    assert shown and all(Path(p).parent == data / "unl" for p in shown)
+    part = cfg(data, tmp_path / "half", pool_labelled=False, label_fraction=0.5, max_steps=2)
+    half = run_distill(part)["unlabelled_rows"]
+    assert 40 < half < 76  # the train images whose labels the fraction drops are unlabelled again

@@ -3,7 +3,9 @@
 Data:
 
 - **unlabelled** = every feature-cache row except those linked to a val or test label (`labels.link`): a
-  val/test image must never be trained on, not even without its label, or the val/test numbers leak. Each item
+  val/test image must never be trained on, not even without its label, or the val/test numbers leak. With
+  ``pool_labelled`` off the train images whose labels are in use are left out too, so the teacher speaks only
+  where no label does. Each item
   is one cached view (box + flip from the cache) rebuilt at the student's size; its target is the teacher's
   prediction on exactly that view (a predictions cache, `teacher_predictions`) and, with ``lambda_f`` > 0, the cached
   CLIP embedding of that view. With ``jitter_views`` (the default) the student sees a mild crop + flip inside
@@ -121,6 +123,8 @@ class DistillConfig(IAATrainConfig):
     # teacher's, stored in the cache by `cskd extract --attention-stats`, matched by relative depth)
     attn_reference: str = "student"
     label_views: str = "cached"  # which cached views a labelled image shows (module docstring)
+    # the teacher also speaks for the labelled train images in use, beside their labels; False: only for the rest
+    pool_labelled: bool = True
 
     error: ClassVar[type] = DistillError
     command: ClassVar[str] = "distill"
@@ -209,8 +213,8 @@ def _ensure(cfg: DistillConfig, cache: FeatureCache, teacher: dict, pred_dir: Pa
                               on_progress=on_teacher_progress if main else None)
 
 
-def _link(cfg: DistillConfig, labels: LabelSet, cache: FeatureCache, status) -> tuple[LinkResult, dict, np.ndarray,
-                                                                                 np.ndarray, list[str]]:
+def _link(cfg: DistillConfig, labels: LabelSet, train: LabelSet, cache: FeatureCache,
+          status) -> tuple[LinkResult, dict, np.ndarray, np.ndarray, list[str]]:
     """(link, label key -> cache row, unlabelled pool, held-out rows, image path per cache row)."""
     image_root = parse_image_root(cfg.cache_image_root)
     link = link_labels(labels, cache, image_root)
@@ -222,9 +226,13 @@ def _link(cfg: DistillConfig, labels: LabelSet, cache: FeatureCache, status) -> 
                            "cache's roots with --cache-image-root OLD=NEW, or pass --labels-outside-cache if the "
                            "cache deliberately holds only other images")
     pool, held = unlabelled_pool(labels, link, len(cache))
+    if not cfg.pool_labelled:
+        used = {lb.key for lb in train.labels}
+        pool = np.setdiff1d(pool, [r for lb, r in zip(labels.labels, link.rows) if r >= 0 and lb.key in used])
     if len(pool) == 0:
-        raise DistillError(f"{cache.path}: every cache row belongs to a val/test label, so no unlabelled data is "
-                           "left; extract unlabelled images into the cache")
+        raise DistillError(f"{cache.path}: every cache row belongs to a val/test label"
+                           f"{'' if cfg.pool_labelled else ' or to a train label in use (--no-pool-labelled)'}, so no "
+                           "unlabelled data is left; extract unlabelled images into the cache")
     status(link.summary())
     if len(held):
         status(f"{len(held)} cache rows are val/test images and were left out of the unlabelled pool")
@@ -293,7 +301,7 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     labels, train, val, kind, bins = prepare_labels(cfg)
     report_labels(labels, train, val, status)
     cache = open_cache(cfg.cache, verify=not cfg.no_verify)
-    link, row_of, pool, held, paths = _link(cfg, labels, cache, status)
+    link, row_of, pool, held, paths = _link(cfg, labels, train, cache, status)
     attn_teacher = _teacher_profile(cfg, cache)
     train_rows = np.array([row_of[lb.key] for lb in train.labels], np.int64)
     val_rows = np.array([row_of[lb.key] for lb in val.labels], np.int64)
