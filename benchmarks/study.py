@@ -225,6 +225,7 @@ def report(works: list[Path], plot: Path | None) -> None:
                 print(f"the same CSKD with lambda_u 1: {ci(lu1)}; - labels-only {diff(lu1, lab)}, - CSKD with lambda_u 4 "
                       f"{diff(lu1, eq['cskd'])}")
         diagnose(work)
+        pseudo_labels(work)
         ref = work / f"f{REF:g}"
         base, lab = load(ref / "cskd"), load(ref / "labels-only")
         if base is None:
@@ -295,6 +296,45 @@ def curve_table(work: Path, tag: str, what: str) -> dict:
               f"{diff(ms['cskd'], ms['labels-only'])} | {diff(ms['cskd'], ms['distill-only'])} |")
         curve[f] = ms
     return curve
+
+
+def pseudo_labels(work: Path) -> None:
+    """How good the teacher's targets are where no label exists: SRCC of its predicted mean score against the true
+    score of the unlabelled extras (known to the proxy, never shown to any run), over every cached view of them."""
+    from cskd_cache.cache.paths import resolve_paths
+    from cskd_cache.cache.reader import open_cache
+    from cskd_cache.evaluate.metrics import srcc as spearman
+    from cskd_cache.inspect.proxy_quality import level_score
+    from cskd_cache.stages.teacher_predictions import default_predictions_dir, read_predictions
+
+    proxy = work / "proxy"
+    if not (proxy / "unlabelled.csv").is_file() or not (work / "cache" / "manifest.json").is_file():
+        return
+    w = json.loads((proxy / "recipe.json").read_text()).get("content_weight") or 0.0
+    pref: dict[str, float] = {}
+    if w:  # the content variant: (1 - W) x quality + W x the photo's content preference
+        with open(proxy / "content.csv", newline="") as f:
+            pref = {r["source"]: float(r["preference"]) for r in csv.DictReader(f)}
+    with open(proxy / "unlabelled.csv", newline="") as f:
+        true = {str((proxy / r["path"]).resolve()):
+                (1 - w) * level_score(int(r["level"])) + w * pref.get(r["source"], 0.0) for r in csv.DictReader(f)}
+    cache = open_cache(work / "cache")
+    paths = [str(Path(p).resolve()) for p in resolve_paths(cache, {})]
+    rows = [i for i, p in enumerate(paths) if p in true]
+    y = np.array([true[paths[i]] for i in rows])
+    cells = []
+    for f in FRACTIONS:
+        t = work / f"f{f:g}" / "teacher"
+        d = default_predictions_dir(t, cache) if (t / "iaa_model.json").is_file() else None
+        if d is None or not d.is_dir():
+            continue
+        logits = read_predictions(d, cache).arrays["logits"][rows]
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        mean = (p / p.sum(-1, keepdims=True) * np.arange(1, p.shape[-1] + 1)).sum(-1)  # (rows, views)
+        cells.append(f"{f:.0%} {spearman(np.repeat(y, mean.shape[1]), mean.reshape(-1)):.3f}")
+    if cells:
+        print(f"\n{work.name}: the teacher's SRCC on the {len(rows)} unlabelled extras (every cached view; their true "
+              f"scores are the proxy's, never shown to a run), by the teacher's label fraction: {', '.join(cells)}")
 
 
 def diagnose(work: Path) -> None:
