@@ -206,7 +206,7 @@ def report(works: list[Path], plot: Path | None) -> None:
         for _, tag, what in CURVES.values():
             curve = curve_table(work, tag, what)
             if curve and (tag or name not in curves):  # the plot shows the default's curve where it ran
-                curves[name] = curve
+                curves[name] = (curve, what)
         lu, c4, lab = (load(work / "f0.25" / k) for k in ("cskd-lu1", "cskd", "labels-only"))
         if lu is not None and c4 is not None and lab is not None:
             print(f"\n{name}, 25% labels with lambda_u 1: {ci(lu)}; - CSKD default {diff(lu, c4)}, - labels-only "
@@ -370,7 +370,7 @@ def plot_curves(curves: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4), squeeze=False)
     styles = {"labels-only": ("tab:gray", "o"), "distill-only": ("tab:blue", "s"), "cskd": ("tab:red", "^"),
               "teacher": ("tab:green", "x")}
-    for ax, (name, curve) in zip(axes[0], curves.items()):
+    for ax, (name, (curve, what)) in zip(axes[0], curves.items()):
         fs = sorted(curve)
         for j, (key, (color, marker)) in enumerate(styles.items()):
             x = np.array(fs) * (1 + 0.05 * (j - 1.5))  # side by side, so the intervals do not hide each other
@@ -384,7 +384,7 @@ def plot_curves(curves: dict, path: Path) -> None:
         ax.minorticks_off()
         ax.set_xlabel("share of train labels")
         ax.set_ylabel("test SRCC (95% photo-level CI)")
-        ax.set_title(f"proxy: {name}")
+        ax.set_title(f"proxy {name}: {what.split(',')[0]}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
