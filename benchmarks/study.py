@@ -207,6 +207,11 @@ def report(works: list[Path], plot: Path | None) -> None:
             curve = curve_table(work, tag, what)
             if curve and (tag or name not in curves):  # the plot shows the default's curve where it ran
                 curves[name] = (curve, what)
+        pairs = {f: (load(work / f"f{f:g}" / "cskd-lu1"), load(work / f"f{f:g}" / "cskd")) for f in FRACTIONS}
+        pairs = {f: p for f, p in pairs.items() if all(p)}
+        if pairs:
+            print(f"\n{name}, CSKD lambda_u 1 - lambda_u 4 (paired): " + ", ".join(
+                f"{f:.0%} {diff(a, b)}" for f, (a, b) in pairs.items()))
         lu, c4, lab = (load(work / "f0.25" / k) for k in ("cskd-lu1", "cskd", "labels-only"))
         if lu is not None and c4 is not None and lab is not None:
             print(f"\n{name}, 25% labels with lambda_u 1: {ci(lu)}; - CSKD default {diff(lu, c4)}, - labels-only "
