@@ -346,8 +346,8 @@ def parser() -> argparse.ArgumentParser:
                    help="encoder learning rate of the CSKD distillation, i.e. for the aligned student (default: "
                         "--lr); distill-only keeps --lr")
     p.add_argument("--lambda-u", type=float, default=4.0,
-                   help="weight of the distillation loss (default 4, the README study's; `cskd distill` defaults to "
-                   "1, which measured better at 100%% labels on both proxies and split them at 10%% and 25%%)")
+                   help="weight of the distillation loss (default 4, the README study's first curve; `cskd distill` "
+                   "defaults to 1, the curve the README leads with; neither won at every label fraction)")
     p.add_argument("--unlabelled-ratio", type=float, default=1.0,
                    help="unlabelled images per labelled image in a distill step (default 1)")
     p.add_argument("--consistency", type=float, default=0.0, help="`cskd distill --consistency` (default 0)")

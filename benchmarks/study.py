@@ -115,7 +115,7 @@ WEIGHT_ONLY = {"lambda_u 1"}
 # trained on the labels alone, through distill's own data pipeline; its random-init twin is the pipeline's control,
 # to be read against labels-only); eval label views show a labelled image its whole picture only, as finetune does.
 DIAGNOSE = {
-    "lambda_u 1": (1.0, ["--distill-steps", "300", "--lambda-u", "1"], "-s300-lu1"),
+    "lambda_u 1": (WEIGHT[0], [a for a in WEIGHT[1] if not a.startswith("--tag")], WEIGHT[2]),  # + distill-only
     "lambda_u 0 (no teacher), eval label views": (1.0, ["--distill-steps", "300", "--lambda-u", "0",
                                                         "--label-views", "eval"], "-s300-lu0"),
     "eval label views": (1.0, ["--distill-steps", "300", "--label-views", "eval"], "-s300-eval"),
@@ -131,10 +131,10 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
     for phase in phases:
         if phase == "core":
             run(work, variant, [*ref, "--ablation", "--probe"])
-        name, _, one = phase.partition(":")  # curve:F runs that one label fraction
-        if name in CURVES:
+        curve, _, one = phase.partition(":")  # curve:F runs that one label fraction
+        if curve in CURVES:
             for f in (CURVE_ORDER if not one else [float(one)]):
-                run(work, variant, ["--label-fraction", str(f), "--ablation", *CURVES[name][0]])
+                run(work, variant, ["--label-fraction", str(f), "--ablation", *CURVES[curve][0]])
         if phase in ("stage1", "stage1b"):
             for label, (extra, runs, name, align) in STAGE1.items():
                 if (label in LATER) != (phase == "stage1b"):
@@ -207,11 +207,12 @@ def report(works: list[Path], plot: Path | None) -> None:
             curve = curve_table(work, tag, what)
             if curve and (tag or name not in curves):  # the plot shows the default's curve where it ran
                 curves[name] = (curve, what)
-        pairs = {f: (load(work / f"f{f:g}" / "cskd-lu1"), load(work / f"f{f:g}" / "cskd")) for f in FRACTIONS}
-        pairs = {f: p for f, p in pairs.items() if all(p)}
-        if pairs:
+        weights = {f: (load(work / f"f{f:g}" / f"cskd{CURVES['curve-lu1'][1]}"), load(work / f"f{f:g}" / "cskd"))
+                   for f in FRACTIONS}
+        weights = {f: w for f, w in weights.items() if all(w)}
+        if weights:
             print(f"\n{name}, CSKD lambda_u 1 - lambda_u 4 (paired): " + ", ".join(
-                f"{f:.0%} {diff(a, b)}" for f, (a, b) in pairs.items()))
+                f"{f:.0%} {diff(a, b)}" for f, (a, b) in weights.items()))
         lu, c4, lab = (load(work / "f0.25" / k) for k in ("cskd-lu1", "cskd", "labels-only"))
         if lu is not None and c4 is not None and lab is not None:
             print(f"\n{name}, 25% labels with lambda_u 1: {ci(lu)}; - CSKD default {diff(lu, c4)}, - labels-only "
