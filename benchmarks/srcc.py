@@ -28,6 +28,8 @@ label-dependent runs go to --work/--runs (default fFRACTION), so label fractions
                teacher's distribution on every unlabelled cached view, views jittered (--consistency,
                --attn-distance, --rounds, --refine-teacher, --distill-lr-encoder as in `cskd distill`).
 7. ``distill-only`` (--ablation) the same distillation into a random-init student: what Stage I adds.
+   ``stage1-only`` (--stage1-only) `cskd finetune` of the Stage I student on the labels, as long as labels-only:
+               what Stage II adds.
 8. ``probe``   (--probe) the training-free kNN probe of the Stage I encoder and of a random-init one: from the
                labelled train images to the other train labels, before any Stage II.
 9. ``all-labels`` (--all-labels-steps N) the student on *every* train label, a reference.
@@ -150,7 +152,7 @@ def train_kwargs(args, steps: int) -> dict:
     """The schedule every run shares: a fixed number of optimiser steps, validated every --eval-every steps, the
     best val step kept; resumable."""
     return dict(epochs=1, max_steps=steps, eval_every=args.eval_every, batch_size=args.batch_size, lr=args.lr,
-                seed=args.seed, num_workers=args.workers, resume=True)
+                seed=args.seed if args.train_seed is None else args.train_seed, num_workers=args.workers, resume=True)
 
 
 def finetune(args, labels: str, model: str, out: Path, steps: int, size: int | None, lr_encoder: float | None,
@@ -369,6 +371,9 @@ def parser() -> argparse.ArgumentParser:
                    help="weight EMA decay of every student run (labels-only, distill, all-labels); the teacher "
                         "never (default 0 = off)")
     p.add_argument("--ablation", action="store_true", help="also distil into a random-init student (no Stage I)")
+    p.add_argument("--stage1-only", action="store_true",
+                   help="also `cskd finetune` the Stage I student on the labels alone, as long as labels-only: the "
+                        "chain without Stage II")
     p.add_argument("--no-cskd", action="store_true", help="skip Stage I and the CSKD student (with --ablation)")
     p.add_argument("--probe", action="store_true",
                    help="also score the training-free kNN probe of the Stage I encoder and of a random-init one")
@@ -384,7 +389,12 @@ def parser() -> argparse.ArgumentParser:
                    help="also cut the cache's views into a view store of this size (`cskd cache add-views`)")
     p.add_argument("--view-pixels", default="auto", choices=("auto", "store", "originals", "exact"),
                    help="where align and distill read cached views (`--view-pixels`; default auto)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the proxy sample and split, the label fraction's draw and the bootstrap; also of "
+                        "every training run unless --train-seed is given (default 0)")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="seed of every training run only (initialisation, batch order, view jitter), the data left "
+                        "as --seed drew it: with its own --runs, one more replicate of the label-dependent runs")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     return p
 
@@ -427,6 +437,10 @@ def main(argv=None) -> int:
         distill(args, labels, cache, teacher_dir, f"run:{align_dir}", runs_dir / f"cskd{tag}",
                 args.distill_lr_encoder)
         runs["student, CSKD (align + distill)"] = runs_dir / f"cskd{tag}"
+        if args.stage1_only:
+            s1 = runs_dir / ("stage1-only" if args.align_name == "align" else f"stage1-only-{args.align_name}")
+            finetune(args, labels, f"run:{align_dir}", s1, args.baseline_steps, args.size, None, ema=args.ema)
+            runs["student, Stage I only (align + finetune)"] = s1
     if args.ablation or args.no_cskd:
         distill(args, labels, cache, teacher_dir, args.student, runs_dir / f"distill-only{tag}", None)
         runs["student, distill only (no Stage I)"] = runs_dir / f"distill-only{tag}"
@@ -480,6 +494,12 @@ def main(argv=None) -> int:
         print(f"CSKD - distill-only SRCC (what Stage I adds): {d1:+.3f} (paired bootstrap 95% CI "
               f"[{lo1:+.3f}, {hi1:+.3f}])")
         summary["cskd_minus_distill_only"] = {"srcc": d1, "ci": [lo1, hi1]}
+    if "student, Stage I only (align + finetune)" in res:
+        d2, lo2, hi2 = paired_diff(res["student, CSKD (align + distill)"], res["student, Stage I only (align + finetune)"],
+                                   args.bootstrap, args.seed, args.group_by)
+        print(f"CSKD - Stage I only SRCC (what Stage II adds): {d2:+.3f} (paired bootstrap 95% CI "
+              f"[{lo2:+.3f}, {hi2:+.3f}])")
+        summary["cskd_minus_stage1_only"] = {"srcc": d2, "ci": [lo2, hi2]}
     if args.probe and not args.no_cskd:
         summary["probe"] = {
             "aligned": knn_probe_score(args, labels, cache, f"run:{align_dir}", align_dir / "probe"),

@@ -20,6 +20,10 @@ row does not change them; a rerun reuses every finished run. What runs, per vari
 - exposure: at 100% labels, distill-only and CSKD with the baseline's 300 steps (equal labelled images).
 - weight: that CSKD row again with lambda_u 1 instead of 4 (does the teacher's weight drown the labels?), and
   lambda_u 1 at 10% labels (a row of the Stage II ablation) and at 25%.
+- stage1-only: at every fraction, the Stage I student fine-tuned on the labels alone as long as labels-only (the
+  chain without Stage II), beside the lambda_u 1 curve (the chain without Stage I is distill-only).
+- seeds: at 100% labels, the lambda_u 1 chain (teacher, labels-only, Stage I only, distill-only, CSKD) again with
+  training seeds 1 and 2, in f1-seed1 and f1-seed2; the report gives each seed and the mean over seeds.
 - diagnose: at 100% labels, distill-only as well as CSKD with lambda_u 1; both with lambda_u 0 (the teacher left
   out); both with eval label views (a labelled image shown whole, never as a crop), also at 10%; both with
   lambda_u 1 and the teacher's targets only on the images without a label (``--no-pool-labelled``).
@@ -100,7 +104,15 @@ def run(work: Path, variant: str, extra: list[str]) -> None:
 CURVES = {"curve": ([], "", "lambda_u 4"),
           "curve-lu1": (["--lambda-u", "1", "--tag=-lu1"], "-lu1", "lambda_u 1, `cskd distill`'s default")}
 PHASES = ("core", "stage2", "stage1", "curve", "stage2b", "stage1b", "vit", "exposure", "weight", "diagnose",
-          "curve-lu1")
+          "curve-lu1", "stage1-only", "seeds")
+# The chain against each stage skipped: distill-only skips Stage I; Stage I only (the aligned student fine-tuned on
+# the labels, as long as labels-only) skips Stage II. Run beside the lambda_u 1 curve, whose runs it reuses.
+STAGE1_ONLY = [*CURVES["curve-lu1"][0], "--stage1-only"]
+# One training seed says nothing of how much a rerun moves: at 100% labels (where the chain came closest to its
+# baselines) the whole label-dependent chain again with other training seeds (teacher, labels-only, Stage I only,
+# distill-only, CSKD; the proxy, split, cache and Stage I unchanged), each in its own runs folder.
+SEEDS = (1, 2)
+SEED_FRACTION = 1.0
 # At 100% labels the curve's distillation (200 steps x 32 labelled) sees fewer labelled images than labels-only
 # (300 x 32): this row gives both distilled students the baseline's 300 steps, so label exposure is equal.
 EXPOSURE = (1.0, ["--distill-steps", "300", "--tag=-s300"], "-s300")
@@ -125,6 +137,10 @@ DIAGNOSE = {
 }
 
 
+def seed_runs(seed: int) -> str:
+    return f"f{SEED_FRACTION:g}" + (f"-seed{seed}" if seed else "")
+
+
 def study(work: Path, variant: str, phases: list[str]) -> None:
     t0 = time.perf_counter()
     ref = ["--label-fraction", str(REF)]
@@ -147,6 +163,13 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
             run(work, variant, ["--label-fraction", str(WEIGHT[0]), *WEIGHT[1]])
             for f in (REF, 0.25):  # 25% needs the curve's CSKD there to be compared with
                 run(work, variant, ["--label-fraction", str(f), *ABLATION["lambda_u 1"][0]])
+        if phase == "stage1-only":
+            for f in CURVE_ORDER:
+                run(work, variant, ["--label-fraction", str(f), *STAGE1_ONLY])
+        if phase == "seeds":
+            for seed in SEEDS:
+                run(work, variant, ["--label-fraction", str(SEED_FRACTION), "--ablation", *STAGE1_ONLY,
+                                    "--runs", seed_runs(seed), "--train-seed", str(seed)])
         if phase == "diagnose":
             for f, extra, tag in DIAGNOSE.values():
                 run(work, variant, ["--label-fraction", str(f), "--ablation", *extra, f"--tag={tag}"])
@@ -230,6 +253,8 @@ def report(works: list[Path], plot: Path | None) -> None:
             if lu1 is not None:
                 print(f"the same CSKD with lambda_u 1: {ci(lu1)}; - labels-only {diff(lu1, lab)}, - CSKD with lambda_u 4 "
                       f"{diff(lu1, eq['cskd'])}")
+        skipped_stage(work)
+        seeds(work)
         diagnose(work)
         pseudo_labels(work)
         ref = work / f"f{REF:g}"
@@ -302,6 +327,74 @@ def curve_table(work: Path, tag: str, what: str) -> dict:
               f"{diff(ms['cskd'], ms['labels-only'])} | {diff(ms['cskd'], ms['distill-only'])} |")
         curve[f] = ms
     return curve
+
+
+def skipped_stage(work: Path) -> None:
+    """The lambda_u 1 chain against each of its stages skipped: Stage I only (aligned, fine-tuned on the labels)
+    and distill-only (no Stage I), with labels-only (neither) for reference."""
+    tag = CURVES["curve-lu1"][1]
+    rows = []
+    for f in FRACTIONS:
+        d = work / f"f{f:g}"
+        ms = {k: load(d / k) for k in ("labels-only", "stage1-only", f"distill-only{tag}", f"cskd{tag}")}
+        if all(ms.values()):
+            rows.append((f, *ms.values()))
+    if not rows:
+        return
+    print(f"\n### {work.name}: the chain (lambda_u 1) against each stage skipped (test SRCC [95% photo-level CI]; "
+          "paired)\n")
+    print("| labels | labels-only | Stage I only | distill-only | CSKD | CSKD - Stage I only | CSKD - distill-only | "
+          "Stage I only - labels-only |")
+    print("|---|---|---|---|---|---|---|---|")
+    for f, lab, s1, do, c in rows:
+        print(f"| {f:.0%} | {ci(lab)} | {ci(s1)} | {ci(do)} | {ci(c)} | {diff(c, s1)} | {diff(c, do)} | "
+              f"{diff(s1, lab)} |")
+
+
+def seed_diff(pairs: list[tuple[dict, dict]]) -> str:
+    """The mean over training seeds of SRCC(a) - SRCC(b), with a paired photo-level bootstrap interval: each
+    resample of test photos scores every seed's pair on the same photos."""
+    from cskd_cache.evaluate.evaluate import group_keys
+    from cskd_cache.evaluate.metrics import bootstrap_ci, srcc as spearman
+
+    keys = sorted(set.intersection(*(set(m["_pred"]) for pair in pairs for m in pair)))
+    t = np.array([pairs[0][0]["_true"][k] for k in keys])
+    p = np.stack([np.array([m["_pred"][k] for k in keys]) for pair in pairs for m in pair], 1)
+
+    def mean_diff(tt, pp):
+        return float(np.mean([spearman(tt, pp[:, 2 * i]) - spearman(tt, pp[:, 2 * i + 1])
+                              for i in range(len(pairs))]))
+
+    lo, hi = bootstrap_ci(mean_diff, t, p, n=1000, seed=0, groups=group_keys(keys, r"^(.*)__", None))
+    return f"{mean_diff(t, p):+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def seeds(work: Path) -> None:
+    """The 100%-label chain with every training seed that ran: one row per seed, then the mean over seeds of each
+    paired difference."""
+    tag = CURVES["curve-lu1"][1]
+    names = {"labels-only": "labels-only", "Stage I only": "stage1-only", "distill-only": f"distill-only{tag}",
+             "CSKD": f"cskd{tag}"}
+    runs = {}
+    for seed in (0, *SEEDS):
+        d = work / seed_runs(seed)
+        ms = {k: load(d / v) for k, v in names.items()} | {"teacher": load(d / "teacher")}
+        if all(ms.values()):
+            runs[seed] = ms
+    if len(runs) < 2:
+        return
+    print(f"\n### {work.name}: {SEED_FRACTION:.0%} labels, lambda_u 1, by training seed (test SRCC; paired)\n")
+    print("| seed | teacher | labels-only | Stage I only | distill-only | CSKD | CSKD - labels-only | "
+          "CSKD - Stage I only | CSKD - distill-only |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for seed, ms in runs.items():
+        print(f"| {seed} | " + " | ".join(f"{ms[k]['srcc']:.3f}" for k in ("teacher", *names)) +
+              f" | {diff(ms['CSKD'], ms['labels-only'])} | {diff(ms['CSKD'], ms['Stage I only'])} | "
+              f"{diff(ms['CSKD'], ms['distill-only'])} |")
+    mean = {k: np.mean([ms[k]["srcc"] for ms in runs.values()]) for k in ("teacher", *names)}
+    print(f"| mean of {len(runs)} | " + " | ".join(f"{mean[k]:.3f}" for k in ("teacher", *names)) + " | " +
+          " | ".join(seed_diff([(ms["CSKD"], ms[b]) for ms in runs.values()])
+                     for b in ("labels-only", "Stage I only", "distill-only")) + " |")
 
 
 def pseudo_labels(work: Path) -> None:
@@ -408,7 +501,9 @@ def main(argv=None) -> int:
                         "distill-only ablation and the probe; curve (or curve:F, one fraction); stage2; stage1; stage2b; stage1b; vit; "
                         "exposure = 100%% labels with Stage II as long as labels-only; weight = that CSKD with "
                         "lambda_u 1; diagnose = what costs at 100%% labels (lambda_u 1 and 0, eval label views); "
-                        "curve-lu1 = the curve with lambda_u 1")
+                        "curve-lu1 = the curve with lambda_u 1; stage1-only = the Stage I student fine-tuned on "
+                        "the labels at every fraction (the chain without Stage II); seeds = the 100%% chain with "
+                        "training seeds 1 and 2")
     p.add_argument("--report", nargs="+", type=Path, help="print the tables of these work folders")
     p.add_argument("--plot", type=Path, help="with --report: the label-efficiency curve PNG")
     a = p.parse_args(argv)
