@@ -170,12 +170,13 @@ def finetune(args, labels: str, model: str, out: Path, steps: int, size: int | N
 
 
 def align(args, cache: str, out: Path):
+    # label-independent and shared by every replicate: --train-seed reseeds the label-dependent runs only
     from cskd_cache.stages.align import AlignConfig, run_align
 
     cfg = AlignConfig(cache=cache, student=args.student, out=str(out), size=args.size,
                       standardize_global=args.standardize_global, view_pixels=args.view_pixels,
                       w_token=args.align_w_token, **{**train_kwargs(args, args.align_steps), "lr": args.align_lr,
-                                                     "eval_every": None})
+                                                     "eval_every": None, "seed": args.seed})
     if not finished(cfg):
         log(f"align {args.student} on {cache} -> {out}")
         s = run_align(cfg)

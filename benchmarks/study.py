@@ -22,8 +22,12 @@ row does not change them; a rerun reuses every finished run. What runs, per vari
   lambda_u 1 at 10% labels (a row of the Stage II ablation) and at 25%.
 - stage1-only: at every fraction, the Stage I student fine-tuned on the labels alone as long as labels-only (the
   chain without Stage II), beside the lambda_u 1 curve (the chain without Stage I is distill-only).
-- seeds: at 100% labels, the lambda_u 1 chain (teacher, labels-only, Stage I only, distill-only, CSKD) again with
-  training seeds 1 and 2, in f1-seed1 and f1-seed2; the report gives each seed and the mean over seeds.
+- diagnose-low: at 5% labels, the aligned student through distill with the teacher left out (lambda_u 0), as long
+  as Stage I only and as the curve: where Stage II falls below Stage I only, is it the teacher or the pipeline?
+- self: at every fraction, CSKD with Stage I only as its teacher instead of Lite0 fine-tuned (an aligned teacher,
+  as in the paper; self-training, since it is the student's own architecture), lambda_u 1.
+- seeds: at 100% and 5% labels, the lambda_u 1 chain (teacher, labels-only, Stage I only, distill-only, CSKD) again
+  with two more training seeds (the variant's --seed + 1 and + 2), in fF-seedN; the report gives each seed and the mean over seeds.
 - diagnose: at 100% labels, distill-only as well as CSKD with lambda_u 1; both with lambda_u 0 (the teacher left
   out); both with eval label views (a labelled image shown whole, never as a crop), also at 10%; both with
   lambda_u 1 and the teacher's targets only on the images without a label (``--no-pool-labelled``).
@@ -104,15 +108,27 @@ def run(work: Path, variant: str, extra: list[str]) -> None:
 CURVES = {"curve": ([], "", "lambda_u 4"),
           "curve-lu1": (["--lambda-u", "1", "--tag=-lu1"], "-lu1", "lambda_u 1, `cskd distill`'s default")}
 PHASES = ("core", "stage2", "stage1", "curve", "stage2b", "stage1b", "vit", "exposure", "weight", "diagnose",
-          "curve-lu1", "stage1-only", "seeds")
+          "curve-lu1", "stage1-only", "diagnose-low", "seeds", "self")
 # The chain against each stage skipped: distill-only skips Stage I; Stage I only (the aligned student fine-tuned on
 # the labels, as long as labels-only) skips Stage II. Run beside the lambda_u 1 curve, whose runs it reuses.
 STAGE1_ONLY = [*CURVES["curve-lu1"][0], "--stage1-only"]
 # One training seed says nothing of how much a rerun moves: at 100% labels (where the chain came closest to its
 # baselines) the whole label-dependent chain again with other training seeds (teacher, labels-only, Stage I only,
 # distill-only, CSKD; the proxy, split, cache and Stage I unchanged), each in its own runs folder.
-SEEDS = (1, 2)
-SEED_FRACTION = 1.0
+REPLICATES = (1, 2)  # training seed = the variant's --seed (the first run's) + K
+SEED_FRACTIONS = (1.0, 0.05)  # where the chain came closest to a baseline, and where labels are fewest
+# Where Stage II falls below Stage I only at few labels: the aligned student through distill's pipeline with the
+# teacher left out (lambda_u 0), as long as Stage I only (300 steps, eval label views) and as the curve (200 steps,
+# cached label views). CSKD only: the Stage I only run is the pair.
+LOW = {"lambda_u 0, 300 steps, eval label views": ["--distill-steps", "300", "--lambda-u", "0", "--label-views",
+                                                   "eval", "--tag=-s300-lu0"],
+       "lambda_u 0, 200 steps, cached label views": ["--lambda-u", "0", "--tag=-lu0"]}
+LOW_FRACTION = 0.05
+# The paper's Stage II teacher is itself an aligned learner. Here the teacher is Lite0 fine-tuned directly, which
+# at few labels ranks no better than the aligned student fine-tuned (Stage I only); this row makes Stage I only the
+# teacher (self-training of the aligned student on the unlabelled views, Noisy-Student style: same size, views
+# jittered), lambda_u 1, at every fraction. CSKD only.
+SELF = (["--lambda-u", "1", "--tag=-lu1-self"], "-lu1-self")
 # At 100% labels the curve's distillation (200 steps x 32 labelled) sees fewer labelled images than labels-only
 # (300 x 32): this row gives both distilled students the baseline's 300 steps, so label exposure is equal.
 EXPOSURE = (1.0, ["--distill-steps", "300", "--tag=-s300"], "-s300")
@@ -135,10 +151,6 @@ DIAGNOSE = {
     "lambda_u 1, the teacher only on images without a label": (1.0, ["--distill-steps", "300", "--lambda-u", "1",
                                                                       "--no-pool-labelled"], "-s300-lu1-nopool"),
 }
-
-
-def seed_runs(seed: int) -> str:
-    return f"f{SEED_FRACTION:g}" + (f"-seed{seed}" if seed else "")
 
 
 def study(work: Path, variant: str, phases: list[str]) -> None:
@@ -166,10 +178,19 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
         if phase == "stage1-only":
             for f in CURVE_ORDER:
                 run(work, variant, ["--label-fraction", str(f), *STAGE1_ONLY])
-        if phase == "seeds":
-            for seed in SEEDS:
-                run(work, variant, ["--label-fraction", str(SEED_FRACTION), "--ablation", *STAGE1_ONLY,
-                                    "--runs", seed_runs(seed), "--train-seed", str(seed)])
+        if curve == "seeds":  # seeds:K runs replicate K only
+            base = int(VARIANTS[variant][VARIANTS[variant].index("--seed") + 1])  # the first run's training seed
+            for f in SEED_FRACTIONS:
+                for k in (REPLICATES if not one else [int(one)]):
+                    run(work, variant, ["--label-fraction", str(f), "--ablation", *STAGE1_ONLY,
+                                        "--runs", f"f{f:g}-seed{base + k}", "--train-seed", str(base + k)])
+        if phase == "self":
+            for f in CURVE_ORDER:
+                run(work, variant, ["--label-fraction", str(f), *SELF[0],
+                                    "--teacher-run", str(work / f"f{f:g}" / "stage1-only")])
+        if phase == "diagnose-low":
+            for extra in LOW.values():
+                run(work, variant, ["--label-fraction", str(LOW_FRACTION), *extra])
         if phase == "diagnose":
             for f, extra, tag in DIAGNOSE.values():
                 run(work, variant, ["--label-fraction", str(f), "--ablation", *extra, f"--tag={tag}"])
@@ -254,6 +275,8 @@ def report(works: list[Path], plot: Path | None) -> None:
                 print(f"the same CSKD with lambda_u 1: {ci(lu1)}; - labels-only {diff(lu1, lab)}, - CSKD with lambda_u 4 "
                       f"{diff(lu1, eq['cskd'])}")
         skipped_stage(work)
+        low(work)
+        self_taught(work)
         seeds(work)
         diagnose(work)
         pseudo_labels(work)
@@ -351,6 +374,47 @@ def skipped_stage(work: Path) -> None:
               f"{diff(s1, lab)} |")
 
 
+def low(work: Path) -> None:
+    """LOW's rows beside Stage I only and the lambda_u 1 CSKD of that fraction: is it the teacher's term or
+    distill's own pipeline that costs where Stage II falls below Stage I only?"""
+    d = work / f"f{LOW_FRACTION:g}"
+    s1, c = load(d / "stage1-only"), load(d / f"cskd{CURVES['curve-lu1'][1]}")
+    rows = [(k, load(d / f"cskd{next(a for a in v if a.startswith('--tag'))[len('--tag='):]}")) for k, v in LOW.items()]
+    rows = [(k, m) for k, m in rows if m is not None]
+    if s1 is None or c is None or not rows:
+        return
+    print(f"\n### {work.name}: the aligned student at {LOW_FRACTION:.0%} labels, with and without the teacher (test "
+          "SRCC; paired)\n")
+    print("| run | SRCC [95% CI] | - Stage I only | CSKD (lambda_u 1) - it |")
+    print("|---|---|---|---|")
+    print(f"| Stage I only (`cskd finetune`, 300 steps) | {ci(s1)} | - | {diff(c, s1)} |")
+    for k, m in rows:
+        print(f"| distill, {k} | {ci(m)} | {diff(m, s1)} | {diff(c, m)} |")
+    print(f"| CSKD, lambda_u 1 (200 steps, cached label views) | {ci(c)} | {diff(c, s1)} | - |")
+
+
+def self_taught(work: Path) -> None:
+    """CSKD taught by Stage I only (an aligned teacher) beside CSKD taught by Lite0 fine-tuned, and each baseline."""
+    tag = CURVES["curve-lu1"][1]
+    rows = []
+    for f in FRACTIONS:
+        d = work / f"f{f:g}"
+        ms = {k: load(d / k) for k in ("labels-only", "stage1-only", f"distill-only{tag}", f"cskd{tag}",
+                                       f"cskd{SELF[1]}")}
+        if all(ms.values()):
+            rows.append((f, *ms.values()))
+    if not rows:
+        return
+    print(f"\n### {work.name}: CSKD taught by Stage I only (an aligned teacher) instead of Lite0 fine-tuned "
+          "(lambda_u 1; test SRCC; paired)\n")
+    print("| labels | Stage I only (the teacher) | CSKD, Lite0 teacher | CSKD, Stage I only teacher | - Stage I only | "
+          "- CSKD, Lite0 teacher | - labels-only | - distill-only |")
+    print("|---|---|---|---|---|---|---|---|")
+    for f, lab, s1, do, c, st in rows:
+        print(f"| {f:.0%} | {ci(s1)} | {ci(c)} | {ci(st)} | {diff(st, s1)} | {diff(st, c)} | {diff(st, lab)} | "
+              f"{diff(st, do)} |")
+
+
 def seed_diff(pairs: list[tuple[dict, dict]]) -> str:
     """The mean over training seeds of SRCC(a) - SRCC(b), with a paired photo-level bootstrap interval: each
     resample of test photos scores every seed's pair on the same photos."""
@@ -370,20 +434,30 @@ def seed_diff(pairs: list[tuple[dict, dict]]) -> str:
 
 
 def seeds(work: Path) -> None:
-    """The 100%-label chain with every training seed that ran: one row per seed, then the mean over seeds of each
-    paired difference."""
+    """The chain with every training seed that ran, per fraction of SEED_FRACTIONS: one row per seed, then the mean
+    over seeds of each paired difference."""
     tag = CURVES["curve-lu1"][1]
     names = {"labels-only": "labels-only", "Stage I only": "stage1-only", "distill-only": f"distill-only{tag}",
              "CSKD": f"cskd{tag}"}
-    runs = {}
-    for seed in (0, *SEEDS):
-        d = work / seed_runs(seed)
-        ms = {k: load(d / v) for k, v in names.items()} | {"teacher": load(d / "teacher")}
-        if all(ms.values()):
-            runs[seed] = ms
-    if len(runs) < 2:
-        return
-    print(f"\n### {work.name}: {SEED_FRACTION:.0%} labels, lambda_u 1, by training seed (test SRCC; paired)\n")
+    import yaml
+
+    for f in sorted(SEED_FRACTIONS):
+        runs = {}
+        first = work / f"f{f:g}" / "labels-only" / "config.yaml"
+        if not first.is_file():
+            continue
+        folders = [(str(yaml.safe_load(first.read_text())["seed"]), work / f"f{f:g}")] + sorted(
+            (d.name.rsplit("-seed", 1)[1], d) for d in work.glob(f"f{f:g}-seed*"))
+        for seed, d in folders:
+            ms = {k: load(d / v) for k, v in names.items()} | {"teacher": load(d / "teacher")}
+            if all(ms.values()):
+                runs[seed] = ms
+        if len(runs) >= 2:
+            seed_table(work, f, names, runs)
+
+
+def seed_table(work: Path, f: float, names: dict, runs: dict) -> None:
+    print(f"\n### {work.name}: {f:.0%} labels, lambda_u 1, by training seed (test SRCC; paired)\n")
     print("| seed | teacher | labels-only | Stage I only | distill-only | CSKD | CSKD - labels-only | "
           "CSKD - Stage I only | CSKD - distill-only |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -502,8 +576,9 @@ def main(argv=None) -> int:
                         "exposure = 100%% labels with Stage II as long as labels-only; weight = that CSKD with "
                         "lambda_u 1; diagnose = what costs at 100%% labels (lambda_u 1 and 0, eval label views); "
                         "curve-lu1 = the curve with lambda_u 1; stage1-only = the Stage I student fine-tuned on "
-                        "the labels at every fraction (the chain without Stage II); seeds = the 100%% chain with "
-                        "training seeds 1 and 2")
+                        "the labels at every fraction (the chain without Stage II); seeds (or seeds:N) = the chain at 100%% and "
+                        "5%% labels with two more training seeds (seeds:K: the K-th only); diagnose-low = the aligned student through distill "
+                        "without the teacher at 5%%; self = CSKD with Stage I only as the teacher")
     p.add_argument("--report", nargs="+", type=Path, help="print the tables of these work folders")
     p.add_argument("--plot", type=Path, help="with --report: the label-efficiency curve PNG")
     a = p.parse_args(argv)
