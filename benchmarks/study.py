@@ -122,7 +122,12 @@ SEED_FRACTIONS = (1.0, 0.05)  # where the chain came closest to a baseline, and 
 # cached label views). CSKD only: the Stage I only run is the pair.
 LOW = {"lambda_u 0, 300 steps, eval label views": ["--distill-steps", "300", "--lambda-u", "0", "--label-views",
                                                    "eval", "--tag=-s300-lu0"],
-       "lambda_u 0, 200 steps, cached label views": ["--lambda-u", "0", "--tag=-lu0"]}
+       "lambda_u 0, 200 steps, cached label views": ["--lambda-u", "0", "--tag=-lu0"],
+       # one unlabelled item per step instead of 32: do the unlabelled items' batch-norm statistics cost the
+       # labelled ones, even with no loss on them?
+       "lambda_u 0, 300 steps, eval label views, 1 unlabelled item per step":
+           ["--distill-steps", "300", "--lambda-u", "0", "--label-views", "eval", "--unlabelled-ratio", "0.03",
+            "--tag=-s300-lu0-r1"]}
 LOW_FRACTION = 0.05
 # The paper's Stage II teacher is itself an aligned learner. Here the teacher is Lite0 fine-tuned directly, which
 # at few labels ranks no better than the aligned student fine-tuned (Stage I only); this row makes Stage I only the
@@ -250,6 +255,9 @@ def report(works: list[Path], plot: Path | None) -> None:
         for _, tag, what in CURVES.values():
             curve = curve_table(work, tag, what)
             if curve and (tag or name not in curves):  # the plot shows the default's curve where it ran
+                s1 = {f: load(work / f"f{f:g}" / "stage1-only") for f in curve}
+                if all(s1.values()):  # the chain without Stage II, beside the one without Stage I
+                    curve = {f: {**ms, "Stage I only": s1[f]} for f, ms in curve.items()}
                 curves[name] = (curve, what)
         weights = {f: (load(work / f"f{f:g}" / f"cskd{CURVES['curve-lu1'][1]}"), load(work / f"f{f:g}" / "cskd"))
                    for f in FRACTIONS}
@@ -541,12 +549,13 @@ def plot_curves(curves: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4), squeeze=False)
-    styles = {"labels-only": ("tab:gray", "o"), "distill-only": ("tab:blue", "s"), "cskd": ("tab:red", "^"),
-              "teacher": ("tab:green", "x")}
+    styles = {"labels-only": ("tab:gray", "o"), "Stage I only": ("tab:orange", "D"), "distill-only": ("tab:blue", "s"),
+              "cskd": ("tab:red", "^"), "teacher": ("tab:green", "x")}
     for ax, (name, (curve, what)) in zip(axes[0], curves.items()):
         fs = sorted(curve)
-        for j, (key, (color, marker)) in enumerate(styles.items()):
-            x = np.array(fs) * (1 + 0.05 * (j - 1.5))  # side by side, so the intervals do not hide each other
+        shown = {k: v for k, v in styles.items() if k in curve[fs[0]]}
+        for j, (key, (color, marker)) in enumerate(shown.items()):
+            x = np.array(fs) * (1 + 0.05 * (j - (len(shown) - 1) / 2))  # side by side: intervals stay visible
             y = np.array([curve[f][key]["srcc"] for f in fs])
             lo = np.array([curve[f][key]["srcc_ci"][0] for f in fs])
             hi = np.array([curve[f][key]["srcc_ci"][1] for f in fs])
