@@ -360,16 +360,21 @@ def curve_table(work: Path, tag: str, what: str) -> dict:
     return curve
 
 
+def finished_rows(work: Path, runs: tuple[str, ...]) -> list[tuple]:
+    """(fraction, *metrics of ``runs``) for every label fraction where all of ``runs`` finished."""
+    rows = []
+    for f in FRACTIONS:
+        ms = [load(work / f"f{f:g}" / k) for k in runs]
+        if all(m is not None for m in ms):
+            rows.append((f, *ms))
+    return rows
+
+
 def skipped_stage(work: Path) -> None:
     """The lambda_u 1 chain against each of its stages skipped: Stage I only (aligned, fine-tuned on the labels)
     and distill-only (no Stage I), with labels-only (neither) for reference."""
     tag = CURVES["curve-lu1"][1]
-    rows = []
-    for f in FRACTIONS:
-        d = work / f"f{f:g}"
-        ms = {k: load(d / k) for k in ("labels-only", "stage1-only", f"distill-only{tag}", f"cskd{tag}")}
-        if all(ms.values()):
-            rows.append((f, *ms.values()))
+    rows = finished_rows(work, ("labels-only", "stage1-only", f"distill-only{tag}", f"cskd{tag}"))
     if not rows:
         return
     print(f"\n### {work.name}: the chain (lambda_u 1) against each stage skipped (test SRCC [95% photo-level CI]; "
@@ -404,13 +409,7 @@ def low(work: Path) -> None:
 def self_taught(work: Path) -> None:
     """CSKD taught by Stage I only (an aligned teacher) beside CSKD taught by Lite0 fine-tuned, and each baseline."""
     tag = CURVES["curve-lu1"][1]
-    rows = []
-    for f in FRACTIONS:
-        d = work / f"f{f:g}"
-        ms = {k: load(d / k) for k in ("labels-only", "stage1-only", f"distill-only{tag}", f"cskd{tag}",
-                                       f"cskd{SELF[1]}")}
-        if all(ms.values()):
-            rows.append((f, *ms.values()))
+    rows = finished_rows(work, ("labels-only", "stage1-only", f"distill-only{tag}", f"cskd{tag}", f"cskd{SELF[1]}"))
     if not rows:
         return
     print(f"\n### {work.name}: CSKD taught by Stage I only (an aligned teacher) instead of Lite0 fine-tuned "
