@@ -193,9 +193,11 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
             for f in CURVE_ORDER:
                 run(work, variant, ["--label-fraction", str(f), *SELF[0],
                                     "--teacher-run", str(work / f"f{f:g}" / "stage1-only")])
-        if phase == "diagnose-low":
+        if curve == "diagnose-low":  # diagnose-low:K in replicate K's folder (after seeds:K)
+            base = int(VARIANTS[variant][VARIANTS[variant].index("--seed") + 1])
+            again = ["--runs", f"f{LOW_FRACTION:g}-seed{base + int(one)}", "--train-seed", str(base + int(one))]
             for extra in LOW.values():
-                run(work, variant, ["--label-fraction", str(LOW_FRACTION), *extra])
+                run(work, variant, ["--label-fraction", str(LOW_FRACTION), *extra, *(again if one else [])])
         if phase == "diagnose":
             for f, extra, tag in DIAGNOSE.values():
                 run(work, variant, ["--label-fraction", str(f), "--ablation", *extra, f"--tag={tag}"])
@@ -390,14 +392,19 @@ def skipped_stage(work: Path) -> None:
 def low(work: Path) -> None:
     """LOW's rows beside Stage I only and the lambda_u 1 CSKD of that fraction: is it the teacher's term or
     distill's own pipeline that costs where Stage II falls below Stage I only?"""
-    d = work / f"f{LOW_FRACTION:g}"
+    for d in [work / f"f{LOW_FRACTION:g}", *sorted(work.glob(f"f{LOW_FRACTION:g}-seed*"))]:
+        low_table(work, d)
+
+
+def low_table(work: Path, d: Path) -> None:
     s1, c = load(d / "stage1-only"), load(d / f"cskd{CURVES['curve-lu1'][1]}")
     rows = [(k, load(d / f"cskd{next(a for a in v if a.startswith('--tag'))[len('--tag='):]}")) for k, v in LOW.items()]
     rows = [(k, m) for k, m in rows if m is not None]
     if s1 is None or c is None or not rows:
         return
-    print(f"\n### {work.name}: the aligned student at {LOW_FRACTION:.0%} labels, with and without the teacher (test "
-          "SRCC; paired)\n")
+    seed = f", training seed {d.name.rsplit('-seed', 1)[1]}" if "-seed" in d.name else ""
+    print(f"\n### {work.name}: the aligned student at {LOW_FRACTION:.0%} labels, with and without the teacher{seed} "
+          "(test SRCC; paired)\n")
     print("| run | SRCC [95% CI] | - Stage I only | CSKD (lambda_u 1) - it |")
     print("|---|---|---|---|")
     print(f"| Stage I only (`cskd finetune`, 300 steps) | {ci(s1)} | - | {diff(c, s1)} |")
@@ -585,8 +592,8 @@ def main(argv=None) -> int:
                         "lambda_u 1; diagnose = what costs at 100%% labels (lambda_u 1 and 0, eval label views); "
                         "curve-lu1 = the curve with lambda_u 1; stage1-only = the Stage I student fine-tuned on "
                         "the labels at every fraction (the chain without Stage II); seeds (or seeds:N) = the chain at 100%% and "
-                        "5%% labels with two more training seeds (seeds:K: the K-th only); diagnose-low = the aligned student through distill "
-                        "without the teacher at 5%%; self = CSKD with Stage I only as the teacher")
+                        "5%% labels with two more training seeds (seeds:K: the K-th only); diagnose-low (or diagnose-low:K, in replicate K's folder) = the aligned student "
+                        "through distill without the teacher at 5%%; self = CSKD with Stage I only as the teacher")
     p.add_argument("--report", nargs="+", type=Path, help="print the tables of these work folders")
     p.add_argument("--plot", type=Path, help="with --report: the label-efficiency curve PNG")
     a = p.parse_args(argv)
