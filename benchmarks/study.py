@@ -392,8 +392,18 @@ def skipped_stage(work: Path) -> None:
 def low(work: Path) -> None:
     """LOW's rows beside Stage I only and the lambda_u 1 CSKD of that fraction: is it the teacher's term or
     distill's own pipeline that costs where Stage II falls below Stage I only?"""
-    for d in [work / f"f{LOW_FRACTION:g}", *sorted(work.glob(f"f{LOW_FRACTION:g}-seed*"))]:
+    folders = [work / f"f{LOW_FRACTION:g}", *sorted(work.glob(f"f{LOW_FRACTION:g}-seed*"))]
+    for d in folders:
         low_table(work, d)
+    # over the training seeds where every run finished: the mean of each paired difference
+    names = ("stage1-only", "cskd-s300-lu0", "cskd-s300-lu0-r1", f"cskd{CURVES['curve-lu1'][1]}")
+    runs = [ms for ms in ([load(d / n) for n in names] for d in folders) if all(m is not None for m in ms)]
+    if len(runs) >= 2:
+        s1, l0, r1, c = zip(*runs)
+        print(f"\n{work.name}, {LOW_FRACTION:.0%} labels, mean over {len(runs)} training seeds (paired): "
+              f"1 unlabelled item per step - 32 {seed_diff(list(zip(r1, l0)))}; CSKD lambda_u 1 - lambda_u 0 "
+              f"{seed_diff(list(zip(c, l0)))}; lambda_u 0 - Stage I only {seed_diff(list(zip(l0, s1)))}; "
+              f"1 unlabelled item per step - Stage I only {seed_diff(list(zip(r1, s1)))}")
 
 
 def low_table(work: Path, d: Path) -> None:
