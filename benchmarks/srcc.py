@@ -495,9 +495,10 @@ def main(argv=None) -> int:
         print(f"CSKD - distill-only SRCC (what Stage I adds): {d1:+.3f} (paired bootstrap 95% CI "
               f"[{lo1:+.3f}, {hi1:+.3f}])")
         summary["cskd_minus_distill_only"] = {"srcc": d1, "ci": [lo1, hi1]}
-    if "student, Stage I only (align + finetune)" in res:
-        d2, lo2, hi2 = paired_diff(res["student, CSKD (align + distill)"], res["student, Stage I only (align + finetune)"],
-                                   args.bootstrap, args.seed, args.group_by)
+    s1_name = "student, Stage I only (align + finetune)"
+    if s1_name in res:
+        d2, lo2, hi2 = paired_diff(res["student, CSKD (align + distill)"], res[s1_name], args.bootstrap, args.seed,
+                                   args.group_by)
         print(f"CSKD - Stage I only SRCC (what Stage II adds): {d2:+.3f} (paired bootstrap 95% CI "
               f"[{lo2:+.3f}, {hi2:+.3f}])")
         summary["cskd_minus_stage1_only"] = {"srcc": d2, "ci": [lo2, hi2]}

@@ -27,7 +27,8 @@ row does not change them; a rerun reuses every finished run. What runs, per vari
 - self: at every fraction, CSKD with Stage I only as its teacher instead of Lite0 fine-tuned (an aligned teacher,
   as in the paper; self-training, since it is the student's own architecture), lambda_u 1.
 - seeds: at 100% and 5% labels, the lambda_u 1 chain (teacher, labels-only, Stage I only, distill-only, CSKD) again
-  with two more training seeds (the variant's --seed + 1 and + 2), in fF-seedN; the report gives each seed and the mean over seeds.
+  with two more training seeds (the variant's --seed + 1 and + 2), in fF-seedN; the report gives each seed and the
+  mean over seeds.
 - diagnose: at 100% labels, distill-only as well as CSKD with lambda_u 1; both with lambda_u 0 (the teacher left
   out); both with eval label views (a labelled image shown whole, never as a crop), also at 10%; both with
   lambda_u 1 and the teacher's targets only on the images without a label (``--no-pool-labelled``).
@@ -112,22 +113,25 @@ PHASES = ("core", "stage2", "stage1", "curve", "stage2b", "stage1b", "vit", "exp
 # The chain against each stage skipped: distill-only skips Stage I; Stage I only (the aligned student fine-tuned on
 # the labels, as long as labels-only) skips Stage II. Run beside the lambda_u 1 curve, whose runs it reuses.
 STAGE1_ONLY = [*CURVES["curve-lu1"][0], "--stage1-only"]
-# One training seed says nothing of how much a rerun moves: at 100% labels (where the chain came closest to its
-# baselines) the whole label-dependent chain again with other training seeds (teacher, labels-only, Stage I only,
-# distill-only, CSKD; the proxy, split, cache and Stage I unchanged), each in its own runs folder.
+# One training seed says nothing of how much a rerun moves: at SEED_FRACTIONS the whole label-dependent chain again
+# with other training seeds (teacher, labels-only, Stage I only, distill-only, CSKD; the proxy, split, cache and
+# Stage I unchanged), each in its own runs folder (`replicate`).
 REPLICATES = (1, 2)  # training seed = the variant's --seed (the first run's) + K
 SEED_FRACTIONS = (1.0, 0.05)  # where the chain came closest to a baseline, and where labels are fewest
 # Where Stage II falls below Stage I only at few labels: the aligned student through distill's pipeline with the
 # teacher left out (lambda_u 0), as long as Stage I only (300 steps, eval label views) and as the curve (200 steps,
 # cached label views). CSKD only: the Stage I only run is the pair.
-LOW = {"lambda_u 0, 300 steps, eval label views": ["--distill-steps", "300", "--lambda-u", "0", "--label-views",
-                                                   "eval", "--tag=-s300-lu0"],
-       "lambda_u 0, 200 steps, cached label views": ["--lambda-u", "0", "--tag=-lu0"],
+# label -> (extra srcc.py arguments, run-name tag)
+LOW = {"lambda_u 0, 300 steps, eval label views": (["--distill-steps", "300", "--lambda-u", "0", "--label-views",
+                                                    "eval"], "-s300-lu0"),
+       "lambda_u 0, 200 steps, cached label views": (["--lambda-u", "0"], "-lu0"),
        # one unlabelled item per step instead of 32: do the unlabelled items' batch-norm statistics cost the
        # labelled ones, even with no loss on them?
        "lambda_u 0, 300 steps, eval label views, 1 unlabelled item per step":
-           ["--distill-steps", "300", "--lambda-u", "0", "--label-views", "eval", "--unlabelled-ratio", "0.03",
-            "--tag=-s300-lu0-r1"]}
+           (["--distill-steps", "300", "--lambda-u", "0", "--label-views", "eval", "--unlabelled-ratio", "0.03"],
+            "-s300-lu0-r1")}
+LOW_CONTROL, LOW_ONE_ITEM = LOW["lambda_u 0, 300 steps, eval label views"][1], LOW[
+    "lambda_u 0, 300 steps, eval label views, 1 unlabelled item per step"][1]
 LOW_FRACTION = 0.05
 # The paper's Stage II teacher is itself an aligned learner. Here the teacher is Lite0 fine-tuned directly, which
 # at few labels ranks no better than the aligned student fine-tuned (Stage I only); this row makes Stage I only the
@@ -158,6 +162,13 @@ DIAGNOSE = {
 }
 
 
+def replicate(variant: str, k: int, fraction: float) -> list[str]:
+    """srcc.py arguments of replicate K: training seed = the variant's --seed (its first runs' seed) + K, in its own
+    runs folder fFRACTION-seedN."""
+    seed = int(VARIANTS[variant][VARIANTS[variant].index("--seed") + 1]) + k
+    return ["--runs", f"f{fraction:g}-seed{seed}", "--train-seed", str(seed)]
+
+
 def study(work: Path, variant: str, phases: list[str]) -> None:
     t0 = time.perf_counter()
     ref = ["--label-fraction", str(REF)]
@@ -184,20 +195,18 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
             for f in CURVE_ORDER:
                 run(work, variant, ["--label-fraction", str(f), *STAGE1_ONLY])
         if curve == "seeds":  # seeds:K runs replicate K only
-            base = int(VARIANTS[variant][VARIANTS[variant].index("--seed") + 1])  # the first run's training seed
             for f in SEED_FRACTIONS:
                 for k in (REPLICATES if not one else [int(one)]):
                     run(work, variant, ["--label-fraction", str(f), "--ablation", *STAGE1_ONLY,
-                                        "--runs", f"f{f:g}-seed{base + k}", "--train-seed", str(base + k)])
+                                        *replicate(variant, k, f)])
         if phase == "self":
             for f in CURVE_ORDER:
                 run(work, variant, ["--label-fraction", str(f), *SELF[0],
                                     "--teacher-run", str(work / f"f{f:g}" / "stage1-only")])
         if curve == "diagnose-low":  # diagnose-low:K in replicate K's folder (after seeds:K)
-            base = int(VARIANTS[variant][VARIANTS[variant].index("--seed") + 1])
-            again = ["--runs", f"f{LOW_FRACTION:g}-seed{base + int(one)}", "--train-seed", str(base + int(one))]
-            for extra in LOW.values():
-                run(work, variant, ["--label-fraction", str(LOW_FRACTION), *extra, *(again if one else [])])
+            for extra, tag in LOW.values():
+                run(work, variant, ["--label-fraction", str(LOW_FRACTION), *extra, f"--tag={tag}",
+                                    *(replicate(variant, int(one), LOW_FRACTION) if one else [])])
         if phase == "diagnose":
             for f, extra, tag in DIAGNOSE.values():
                 run(work, variant, ["--label-fraction", str(f), "--ablation", *extra, f"--tag={tag}"])
@@ -396,7 +405,7 @@ def low(work: Path) -> None:
     for d in folders:
         low_table(work, d)
     # over the training seeds where every run finished: the mean of each paired difference
-    names = ("stage1-only", "cskd-s300-lu0", "cskd-s300-lu0-r1", f"cskd{CURVES['curve-lu1'][1]}")
+    names = ("stage1-only", f"cskd{LOW_CONTROL}", f"cskd{LOW_ONE_ITEM}", f"cskd{CURVES['curve-lu1'][1]}")
     runs = [ms for ms in ([load(d / n) for n in names] for d in folders) if all(m is not None for m in ms)]
     if len(runs) >= 2:
         s1, l0, r1, c = zip(*runs)
@@ -408,8 +417,7 @@ def low(work: Path) -> None:
 
 def low_table(work: Path, d: Path) -> None:
     s1, c = load(d / "stage1-only"), load(d / f"cskd{CURVES['curve-lu1'][1]}")
-    rows = [(k, load(d / f"cskd{next(a for a in v if a.startswith('--tag'))[len('--tag='):]}")) for k, v in LOW.items()]
-    rows = [(k, m) for k, m in rows if m is not None]
+    rows = [(k, m) for k, m in ((k, load(d / f"cskd{tag}")) for k, (_, tag) in LOW.items()) if m is not None]
     if s1 is None or c is None or not rows:
         return
     seed = f", training seed {d.name.rsplit('-seed', 1)[1]}" if "-seed" in d.name else ""
@@ -460,11 +468,11 @@ def seed_diff(pairs: list[tuple[dict, dict]]) -> str:
 def seeds(work: Path) -> None:
     """The chain with every training seed that ran, per fraction of SEED_FRACTIONS: one row per seed, then the mean
     over seeds of each paired difference."""
+    import yaml
+
     tag = CURVES["curve-lu1"][1]
     names = {"labels-only": "labels-only", "Stage I only": "stage1-only", "distill-only": f"distill-only{tag}",
              "CSKD": f"cskd{tag}"}
-    import yaml
-
     for f in sorted(SEED_FRACTIONS):
         runs = {}
         first = work / f"f{f:g}" / "labels-only" / "config.yaml"
@@ -601,9 +609,10 @@ def main(argv=None) -> int:
                         "exposure = 100%% labels with Stage II as long as labels-only; weight = that CSKD with "
                         "lambda_u 1; diagnose = what costs at 100%% labels (lambda_u 1 and 0, eval label views); "
                         "curve-lu1 = the curve with lambda_u 1; stage1-only = the Stage I student fine-tuned on "
-                        "the labels at every fraction (the chain without Stage II); seeds (or seeds:N) = the chain at 100%% and "
-                        "5%% labels with two more training seeds (seeds:K: the K-th only); diagnose-low (or diagnose-low:K, in replicate K's folder) = the aligned student "
-                        "through distill without the teacher at 5%%; self = CSKD with Stage I only as the teacher")
+                        "the labels at every fraction (the chain without Stage II); seeds = the chain at 100%% and "
+                        "5%% labels with two more training seeds (seeds:K, the K-th only); diagnose-low = the "
+                        "aligned student through distill without the teacher at 5%% (diagnose-low:K, in replicate "
+                        "K's folder); self = CSKD with Stage I only as the teacher")
     p.add_argument("--report", nargs="+", type=Path, help="print the tables of these work folders")
     p.add_argument("--plot", type=Path, help="with --report: the label-efficiency curve PNG")
     a = p.parse_args(argv)
