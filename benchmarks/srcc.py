@@ -195,7 +195,7 @@ def distill(args, labels: str, cache: str, teacher_run: Path, student: str, out:
                         trust_code=True, view_pixels=args.view_pixels, lr_encoder=lr_encoder,
                         consistency=args.consistency, attn_distance=args.attn_distance, rounds=args.rounds,
                         refine_teacher=args.refine_teacher, label_views=args.label_views,
-                        pool_labelled=args.pool_labelled,
+                        pool_labelled=args.pool_labelled, bn_stats=args.bn_stats,
                         **train_kwargs(args, args.distill_steps))
     if not finished(cfg):
         log(f"distill {student} from run:{teacher_run} -> {out}")
@@ -368,6 +368,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-labelled", action=argparse.BooleanOptionalAction, default=True,
                    help="the teacher's targets cover the labelled train images too (`cskd distill --pool-labelled`, "
                         "the default); --no-pool-labelled: only the images without a label")
+    p.add_argument("--bn-stats", default="joint", choices=("joint", "labelled"),
+                   help="`cskd distill --bn-stats`: one forward of labelled + unlabelled items (joint, the default) "
+                        "or the labelled items alone moving the batch-norm running statistics")
     p.add_argument("--ema", type=float, default=0.0,
                    help="weight EMA decay of every student run (labels-only, distill, all-labels); the teacher "
                         "never (default 0 = off)")

@@ -29,6 +29,8 @@ row does not change them; a rerun reuses every finished run. What runs, per vari
 - seeds: at 100% and 5% labels, the lambda_u 1 chain (teacher, labels-only, Stage I only, distill-only, CSKD) again
   with two more training seeds (the variant's --seed + 1 and + 2), in fF-seedN; the report gives each seed and the
   mean over seeds.
+- bn: at 100% and 5% labels, distill-only and CSKD (lambda_u 1) with ``--bn-stats labelled`` (the labelled items
+  alone move the batch-norm statistics), for the first seed and replicate 1, paired with their joint runs.
 - diagnose: at 100% labels, distill-only as well as CSKD with lambda_u 1; both with lambda_u 0 (the teacher left
   out); both with eval label views (a labelled image shown whole, never as a crop), also at 10%; both with
   lambda_u 1 and the teacher's targets only on the images without a label (``--no-pool-labelled``).
@@ -109,7 +111,7 @@ def run(work: Path, variant: str, extra: list[str]) -> None:
 CURVES = {"curve": ([], "", "lambda_u 4"),
           "curve-lu1": (["--lambda-u", "1", "--tag=-lu1"], "-lu1", "lambda_u 1, `cskd distill`'s default")}
 PHASES = ("core", "stage2", "stage1", "curve", "stage2b", "stage1b", "vit", "exposure", "weight", "diagnose",
-          "curve-lu1", "stage1-only", "diagnose-low", "seeds", "self")
+          "curve-lu1", "stage1-only", "diagnose-low", "seeds", "self", "bn")
 # The chain against each stage skipped: distill-only skips Stage I; Stage I only (the aligned student fine-tuned on
 # the labels, as long as labels-only) skips Stage II. Run beside the lambda_u 1 curve, whose runs it reuses.
 STAGE1_ONLY = [*CURVES["curve-lu1"][0], "--stage1-only"]
@@ -138,6 +140,11 @@ LOW_FRACTION = 0.05
 # teacher (self-training of the aligned student on the unlabelled views, Noisy-Student style: same size, views
 # jittered), lambda_u 1, at every fraction. CSKD only.
 SELF = (["--lambda-u", "1", "--tag=-lu1-self"], "-lu1-self")
+# The batch-norm lead of diagnose-low (one unlabelled item per step beat 32 with no loss on them): distill-only
+# and CSKD, lambda_u 1, with the labelled items alone moving the batch-norm statistics (`cskd distill --bn-stats
+# labelled`), at SEED_FRACTIONS, in the first seed's folder and replicate 1's, paired with the joint runs there.
+BN = (["--lambda-u", "1", "--bn-stats", "labelled", "--tag=-lu1-bnl"], "-lu1-bnl")
+BN_REPLICATES = (0, 1)  # 0: the first seed's own folder
 # At 100% labels the curve's distillation (200 steps x 32 labelled) sees fewer labelled images than labels-only
 # (300 x 32): this row gives both distilled students the baseline's 300 steps, so label exposure is equal.
 EXPOSURE = (1.0, ["--distill-steps", "300", "--tag=-s300"], "-s300")
@@ -199,6 +206,11 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
                 for k in (REPLICATES if not one else [int(one)]):
                     run(work, variant, ["--label-fraction", str(f), "--ablation", *STAGE1_ONLY,
                                         *replicate(variant, k, f)])
+        if curve == "bn":  # bn:K in replicate K's folder only
+            for f in sorted(SEED_FRACTIONS):  # few labels first, where the lead came from
+                for k in (BN_REPLICATES if not one else [int(one)]):
+                    run(work, variant, ["--label-fraction", str(f), "--ablation", *BN[0],
+                                        *(replicate(variant, k, f) if k else [])])
         if phase == "self":
             for f in CURVE_ORDER:
                 run(work, variant, ["--label-fraction", str(f), *SELF[0],
@@ -297,6 +309,7 @@ def report(works: list[Path], plot: Path | None) -> None:
         low(work)
         self_taught(work)
         seeds(work)
+        batch_norm(work)
         diagnose(work)
         pseudo_labels(work)
         ref = work / f"f{REF:g}"
@@ -465,22 +478,26 @@ def seed_diff(pairs: list[tuple[dict, dict]]) -> str:
     return f"{mean_diff(t, p):+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
+def seed_folders(work: Path, f: float) -> list[tuple[str, Path]]:
+    """(training seed, runs folder) of fraction f: the first seed's own folder, then each replicate's."""
+    import yaml
+
+    first = work / f"f{f:g}" / "labels-only" / "config.yaml"
+    if not first.is_file():
+        return []
+    return [(str(yaml.safe_load(first.read_text())["seed"]), work / f"f{f:g}")] + sorted(
+        (d.name.rsplit("-seed", 1)[1], d) for d in work.glob(f"f{f:g}-seed*"))
+
+
 def seeds(work: Path) -> None:
     """The chain with every training seed that ran, per fraction of SEED_FRACTIONS: one row per seed, then the mean
     over seeds of each paired difference."""
-    import yaml
-
     tag = CURVES["curve-lu1"][1]
     names = {"labels-only": "labels-only", "Stage I only": "stage1-only", "distill-only": f"distill-only{tag}",
              "CSKD": f"cskd{tag}"}
     for f in sorted(SEED_FRACTIONS):
         runs = {}
-        first = work / f"f{f:g}" / "labels-only" / "config.yaml"
-        if not first.is_file():
-            continue
-        folders = [(str(yaml.safe_load(first.read_text())["seed"]), work / f"f{f:g}")] + sorted(
-            (d.name.rsplit("-seed", 1)[1], d) for d in work.glob(f"f{f:g}-seed*"))
-        for seed, d in folders:
+        for seed, d in seed_folders(work, f):
             ms = {k: load(d / v) for k, v in names.items()} | {"teacher": load(d / "teacher")}
             if all(ms.values()):
                 runs[seed] = ms
@@ -501,6 +518,31 @@ def seed_table(work: Path, f: float, names: dict, runs: dict) -> None:
     print(f"| mean of {len(runs)} | " + " | ".join(f"{mean[k]:.3f}" for k in ("teacher", *names)) + " | " +
           " | ".join(seed_diff([(ms["CSKD"], ms[b]) for ms in runs.values()])
                      for b in ("labels-only", "Stage I only", "distill-only")) + " |")
+
+
+def batch_norm(work: Path) -> None:
+    """BN's rows beside the joint runs of the same seed folder: what --bn-stats labelled changes, and where the chain
+    then stands against each stage skipped; per seed, then the mean over seeds."""
+    tag, bn = CURVES["curve-lu1"][1], BN[1]
+    names = {"labels-only": "labels-only", "Stage I only": "stage1-only", "distill-only joint": f"distill-only{tag}",
+             "CSKD joint": f"cskd{tag}", "distill-only": f"distill-only{bn}", "CSKD": f"cskd{bn}"}
+    pairs = (("distill-only", "distill-only joint"), ("CSKD", "CSKD joint"), ("CSKD", "Stage I only"),
+             ("CSKD", "distill-only"), ("CSKD", "labels-only"))
+    for f in sorted(SEED_FRACTIONS):
+        runs = {seed: ms for seed, ms in ((seed, {k: load(d / v) for k, v in names.items()})
+                                          for seed, d in seed_folders(work, f)) if all(ms.values())}
+        if not runs:
+            continue
+        print(f"\n### {work.name}: {f:.0%} labels, lambda_u 1, --bn-stats labelled (test SRCC; paired)\n")
+        print("| seed | distill-only | CSKD | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |")
+        print("|---|---|---|" + "---|" * len(pairs))
+        for seed, ms in runs.items():
+            print(f"| {seed} | {ci(ms['distill-only'])} | {ci(ms['CSKD'])} | " +
+                  " | ".join(diff(ms[a], ms[b]) for a, b in pairs) + " |")
+        if len(runs) >= 2:
+            mean = {k: np.mean([ms[k]["srcc"] for ms in runs.values()]) for k in ("distill-only", "CSKD")}
+            print(f"| mean of {len(runs)} | {mean['distill-only']:.3f} | {mean['CSKD']:.3f} | " +
+                  " | ".join(seed_diff([(ms[a], ms[b]) for ms in runs.values()]) for a, b in pairs) + " |")
 
 
 def pseudo_labels(work: Path) -> None:
@@ -612,7 +654,8 @@ def main(argv=None) -> int:
                         "the labels at every fraction (the chain without Stage II); seeds = the chain at 100%% and "
                         "5%% labels with two more training seeds (seeds:K, the K-th only); diagnose-low = the "
                         "aligned student through distill without the teacher at 5%% (diagnose-low:K, in replicate "
-                        "K's folder); self = CSKD with Stage I only as the teacher")
+                        "K's folder); self = CSKD with Stage I only as the teacher; bn = distill-only and CSKD with "
+                        "--bn-stats labelled at 100%% and 5%% labels, first seed and replicate 1 (bn:K, one)")
     p.add_argument("--report", nargs="+", type=Path, help="print the tables of these work folders")
     p.add_argument("--plot", type=Path, help="with --report: the label-efficiency curve PNG")
     a = p.parse_args(argv)

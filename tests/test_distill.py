@@ -510,3 +510,43 @@ def test_no_pool_labelled_keeps_the_teacher_to_images_without_a_label(data, tmp_
     part = cfg(data, tmp_path / "half", pool_labelled=False, label_fraction=0.5, max_steps=2)
     half = run_distill(part)["unlabelled_rows"]
     assert 40 < half < 76  # the train images whose labels the fraction drops are unlabelled again
+
+
+BN_STUDENT = dict(student="timm:test_resnet", size=32)  # batch norm throughout, no dropout
+
+
+def _weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "iaa_model.safetensors")
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bn_stats_labelled_keeps_unlabelled_items_out_of_the_labelled_batch_statistics(data, tmp_path):
+    """With no loss on the unlabelled items (lambda_u 0), their only way into the weights is batch norm: with
+    ``bn_stats="labelled"`` how many of them a step holds changes nothing, weights and running statistics alike;
+    with the default "joint" it does. A student without batch norm trains the same either way."""
+    assert DistillConfig().bn_stats == "joint"
+    base = dict(**BN_STUDENT, lambda_u=0.0, max_steps=4, keep="last")
+    runs = {(bn, r): tmp_path / f"{bn}-{r}" for bn in ("joint", "labelled") for r in (1.0, 2.0)}
+    for (bn, r), out in runs.items():
+        run_distill(cfg(data, out, bn_stats=bn, unlabelled_ratio=r, **base))
+    w = {k: _weights(v) for k, v in runs.items()}
+    assert any("running_mean" in k for k in w["labelled", 1.0])
+    assert _same(w["labelled", 1.0], w["labelled", 2.0])
+    assert not _same(w["joint", 1.0], w["joint", 2.0])
+    assert not _same(w["joint", 1.0], w["labelled", 1.0])
+    run_distill(cfg(data, tmp_path / "tiny-j", lambda_u=1.0, max_steps=3, keep="last"))
+    run_distill(cfg(data, tmp_path / "tiny-l", lambda_u=1.0, max_steps=3, keep="last", bn_stats="labelled"))
+    assert _same(_weights(tmp_path / "tiny-j"), _weights(tmp_path / "tiny-l"))
+    with pytest.raises(DistillError, match="--bn-stats must be joint or labelled"):
+        run_distill(cfg(data, tmp_path / "bad", bn_stats="unlabelled"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bn_stats_labelled_resumes_to_the_same_weights(data, tmp_path):
+    killed_and_resumed_equals_uninterrupted(data, tmp_path, **BN_STUDENT, bn_stats="labelled", consistency=1.0,
+                                            lambda_f=0.5, max_steps=None, epochs=2, keep_checkpoints=0)

@@ -33,7 +33,10 @@ Teachers (``teacher``):
 Teacher and student heads agree: a distribution head on datasets with vote histograms (distillation loss EMD
 between the softmaxed outputs, or KL at ``temperature``), a scalar head otherwise (MSE to the teacher's 0..1
 score). Loss = labelled + ``lambda_u`` x distillation + ``lambda_f`` x feature alignment (`losses.iaa.IAALoss`);
-``unlabelled_ratio`` unlabelled items per labelled item in each step. Everything else is `iaa_task`'s and the engine's.
+``unlabelled_ratio`` unlabelled items per labelled item in each step. A batch-norm student sees them in one
+forward (``bn_stats`` "joint") or the labelled items in a forward of their own, the only one that moves the running
+statistics (``bn_stats`` "labelled"; `models.batch_norm` says why). Everything else is `iaa_task`'s and the
+engine's.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from ..models.cache_head import (
     predict_embeddings,
     save_cache_head,
 )
+from ..models.batch_norm import BN_STATS
 from ..models.runs import build_encoder
 from ..models.scorer import IAA_JSON, IAA_WEIGHTS, head_to_scores
 from ..train.engine import fit, plan_steps, resolve_device, seed_everything
@@ -125,6 +129,8 @@ class DistillConfig(IAATrainConfig):
     label_views: str = "cached"  # which cached views a labelled image shows (module docstring)
     # the teacher also speaks for the labelled train images in use, beside their labels; False: only for the rest
     pool_labelled: bool = True
+    # batch-norm students: "joint" (labelled and unlabelled items in one forward) or "labelled" (`models.batch_norm`)
+    bn_stats: str = "joint"
 
     error: ClassVar[type] = DistillError
     command: ClassVar[str] = "distill"
@@ -142,6 +148,8 @@ class DistillConfig(IAATrainConfig):
                                "is not one")
         if self.label_views not in ("eval", "cached"):
             raise DistillError(f"--label-views must be eval or cached, got {self.label_views!r}")
+        if self.bn_stats not in BN_STATS:
+            raise DistillError(f"--bn-stats must be {' or '.join(BN_STATS)}, got {self.bn_stats!r}")
         if self.attn_reference not in ("student", "teacher"):
             raise DistillError(f"--attn-reference must be student or teacher, got {self.attn_reference!r}")
         if self.consistency > 0 and not self.jitter_views:
@@ -347,7 +355,7 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     task = IAATask(cfg, encoder=student, kind=kind, bins=bins, labels=labels, val_labels=val, streams=streams,
                    val=val_ds, device=device, lambda_u=cfg.lambda_u, lambda_f=cfg.lambda_f, embed_dim=cache.embed_dim,
                    distill_loss=cfg.distill_loss, temperature=cfg.temperature, facts=facts, status=status,
-                   consistency=cfg.consistency, attn_distance=cfg.attn_distance,
+                   consistency=cfg.consistency, attn_distance=cfg.attn_distance, bn_stats=cfg.bn_stats,
                    attn_reference=_saved_reference(run_dir) if ckpt is not None else None, attn_teacher=attn_teacher,
                    extra_meta={"labels_spec": cfg.labels, "teacher": cfg.teacher, "cache": str(cache.path),
                                "cache_fingerprint": cache.manifest.get("fingerprint")})

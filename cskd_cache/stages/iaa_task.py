@@ -8,7 +8,9 @@ head when the feature-alignment loss is on) on one or two streams of `data.datas
   ``lambda_u``; with ``lambda_f`` > 0 the projected features also align to the cached CLIP embedding.
 
 Each step takes ``batch_size`` labelled items and ``round(batch_size * unlabelled_ratio)`` unlabelled ones and runs
-them through the model as one batch. An epoch is one pass over the main stream (unlabelled when there is one,
+them through the model as one batch (``bn_stats`` "joint"), or, for a batch-norm student with ``bn_stats``
+"labelled", the labelled items as a batch of their own and the unlabelled ones as another that leaves the running
+statistics alone (`models.batch_norm`). An epoch is one pass over the main stream (unlabelled when there is one,
 else labelled); the other stream cycles as often as needed. Batches are a pure function of the step
 (`data.datasets.StepBatches`), so a resumed run reaches the same weights as an uninterrupted one.
 
@@ -30,6 +32,7 @@ iaa_model.safetensors (`models.scorer.load_iaa_model`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,7 @@ from ..labels.targets import labels_meta, resolve_head, split_labels
 from ..losses.attention_distance import AttentionDistanceLoss
 from ..losses.iaa import IAALoss
 from ..models.attention_probe import AttentionProbe
+from ..models.batch_norm import bn_layers, frozen_running_stats
 from ..models.scorer import IAAModel, build_head, head_to_scores, save_iaa_model
 from ..train.config import TRAIN_RENAMES, TrainConfig
 from ..train.engine import Task, param_groups
@@ -151,12 +155,14 @@ class IAATask(Task):
                  lambda_f: float = 0.0, embed_dim: int | None = None, distill_loss: str = "emd",
                  temperature: float = 1.0, facts: dict | None = None, extra_meta: dict | None = None, status=None,
                  consistency: float = 0.0, attn_distance: float = 0.0, attn_reference: list[float] | None = None,
-                 attn_teacher: list[float] | None = None):
+                 attn_teacher: list[float] | None = None, bn_stats: str = "joint"):
         self.cfg, self.kind, self.bins, self.labels, self.val_labels = cfg, kind, bins, labels, val_labels
         self.streams, self.device = streams, device
         head = build_head(kind, encoder.pooled_dim, bins)
         proj = nn.Linear(encoder.pooled_dim, embed_dim) if lambda_f > 0 else None
         self.model = IAAModel(encoder, head, proj=proj).to(device)
+        # --bn-stats labelled (`models.batch_norm`); a student without batch norm gains nothing from two forwards
+        self.bn = bn_layers(self.model) if bn_stats == "labelled" and len(streams) > 1 else []
         self.loss_fn = IAALoss(kind, cfg.w_plcc, lambda_u if len(streams) > 1 else 0.0, lambda_f, distill_loss,
                                temperature, consistency if len(streams) > 1 else 0.0)
         self.keep = cfg.keep if val is not None and len(val) >= 2 else "last"
@@ -236,9 +242,7 @@ class IAATask(Task):
         x = torch.cat(images)
         if self.probe is not None:
             self.probe.start()
-        with autocast:
-            out = model(x)
-        out, emb = out if isinstance(out, tuple) else (out, None)
+        out, emb = self._run(model, x, lab["image"].shape[0], autocast)
         n = sum(b["image"].shape[0] for b in batches)  # the second views come last, for consistency only
         out2 = out[n:] if len(images) > len(batches) else None
         parts = self.loss_fn(out[:n], emb[:n] if emb is not None else None, lab, unl, out2)
@@ -246,6 +250,19 @@ class IAATask(Task):
             parts["attn_distance"] = self.attn_loss(self.probe.profile())
             parts["loss"] = parts["loss"] + self.attn_distance * parts["attn_distance"]
         return parts, x.shape[0]
+
+    def _run(self, model, x: torch.Tensor, n_lab: int, autocast) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(outputs, projected features or None) of every item of x, labelled items first. With ``bn_stats``
+        labelled, the labelled items form a batch of their own and the rest normalise by theirs without moving the
+        running statistics."""
+        parts = [x] if not self.bn else [x[:n_lab], x[n_lab:]]
+        outs = []
+        for i, xi in enumerate(parts):
+            with autocast, (frozen_running_stats(self.bn) if i else contextlib.nullcontext()):
+                o = model(xi)
+            outs.append(o if isinstance(o, tuple) else (o, None))
+        out = torch.cat([o for o, _ in outs])
+        return out, (torch.cat([e for _, e in outs]) if outs[0][1] is not None else None)
 
     def evaluate(self, model, autocast) -> dict | None:
         if self.eval_loader is None:
