@@ -368,9 +368,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-labelled", action=argparse.BooleanOptionalAction, default=True,
                    help="the teacher's targets cover the labelled train images too (`cskd distill --pool-labelled`, "
                         "the default); --no-pool-labelled: only the images without a label")
-    p.add_argument("--bn-stats", default="joint", choices=("joint", "labelled"),
-                   help="`cskd distill --bn-stats`: one forward of labelled + unlabelled items (joint, the default) "
-                        "or the labelled items alone moving the batch-norm running statistics")
+    p.add_argument("--bn-stats", default="joint", choices=("joint", "separate", "labelled"),
+                   help="`cskd distill --bn-stats`: one forward of labelled + unlabelled items (joint, the default), "
+                        "a forward each (separate), or a forward each with only the labelled one moving the "
+                        "batch-norm running statistics (labelled)")
     p.add_argument("--ema", type=float, default=0.0,
                    help="weight EMA decay of every student run (labels-only, distill, all-labels); the teacher "
                         "never (default 0 = off)")

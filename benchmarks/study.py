@@ -29,8 +29,9 @@ row does not change them; a rerun reuses every finished run. What runs, per vari
 - seeds: at 100% and 5% labels, the lambda_u 1 chain (teacher, labels-only, Stage I only, distill-only, CSKD) again
   with two more training seeds (the variant's --seed + 1 and + 2), in fF-seedN; the report gives each seed and the
   mean over seeds.
-- bn: at 100% and 5% labels, distill-only and CSKD (lambda_u 1) with ``--bn-stats labelled`` (the labelled items
-  alone move the batch-norm statistics), for the first seed and replicate 1, paired with their joint runs.
+- bn: at 100% and 5% labels, distill-only and CSKD (lambda_u 1) with the labelled items in a batch-norm batch of
+  their own (``--bn-stats labelled``: only they move the running statistics; ``separate``: both batches do), for
+  the first seed and replicate 1, paired with their joint runs.
 - diagnose: at 100% labels, distill-only as well as CSKD with lambda_u 1; both with lambda_u 0 (the teacher left
   out); both with eval label views (a labelled image shown whole, never as a crop), also at 10%; both with
   lambda_u 1 and the teacher's targets only on the images without a label (``--no-pool-labelled``).
@@ -141,9 +142,11 @@ LOW_FRACTION = 0.05
 # jittered), lambda_u 1, at every fraction. CSKD only.
 SELF = (["--lambda-u", "1", "--tag=-lu1-self"], "-lu1-self")
 # The batch-norm lead of diagnose-low (one unlabelled item per step beat 32 with no loss on them): distill-only
-# and CSKD, lambda_u 1, with the labelled items alone moving the batch-norm statistics (`cskd distill --bn-stats
-# labelled`), at SEED_FRACTIONS, in the first seed's folder and replicate 1's, paired with the joint runs there.
-BN = (["--lambda-u", "1", "--bn-stats", "labelled", "--tag=-lu1-bnl"], "-lu1-bnl")
+# and CSKD, lambda_u 1, with the labelled items in a forward of their own (`cskd distill --bn-stats`), at
+# SEED_FRACTIONS, in the first seed's folder and replicate 1's, paired with the joint runs there.
+# --bn-stats value -> (extra srcc.py arguments, run-name tag)
+BN = {mode: (["--lambda-u", "1", "--bn-stats", mode, f"--tag=-lu1-bn{mode[0]}"], f"-lu1-bn{mode[0]}")
+      for mode in ("labelled", "separate")}
 BN_REPLICATES = (0, 1)  # 0: the first seed's own folder
 # At 100% labels the curve's distillation (200 steps x 32 labelled) sees fewer labelled images than labels-only
 # (300 x 32): this row gives both distilled students the baseline's 300 steps, so label exposure is equal.
@@ -209,8 +212,9 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
         if curve == "bn":  # bn:K in replicate K's folder only
             for f in sorted(SEED_FRACTIONS):  # few labels first, where the lead came from
                 for k in (BN_REPLICATES if not one else [int(one)]):
-                    run(work, variant, ["--label-fraction", str(f), "--ablation", *BN[0],
-                                        *(replicate(variant, k, f) if k else [])])
+                    for extra, _ in BN.values():
+                        run(work, variant, ["--label-fraction", str(f), "--ablation", *extra,
+                                            *(replicate(variant, k, f) if k else [])])
         if phase == "self":
             for f in CURVE_ORDER:
                 run(work, variant, ["--label-fraction", str(f), *SELF[0],
@@ -309,7 +313,8 @@ def report(works: list[Path], plot: Path | None) -> None:
         low(work)
         self_taught(work)
         seeds(work)
-        batch_norm(work)
+        for mode in BN:
+            batch_norm(work, mode)
         diagnose(work)
         pseudo_labels(work)
         ref = work / f"f{REF:g}"
@@ -520,10 +525,10 @@ def seed_table(work: Path, f: float, names: dict, runs: dict) -> None:
                      for b in ("labels-only", "Stage I only", "distill-only")) + " |")
 
 
-def batch_norm(work: Path) -> None:
-    """BN's rows beside the joint runs of the same seed folder: what --bn-stats labelled changes, and where the chain
-    then stands against each stage skipped; per seed, then the mean over seeds."""
-    tag, bn = CURVES["curve-lu1"][1], BN[1]
+def batch_norm(work: Path, mode: str) -> None:
+    """BN's rows of one --bn-stats mode beside the joint runs of the same seed folder: what it changes, and where the
+    chain then stands against each stage skipped; per seed, then the mean over seeds."""
+    tag, bn = CURVES["curve-lu1"][1], BN[mode][1]
     names = {"labels-only": "labels-only", "Stage I only": "stage1-only", "distill-only joint": f"distill-only{tag}",
              "CSKD joint": f"cskd{tag}", "distill-only": f"distill-only{bn}", "CSKD": f"cskd{bn}"}
     pairs = (("distill-only", "distill-only joint"), ("CSKD", "CSKD joint"), ("CSKD", "Stage I only"),
@@ -533,7 +538,7 @@ def batch_norm(work: Path) -> None:
                                           for seed, d in seed_folders(work, f)) if all(ms.values())}
         if not runs:
             continue
-        print(f"\n### {work.name}: {f:.0%} labels, lambda_u 1, --bn-stats labelled (test SRCC; paired)\n")
+        print(f"\n### {work.name}: {f:.0%} labels, lambda_u 1, --bn-stats {mode} (test SRCC; paired)\n")
         print("| seed | distill-only | CSKD | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |")
         print("|---|---|---|" + "---|" * len(pairs))
         for seed, ms in runs.items():
@@ -655,7 +660,8 @@ def main(argv=None) -> int:
                         "5%% labels with two more training seeds (seeds:K, the K-th only); diagnose-low = the "
                         "aligned student through distill without the teacher at 5%% (diagnose-low:K, in replicate "
                         "K's folder); self = CSKD with Stage I only as the teacher; bn = distill-only and CSKD with "
-                        "--bn-stats labelled at 100%% and 5%% labels, first seed and replicate 1 (bn:K, one)")
+                        "--bn-stats labelled and separate at 100%% and 5%% labels, first seed and replicate 1 "
+                        "(bn:K, one)")
     p.add_argument("--report", nargs="+", type=Path, help="print the tables of these work folders")
     p.add_argument("--plot", type=Path, help="with --report: the label-efficiency curve PNG")
     a = p.parse_args(argv)

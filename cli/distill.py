@@ -77,10 +77,10 @@ def distill(
                                                      "beside their labels; --no-pool-labelled keeps them to images "
                                                      "without a label.")] = True,
     bn_stats: Annotated[str, typer.Option(help="Batch-norm students: joint (labelled and unlabelled items in one "
-                                               "forward; batch and running statistics cover both) or labelled "
-                                               "(the labelled items in a forward of their own, the only one that "
-                                               "moves the running statistics evaluation uses; the unlabelled "
-                                               "items normalise by their own batch).")] = "joint",
+                                               "forward), separate (the labelled items in a forward of their own, "
+                                               "the unlabelled ones in another; both move the running statistics) "
+                                               "or labelled (as separate, but only the labelled forward moves the "
+                                               "running statistics evaluation uses).")] = "joint",
     labels_outside_cache: Annotated[bool, typer.Option(help="The labelled images are deliberately not in the cache "
                                                             "(read from disk); without it, labels that link to no "
                                                             "cache row stop the run.")] = False,

@@ -525,7 +525,7 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bn_stats_labelled_keeps_unlabelled_items_out_of_the_labelled_batch_statistics(data, tmp_path):
+def test_bn_stats_keeps_unlabelled_items_out_of_the_labelled_batch_statistics(data, tmp_path):
     """With no loss on the unlabelled items (lambda_u 0), their only way into the weights is batch norm: with
     ``bn_stats="labelled"`` how many of them a step holds changes nothing, weights and running statistics alike;
     with the default "joint" it does. A student without batch norm trains the same either way."""
@@ -539,14 +539,22 @@ def test_bn_stats_labelled_keeps_unlabelled_items_out_of_the_labelled_batch_stat
     assert _same(w["labelled", 1.0], w["labelled", 2.0])
     assert not _same(w["joint", 1.0], w["joint", 2.0])
     assert not _same(w["joint", 1.0], w["labelled", 1.0])
+    # separate: the same batches as labelled, but the unlabelled one moves the running statistics too; what the
+    # gradient sees (each batch's own statistics) is the same, so only the running statistics differ
+    run_distill(cfg(data, tmp_path / "separate", bn_stats="separate", unlabelled_ratio=1.0, **base))
+    sep, lab = _weights(tmp_path / "separate"), w["labelled", 1.0]
+    running = {k for k in lab if "running_" in k}
+    assert running and all(torch.equal(sep[k], lab[k]) for k in lab if k not in running and "num_batches" not in k)
+    assert not any(torch.equal(sep[k], lab[k]) for k in running)
     run_distill(cfg(data, tmp_path / "tiny-j", lambda_u=1.0, max_steps=3, keep="last"))
     run_distill(cfg(data, tmp_path / "tiny-l", lambda_u=1.0, max_steps=3, keep="last", bn_stats="labelled"))
     assert _same(_weights(tmp_path / "tiny-j"), _weights(tmp_path / "tiny-l"))
-    with pytest.raises(DistillError, match="--bn-stats must be joint or labelled"):
+    with pytest.raises(DistillError, match="--bn-stats must be joint, separate or labelled"):
         run_distill(cfg(data, tmp_path / "bad", bn_stats="unlabelled"))
     assert not (tmp_path / "bad").exists()
 
 
-def test_bn_stats_labelled_resumes_to_the_same_weights(data, tmp_path):
-    killed_and_resumed_equals_uninterrupted(data, tmp_path, **BN_STUDENT, bn_stats="labelled", consistency=1.0,
+@pytest.mark.parametrize("mode", ["labelled", "separate"])
+def test_bn_stats_resumes_to_the_same_weights(data, tmp_path, mode):
+    killed_and_resumed_equals_uninterrupted(data, tmp_path, **BN_STUDENT, bn_stats=mode, consistency=1.0,
                                             lambda_f=0.5, max_steps=None, epochs=2, keep_checkpoints=0)

@@ -20,9 +20,9 @@ from torch import nn
 
 __all__ = ["BN_STATS", "bn_layers", "frozen_running_stats"]
 
-# joint: one forward of every item (the running statistics describe them all); labelled: the labelled items in a
-# forward of their own, the only one that moves the running statistics
-BN_STATS = ("joint", "labelled")
+# joint: one forward of every item; separate: the labelled items in a forward of their own, the unlabelled ones
+# in another, both moving the running statistics; labelled: as separate, but only the labelled forward moves them
+BN_STATS = ("joint", "separate", "labelled")
 
 
 def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -34,8 +34,8 @@ Teacher and student heads agree: a distribution head on datasets with vote histo
 between the softmaxed outputs, or KL at ``temperature``), a scalar head otherwise (MSE to the teacher's 0..1
 score). Loss = labelled + ``lambda_u`` x distillation + ``lambda_f`` x feature alignment (`losses.iaa.IAALoss`);
 ``unlabelled_ratio`` unlabelled items per labelled item in each step. A batch-norm student sees them in one
-forward (``bn_stats`` "joint") or the labelled items in a forward of their own, the only one that moves the running
-statistics (``bn_stats`` "labelled"; `models.batch_norm` says why). Everything else is `iaa_task`'s and the
+forward (``bn_stats`` "joint"), or the labelled items in a forward of their own (``bn_stats`` "separate"; with
+"labelled" it is the only one that moves the running statistics; `models.batch_norm` says why). Everything else is `iaa_task`'s and the
 engine's.
 """
 
@@ -129,7 +129,7 @@ class DistillConfig(IAATrainConfig):
     label_views: str = "cached"  # which cached views a labelled image shows (module docstring)
     # the teacher also speaks for the labelled train images in use, beside their labels; False: only for the rest
     pool_labelled: bool = True
-    # batch-norm students: "joint" (labelled and unlabelled items in one forward) or "labelled" (`models.batch_norm`)
+    # batch-norm students: "joint" (labelled and unlabelled items in one forward), "separate" or "labelled"
     bn_stats: str = "joint"
 
     error: ClassVar[type] = DistillError
@@ -149,7 +149,8 @@ class DistillConfig(IAATrainConfig):
         if self.label_views not in ("eval", "cached"):
             raise DistillError(f"--label-views must be eval or cached, got {self.label_views!r}")
         if self.bn_stats not in BN_STATS:
-            raise DistillError(f"--bn-stats must be {' or '.join(BN_STATS)}, got {self.bn_stats!r}")
+            raise DistillError(f"--bn-stats must be {', '.join(BN_STATS[:-1])} or {BN_STATS[-1]}, got "
+                               f"{self.bn_stats!r}")
         if self.attn_reference not in ("student", "teacher"):
             raise DistillError(f"--attn-reference must be student or teacher, got {self.attn_reference!r}")
         if self.consistency > 0 and not self.jitter_views:

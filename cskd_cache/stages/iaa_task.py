@@ -8,9 +8,9 @@ head when the feature-alignment loss is on) on one or two streams of `data.datas
   ``lambda_u``; with ``lambda_f`` > 0 the projected features also align to the cached CLIP embedding.
 
 Each step takes ``batch_size`` labelled items and ``round(batch_size * unlabelled_ratio)`` unlabelled ones and runs
-them through the model as one batch (``bn_stats`` "joint"), or, for a batch-norm student with ``bn_stats``
-"labelled", the labelled items as a batch of their own and the unlabelled ones as another that leaves the running
-statistics alone (`models.batch_norm`). An epoch is one pass over the main stream (unlabelled when there is one,
+them through the model as one batch (``bn_stats`` "joint"), or, for a batch-norm student, the labelled items as a
+batch of their own and the unlabelled ones as another (``bn_stats`` "separate"; "labelled": that second batch
+leaves the running statistics alone; `models.batch_norm`). An epoch is one pass over the main stream (unlabelled when there is one,
 else labelled); the other stream cycles as often as needed. Batches are a pure function of the step
 (`data.datasets.StepBatches`), so a resumed run reaches the same weights as an uninterrupted one.
 
@@ -161,8 +161,10 @@ class IAATask(Task):
         head = build_head(kind, encoder.pooled_dim, bins)
         proj = nn.Linear(encoder.pooled_dim, embed_dim) if lambda_f > 0 else None
         self.model = IAAModel(encoder, head, proj=proj).to(device)
-        # --bn-stats labelled (`models.batch_norm`); a student without batch norm gains nothing from two forwards
-        self.bn = bn_layers(self.model) if bn_stats == "labelled" and len(streams) > 1 else []
+        # --bn-stats separate / labelled (`models.batch_norm`); a student without batch norm gains nothing from two
+        # forwards. self.frozen: the layers whose running statistics the unlabelled forward leaves alone
+        self.bn = bn_layers(self.model) if bn_stats != "joint" and len(streams) > 1 else []
+        self.frozen = self.bn if bn_stats == "labelled" else []
         self.loss_fn = IAALoss(kind, cfg.w_plcc, lambda_u if len(streams) > 1 else 0.0, lambda_f, distill_loss,
                                temperature, consistency if len(streams) > 1 else 0.0)
         self.keep = cfg.keep if val is not None and len(val) >= 2 else "last"
@@ -253,12 +255,12 @@ class IAATask(Task):
 
     def _run(self, model, x: torch.Tensor, n_lab: int, autocast) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(outputs, projected features or None) of every item of x, labelled items first. With ``bn_stats``
-        labelled, the labelled items form a batch of their own and the rest normalise by theirs without moving the
-        running statistics."""
+        separate or labelled, the labelled items form a batch of their own and the rest another (with labelled, one
+        that leaves the running statistics alone)."""
         parts = [x] if not self.bn else [x[:n_lab], x[n_lab:]]
         outs = []
         for i, xi in enumerate(parts):
-            with autocast, (frozen_running_stats(self.bn) if i else contextlib.nullcontext()):
+            with autocast, (frozen_running_stats(self.frozen) if i else contextlib.nullcontext()):
                 o = model(xi)
             outs.append(o if isinstance(o, tuple) else (o, None))
         out = torch.cat([o for o, _ in outs])
