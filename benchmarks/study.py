@@ -315,6 +315,7 @@ def report(works: list[Path], plot: Path | None) -> None:
         seeds(work)
         for mode in BN:
             batch_norm(work, mode)
+        batch_norm_summary(work)
         diagnose(work)
         pseudo_labels(work)
         ref = work / f"f{REF:g}"
@@ -525,29 +526,50 @@ def seed_table(work: Path, f: float, names: dict, runs: dict) -> None:
                      for b in ("labels-only", "Stage I only", "distill-only")) + " |")
 
 
-def batch_norm(work: Path, mode: str) -> None:
-    """BN's rows of one --bn-stats mode beside the joint runs of the same seed folder: what it changes, and where the
-    chain then stands against each stage skipped; per seed, then the mean over seeds."""
+BN_PAIRS = (("distill-only", "distill-only joint"), ("CSKD", "CSKD joint"), ("CSKD", "Stage I only"),
+            ("CSKD", "distill-only"), ("CSKD", "labels-only"))
+
+
+def bn_runs(work: Path, mode: str, f: float) -> dict:
+    """training seed -> the runs BN_PAIRS compares for one --bn-stats mode at fraction f (seeds where all finished)."""
     tag, bn = CURVES["curve-lu1"][1], BN[mode][1]
     names = {"labels-only": "labels-only", "Stage I only": "stage1-only", "distill-only joint": f"distill-only{tag}",
              "CSKD joint": f"cskd{tag}", "distill-only": f"distill-only{bn}", "CSKD": f"cskd{bn}"}
-    pairs = (("distill-only", "distill-only joint"), ("CSKD", "CSKD joint"), ("CSKD", "Stage I only"),
-             ("CSKD", "distill-only"), ("CSKD", "labels-only"))
+    return {seed: ms for seed, ms in ((seed, {k: load(d / v) for k, v in names.items()})
+                                      for seed, d in seed_folders(work, f)) if all(ms.values())}
+
+
+def batch_norm(work: Path, mode: str) -> None:
+    """BN's rows of one --bn-stats mode beside the joint runs of the same seed folder: what it changes, and where the
+    chain then stands against each stage skipped; per seed, then the mean over seeds."""
     for f in sorted(SEED_FRACTIONS):
-        runs = {seed: ms for seed, ms in ((seed, {k: load(d / v) for k, v in names.items()})
-                                          for seed, d in seed_folders(work, f)) if all(ms.values())}
+        runs = bn_runs(work, mode, f)
         if not runs:
             continue
         print(f"\n### {work.name}: {f:.0%} labels, lambda_u 1, --bn-stats {mode} (test SRCC; paired)\n")
-        print("| seed | distill-only | CSKD | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |")
-        print("|---|---|---|" + "---|" * len(pairs))
+        print("| seed | distill-only | CSKD | " + " | ".join(f"{a} - {b}" for a, b in BN_PAIRS) + " |")
+        print("|---|---|---|" + "---|" * len(BN_PAIRS))
         for seed, ms in runs.items():
             print(f"| {seed} | {ci(ms['distill-only'])} | {ci(ms['CSKD'])} | " +
-                  " | ".join(diff(ms[a], ms[b]) for a, b in pairs) + " |")
+                  " | ".join(diff(ms[a], ms[b]) for a, b in BN_PAIRS) + " |")
         if len(runs) >= 2:
             mean = {k: np.mean([ms[k]["srcc"] for ms in runs.values()]) for k in ("distill-only", "CSKD")}
             print(f"| mean of {len(runs)} | {mean['distill-only']:.3f} | {mean['CSKD']:.3f} | " +
-                  " | ".join(seed_diff([(ms[a], ms[b]) for ms in runs.values()]) for a, b in pairs) + " |")
+                  " | ".join(seed_diff([(ms[a], ms[b]) for ms in runs.values()]) for a, b in BN_PAIRS) + " |")
+
+
+def batch_norm_summary(work: Path) -> None:
+    """Every --bn-stats mode and fraction in one table: the means over training seeds of BN_PAIRS."""
+    rows = [(mode, f, runs) for mode in BN for f in sorted(SEED_FRACTIONS) if (runs := bn_runs(work, mode, f))]
+    if not rows:
+        return
+    print(f"\n### {work.name}: batch-norm statistics, each mode against joint (lambda_u 1; mean over training seeds of "
+          "the paired differences)\n")
+    print("| --bn-stats | labels | seeds | " + " | ".join(f"{a} - {b}" for a, b in BN_PAIRS) + " |")
+    print("|---|---|---|" + "---|" * len(BN_PAIRS))
+    for mode, f, runs in rows:
+        print(f"| {mode} | {f:.0%} | {len(runs)} | " +
+              " | ".join(seed_diff([(ms[a], ms[b]) for ms in runs.values()]) for a, b in BN_PAIRS) + " |")
 
 
 def pseudo_labels(work: Path) -> None:
