@@ -63,8 +63,6 @@ class CommandConfig:
     error: ClassVar[type[CskdError]] = ConfigError
     required: ClassVar[tuple[str, ...]] = ()
     renamed: ClassVar[dict[str, tuple[str, float]]] = {}
-    # a field added with a default other than the behaviour of the runs made before it: the value those ran with
-    ran_before: ClassVar[dict[str, object]] = {}
 
     @classmethod
     def normalise(cls, d: dict | None, notice: bool = True) -> dict:
@@ -114,15 +112,14 @@ class CommandConfig:
         """Fields whose value differs from a saved config (old names read as today's), ignoring `RESUMABLE`.
 
         A field the saved config lacks was added after that run was made; the run behaved as its default, so it
-        counts as the default (a run made before ``refine_teacher`` existed resumes without it), or as
-        ``ran_before`` says where the new default is not what those runs did.
+        counts as the default (a run made before ``refine_teacher`` existed resumes without it).
         """
         old, new = self.as_saved(saved), self.to_dict()
         return sorted(k for k in new if k not in RESUMABLE and json_safe(old.get(k)) != new[k])
 
     def as_saved(self, saved: dict) -> dict:
         """A saved config under today's names, every field it lacks filled with its default (`changed`)."""
-        made = {f.name: _default(f) for f in dataclasses.fields(self)} | self.ran_before
+        made = {f.name: _default(f) for f in dataclasses.fields(self)}
         return json_safe(made) | self.normalise(saved, notice=False)
 
 
