@@ -558,3 +558,26 @@ def test_bn_stats_keeps_unlabelled_items_out_of_the_labelled_batch_statistics(da
 def test_bn_stats_resumes_to_the_same_weights(data, tmp_path, mode):
     killed_and_resumed_equals_uninterrupted(data, tmp_path, **BN_STUDENT, bn_stats=mode, consistency=1.0,
                                             lambda_f=0.5, max_steps=None, epochs=2, keep_checkpoints=0)
+
+
+@pytest.mark.slow
+def test_bn_stats_two_forwards_train_under_torchrun(data, tmp_path):
+    """DDP sees two forwards before one backward with --bn-stats labelled: every rank finishes and one run comes out,
+    with finite losses and running statistics that moved from their initial 0 / 1 (the labelled forward's)."""
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, PYTHONPATH=str(TESTS), OMP_NUM_THREADS="1", COLUMNS="200")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "cskd_cli.main", "distill", "--cache", str(data / "cache"), "--student",
+                        "timm:test_resnet", "--size", "32", "--labels", f"csv:{data / 'dist.csv'}", "--out",
+                        str(tmp_path / "run"), "--max-steps", "3", "--batch-size", "8", "--num-workers", "0",
+                        "--log-every", "1", "--bn-stats", "labelled", "--keep", "last"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = tmp_path / "run"
+    assert yaml.safe_load((run / "config.yaml").read_text())["resolved"]["world_size"] == 2
+    train = [x for x in read_metrics(run / "metrics.jsonl") if x["type"] == "train"]
+    assert [x["step"] for x in train] == [1, 2, 3] and all(np.isfinite(x["loss"]) for x in train)
+    w = load_file(run / "iaa_model.safetensors")
+    means = [v for k, v in w.items() if k.endswith("running_mean")]
+    assert means and all(torch.isfinite(v).all() for v in means) and any(v.abs().sum() > 0 for v in means)
