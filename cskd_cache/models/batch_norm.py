@@ -5,7 +5,8 @@ statistics (the ones evaluation uses) towards them. When the labelled and the un
 one forward, the labelled items' gradient depends on the unlabelled ones' statistics even where those carry no
 loss, and the running statistics the scores are computed with describe the mixture. The study's few-label
 control measured that (README, "few-label decomposition"): with no loss on the unlabelled items, one of them per
-step instead of 32 scored +0.080 [+0.027, +0.131] on proxy B.
+step instead of 32 scored +0.080 [+0.027, +0.131] on proxy B. Acted on (README, "batch-norm statistics"), a batch of
+their own for the labelled items gained at 5% labels and cost at 100% on both proxies, so distill keeps "joint".
 
 `frozen_running_stats` lets a forward normalise by its own batch while leaving the running statistics exactly
 as they were (cumulative-average layers included).

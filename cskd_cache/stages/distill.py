@@ -35,8 +35,8 @@ between the softmaxed outputs, or KL at ``temperature``), a scalar head otherwis
 score). Loss = labelled + ``lambda_u`` x distillation + ``lambda_f`` x feature alignment (`losses.iaa.IAALoss`);
 ``unlabelled_ratio`` unlabelled items per labelled item in each step. A batch-norm student sees them in one
 forward (``bn_stats`` "joint"), or the labelled items in a forward of their own (``bn_stats`` "separate"; with
-"labelled" it is the only one that moves the running statistics; `models.batch_norm` says why). Everything else is `iaa_task`'s and the
-engine's.
+"labelled" it is the only one that moves the running statistics; `models.batch_norm` says why). Everything else
+is `iaa_task`'s and the engine's.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ head when the feature-alignment loss is on) on one or two streams of `data.datas
 Each step takes ``batch_size`` labelled items and ``round(batch_size * unlabelled_ratio)`` unlabelled ones and runs
 them through the model as one batch (``bn_stats`` "joint"), or, for a batch-norm student, the labelled items as a
 batch of their own and the unlabelled ones as another (``bn_stats`` "separate"; "labelled": that second batch
-leaves the running statistics alone; `models.batch_norm`). An epoch is one pass over the main stream (unlabelled when there is one,
-else labelled); the other stream cycles as often as needed. Batches are a pure function of the step
+leaves the running statistics alone; `models.batch_norm`). An epoch is one pass over the main stream (unlabelled
+when there is one, else labelled); the other stream cycles as often as needed. Batches are a pure function of the step
 (`data.datasets.StepBatches`), so a resumed run reaches the same weights as an uninterrupted one.
 
 Validation: the val split, eval view only (`data.transforms.eval_tensor`), at step 0 and after every epoch;
