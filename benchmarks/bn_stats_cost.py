@@ -4,11 +4,11 @@ a forward each (separate; labelled also holds the running statistics still throu
     python benchmarks/bn_stats_cost.py                      # mobilenetv3_small_100, 128 px, 32 + 32 items
     python benchmarks/bn_stats_cost.py --model resnet18 --size 224 --device cuda
 
-What is timed: forward, a loss on every output, backward and an AdamW step of a random-init timm model, the
-way `stages.iaa_task.IAATask` runs them (`models.batch_norm.frozen_running_stats` for labelled). Inputs are made
-once; data loading is the same in every mode and is left out. The three modes run interleaved step by step, so
-drift on a shared machine hits all three alike, and the ratios to joint are printed per half of the run: read the
-ratios, not the absolute steps/s.
+What is timed: forward, a loss on every output, backward and an AdamW step of a random-init timm model, through
+the forwards `stages.iaa_task.IAATask` runs (`models.batch_norm.forward_split` for separate and labelled).
+Inputs are made once; data loading is the same in every mode and is left out. The three modes run interleaved
+step by step, so drift on a shared machine hits all three alike, and the ratios to joint are printed per half of
+the run: read the ratios, not the absolute steps/s.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     import timm
     import torch
 
-    from cskd_cache.models.batch_norm import bn_layers, frozen_running_stats
+    from cskd_cache.models.batch_norm import bn_layers, forward_split
 
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
@@ -51,9 +51,7 @@ def main(argv=None) -> int:
         if mode == "joint":
             out = model(x)
         else:
-            first = model(x[:a.labelled])
-            with frozen_running_stats(layers if mode == "labelled" else []):
-                out = torch.cat([first, model(x[a.labelled:])])
+            out = torch.cat(forward_split(model, x, a.labelled, layers if mode == "labelled" else []))
         loss = out.float().pow(2).mean()
         opt.zero_grad()
         loss.backward()

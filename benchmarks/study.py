@@ -313,9 +313,7 @@ def report(works: list[Path], plot: Path | None) -> None:
         low(work)
         self_taught(work)
         seeds(work)
-        for mode in BN:
-            batch_norm(work, mode)
-        batch_norm_summary(work)
+        batch_norm(work)
         diagnose(work)
         pseudo_labels(work)
         ref = work / f"f{REF:g}"
@@ -539,37 +537,34 @@ def bn_runs(work: Path, mode: str, f: float) -> dict:
                                       for seed, d in seed_folders(work, f)) if all(ms.values())}
 
 
-def batch_norm(work: Path, mode: str) -> None:
-    """BN's rows of one --bn-stats mode beside the joint runs of the same seed folder: what it changes, and where the
-    chain then stands against each stage skipped; per seed, then the mean over seeds."""
-    for f in sorted(SEED_FRACTIONS):
-        runs = bn_runs(work, mode, f)
-        if not runs:
-            continue
-        print(f"\n### {work.name}: {f:.0%} labels, lambda_u 1, --bn-stats {mode} (test SRCC; paired)\n")
-        print("| seed | distill-only | CSKD | " + " | ".join(f"{a} - {b}" for a, b in BN_PAIRS) + " |")
+def batch_norm(work: Path) -> None:
+    """BN's rows of each --bn-stats mode beside the joint runs of the same seed folder: what it changes, and where
+    the chain then stands against each stage skipped; a table per mode and fraction (per seed, then the mean over
+    seeds), then those means of every mode and fraction in one table."""
+    summary = []
+    for mode in BN:
+        for f in sorted(SEED_FRACTIONS):
+            runs = bn_runs(work, mode, f)
+            if not runs:
+                continue
+            print(f"\n### {work.name}: {f:.0%} labels, lambda_u 1, --bn-stats {mode} (test SRCC; paired)\n")
+            print("| seed | distill-only | CSKD | " + " | ".join(f"{a} - {b}" for a, b in BN_PAIRS) + " |")
+            print("|---|---|---|" + "---|" * len(BN_PAIRS))
+            for seed, ms in runs.items():
+                print(f"| {seed} | {ci(ms['distill-only'])} | {ci(ms['CSKD'])} | " +
+                      " | ".join(diff(ms[a], ms[b]) for a, b in BN_PAIRS) + " |")
+            means = [seed_diff([(ms[a], ms[b]) for ms in runs.values()]) for a, b in BN_PAIRS]
+            if len(runs) >= 2:
+                mean = {k: np.mean([ms[k]["srcc"] for ms in runs.values()]) for k in ("distill-only", "CSKD")}
+                print(f"| mean of {len(runs)} | {mean['distill-only']:.3f} | {mean['CSKD']:.3f} | " +
+                      " | ".join(means) + " |")
+            summary.append(f"| {mode} | {f:.0%} | {len(runs)} | " + " | ".join(means) + " |")
+    if summary:
+        print(f"\n### {work.name}: batch-norm statistics, each mode against joint (lambda_u 1; mean over training "
+              "seeds of the paired differences)\n")
+        print("| --bn-stats | labels | seeds | " + " | ".join(f"{a} - {b}" for a, b in BN_PAIRS) + " |")
         print("|---|---|---|" + "---|" * len(BN_PAIRS))
-        for seed, ms in runs.items():
-            print(f"| {seed} | {ci(ms['distill-only'])} | {ci(ms['CSKD'])} | " +
-                  " | ".join(diff(ms[a], ms[b]) for a, b in BN_PAIRS) + " |")
-        if len(runs) >= 2:
-            mean = {k: np.mean([ms[k]["srcc"] for ms in runs.values()]) for k in ("distill-only", "CSKD")}
-            print(f"| mean of {len(runs)} | {mean['distill-only']:.3f} | {mean['CSKD']:.3f} | " +
-                  " | ".join(seed_diff([(ms[a], ms[b]) for ms in runs.values()]) for a, b in BN_PAIRS) + " |")
-
-
-def batch_norm_summary(work: Path) -> None:
-    """Every --bn-stats mode and fraction in one table: the means over training seeds of BN_PAIRS."""
-    rows = [(mode, f, runs) for mode in BN for f in sorted(SEED_FRACTIONS) if (runs := bn_runs(work, mode, f))]
-    if not rows:
-        return
-    print(f"\n### {work.name}: batch-norm statistics, each mode against joint (lambda_u 1; mean over training seeds of "
-          "the paired differences)\n")
-    print("| --bn-stats | labels | seeds | " + " | ".join(f"{a} - {b}" for a, b in BN_PAIRS) + " |")
-    print("|---|---|---|" + "---|" * len(BN_PAIRS))
-    for mode, f, runs in rows:
-        print(f"| {mode} | {f:.0%} | {len(runs)} | " +
-              " | ".join(seed_diff([(ms[a], ms[b]) for ms in runs.values()]) for a, b in BN_PAIRS) + " |")
+        print("\n".join(summary))
 
 
 def pseudo_labels(work: Path) -> None:

@@ -96,6 +96,16 @@ def cfg(data, out, **kw) -> DistillConfig:
     return DistillConfig(**base)
 
 
+def _weights(run: Path, name: str = "iaa_model.safetensors") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / name)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_caches_made_alike_from_other_images_keep_their_own_predictions(data, tmp_path):
     """Same teacher, views and storage (equal fingerprints) over other images: each cache gets its own predictions
     directory, so alternating between them reuses both instead of recomputing over each other."""
@@ -282,8 +292,6 @@ def test_scalar_labels_and_teacher_mismatch(data, tmp_path):
 
 
 def test_resume_reaches_the_same_weights(data, tmp_path):
-    from safetensors.torch import load_file
-
     base = dict(max_steps=None, epochs=3, keep_checkpoints=0, batch_size=8, unlabelled_ratio=2.0, lambda_f=0.5,
                 distill_loss="kl", temperature=2.0, consistency=0.5)  # every Stage II term on at once
     full = run_distill(cfg(data, tmp_path / "full", **base))
@@ -296,8 +304,7 @@ def test_resume_reaches_the_same_weights(data, tmp_path):
         run_distill(part)
     run_distill(DistillConfig(**{**part.to_dict(), "resume": True}))
     for name in ("iaa_model.safetensors", "checkpoints/epoch-0003/model.safetensors"):
-        wa, wb = load_file(tmp_path / "full" / name), load_file(tmp_path / "part" / name)
-        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+        assert _same(_weights(tmp_path / "full", name), _weights(tmp_path / "part", name)), name
     ma, mb = (no_timing(read_metrics(tmp_path / x / "metrics.jsonl")) for x in ("full", "part"))
     assert ma == mb
     train = [r for r in ma if r["type"] == "train"]
@@ -399,14 +406,12 @@ def test_collaborative_rounds_make_each_student_the_next_teacher(data, tmp_path)
 
 
 def test_refine_teacher_trains_the_teacher_again_on_labels_and_the_students_predictions(data, tmp_path):
-    from safetensors.torch import load_file
-
     from cskd_cache.models.runs import build_encoder
     from cskd_cache.stages.rounds import run_rounds
 
     # a finetune run as an encoder spec: its encoder with the run's weights, without the head
     enc = build_encoder(f"run:{data / 'teacher'}", trust_code=True)
-    saved = load_file(data / "teacher" / "iaa_model.safetensors")
+    saved = _weights(data / "teacher")
     mine = enc.model.state_dict()
     assert mine and all(torch.equal(mine[k], saved[f"encoder.model.{k}"]) for k in mine)
 
@@ -432,15 +437,12 @@ def test_refine_teacher_trains_the_teacher_again_on_labels_and_the_students_pred
 def killed_and_resumed_equals_uninterrupted(data, tmp_path, **base) -> dict:
     """Train ``base`` whole and, in another run dir, killed in its second epoch then resumed: same weights.
     Returns the uninterrupted run's summary."""
-    from safetensors.torch import load_file
-
     full = run_distill(cfg(data, tmp_path / "full", **base))
     part = cfg(data, tmp_path / "part", **base)
     with pytest.raises(Crash):
         run_distill(part, on_progress=crash_in_second_epoch())
     run_distill(DistillConfig(**{**part.to_dict(), "resume": True}))
-    wa, wb = (load_file(tmp_path / x / "iaa_model.safetensors") for x in ("full", "part"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert _same(_weights(tmp_path / "full"), _weights(tmp_path / "part"))
     return full
 
 
@@ -515,16 +517,6 @@ def test_no_pool_labelled_keeps_the_teacher_to_images_without_a_label(data, tmp_
 BN_STUDENT = dict(student="timm:test_resnet", size=32)  # batch norm throughout, no dropout
 
 
-def _weights(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(run / "iaa_model.safetensors")
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_bn_stats_keeps_unlabelled_items_out_of_the_labelled_batch_statistics(data, tmp_path):
     """With no loss on the unlabelled items (lambda_u 0), their only way into the weights is batch norm: with
     ``bn_stats="labelled"`` how many of them a step holds changes nothing, weights and running statistics alike;
@@ -564,8 +556,6 @@ def test_bn_stats_resumes_to_the_same_weights(data, tmp_path, mode):
 def test_bn_stats_two_forwards_train_under_torchrun(data, tmp_path):
     """DDP sees two forwards before one backward with --bn-stats labelled: every rank finishes and one run comes out,
     with finite losses and running statistics that moved from their initial 0 / 1 (the labelled forward's)."""
-    from safetensors.torch import load_file
-
     env = dict(os.environ, PYTHONPATH=str(TESTS), OMP_NUM_THREADS="1", COLUMNS="200")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "cskd_cli.main", "distill", "--cache", str(data / "cache"), "--student",
@@ -578,6 +568,6 @@ def test_bn_stats_two_forwards_train_under_torchrun(data, tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text())["resolved"]["world_size"] == 2
     train = [x for x in read_metrics(run / "metrics.jsonl") if x["type"] == "train"]
     assert [x["step"] for x in train] == [1, 2, 3] and all(np.isfinite(x["loss"]) for x in train)
-    w = load_file(run / "iaa_model.safetensors")
+    w = _weights(run)
     means = [v for k, v in w.items() if k.endswith("running_mean")]
     assert means and all(torch.isfinite(v).all() for v in means) and any(v.abs().sum() > 0 for v in means)

@@ -32,7 +32,6 @@ iaa_model.safetensors (`models.scorer.load_iaa_model`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ from ..labels.targets import labels_meta, resolve_head, split_labels
 from ..losses.attention_distance import AttentionDistanceLoss
 from ..losses.iaa import IAALoss
 from ..models.attention_probe import AttentionProbe
-from ..models.batch_norm import bn_layers, frozen_running_stats
+from ..models.batch_norm import bn_layers, forward_split
 from ..models.scorer import IAAModel, build_head, head_to_scores, save_iaa_model
 from ..train.config import TRAIN_RENAMES, TrainConfig
 from ..train.engine import Task, param_groups
@@ -163,8 +162,8 @@ class IAATask(Task):
         self.model = IAAModel(encoder, head, proj=proj).to(device)
         # --bn-stats separate / labelled (`models.batch_norm`); a student without batch norm gains nothing from two
         # forwards. self.frozen: the layers whose running statistics the unlabelled forward leaves alone
-        self.bn = bn_layers(self.model) if bn_stats != "joint" and len(streams) > 1 else []
-        self.frozen = self.bn if bn_stats == "labelled" else []
+        layers = bn_layers(self.model) if bn_stats != "joint" and len(streams) > 1 else []
+        self.split, self.frozen = bool(layers), (layers if bn_stats == "labelled" else [])
         self.loss_fn = IAALoss(kind, cfg.w_plcc, lambda_u if len(streams) > 1 else 0.0, lambda_f, distill_loss,
                                temperature, consistency if len(streams) > 1 else 0.0)
         self.keep = cfg.keep if val is not None and len(val) >= 2 else "last"
@@ -257,12 +256,12 @@ class IAATask(Task):
         """(outputs, projected features or None) of every item of x, labelled items first. With ``bn_stats``
         separate or labelled, the labelled items form a batch of their own and the rest another (with labelled, one
         that leaves the running statistics alone)."""
-        parts = [x] if not self.bn else [x[:n_lab], x[n_lab:]]
-        outs = []
-        for i, xi in enumerate(parts):
-            with autocast, (frozen_running_stats(self.frozen) if i else contextlib.nullcontext()):
-                o = model(xi)
-            outs.append(o if isinstance(o, tuple) else (o, None))
+        if self.split:
+            outs = forward_split(model, x, n_lab, self.frozen, autocast)
+        else:
+            with autocast:
+                outs = [model(x)]
+        outs = [o if isinstance(o, tuple) else (o, None) for o in outs]
         out = torch.cat([o for o, _ in outs])
         return out, (torch.cat([e for _, e in outs]) if outs[0][1] is not None else None)
 
