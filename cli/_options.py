@@ -83,6 +83,10 @@ HeadOpt = Annotated[str, typer.Option(help="auto (distribution when the labels h
                                            "distribution or scalar.")]
 WPlccOpt = Annotated[float, typer.Option(min=0, help="Weight of the 1 - PLCC loss (scalar head only).")]
 KeepOpt = Annotated[str, typer.Option(help="iaa_model.* holds the best-by-val-SRCC epoch (best) or the last.")]
+HeadInitOpt = Annotated[str, typer.Option(help="auto: a run: model that is a finetune/distill run starts with its "
+                                                "trained score head too, and step 0 counts for --keep best (the "
+                                                "kept model is never below it on val); fresh: a new head on its "
+                                                "encoder. Other specs always start a new head.")]
 EvalBatchSizeOpt = Annotated[Optional[int], typer.Option(min=1, help="Validation batch (default: --batch-size).")]
 
 # every command that loads a run directory
@@ -112,7 +116,8 @@ IAA_OPTIONS = (
     ("labels", LabelsOpt, None), ("label_image_root", LabelImageRootOpt, None), ("val_fraction", ValFractionOpt, 0.05),
     ("split_seed", SplitSeedOpt, 0), ("label_fraction", LabelFractionOpt, 1.0), ("label_seed", LabelSeedOpt, 0),
     ("head", HeadOpt, "auto"), ("w_plcc", WPlccOpt, 0.0), ("keep", KeepOpt, "best"),
-    ("eval_batch_size", EvalBatchSizeOpt, None), ("image_root", Old("--image-root", str), None),
+    ("eval_batch_size", EvalBatchSizeOpt, None), ("head_init", HeadInitOpt, "auto"),
+    ("image_root", Old("--image-root", str), None),
 )
 CACHE_OPTIONS = (("no_verify", NoVerifyOpt, False),)
 

@@ -21,7 +21,8 @@ def distill(
                                               "labels) or run:TEACHER_RUN (a `cskd finetune` --out).")]
     = "cache-head",
     student: Annotated[Optional[str], typer.Option(help="Student SPEC: timm:MODEL[@true|TAG|PATH|none], "
-                                                        "py:package.module:factory, or run:ALIGN_RUN (required).")]
+                                                        "py:package.module:factory, run:ALIGN_RUN, or run:RUN (a "
+                                                        "finetune/distill run: see --head-init) (required).")]
     = None,
     lambda_u: Annotated[float, typer.Option(min=0, help="Weight of the distillation loss on unlabelled views.")]
     = 1.0,

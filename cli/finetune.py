@@ -15,7 +15,8 @@ from ._train import add_time_and_model, iaa_config, run_training, summary_table
 def finetune(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Option(help="Encoder SPEC: timm:MODEL[@true|TAG|PATH|none], "
-                                                      "py:package.module:factory, or run:ALIGN_RUN (required).")]
+                                                      "py:package.module:factory, run:ALIGN_RUN, or run:RUN (a "
+                                                      "finetune/distill run: see --head-init) (required).")]
     = None,
     augment: Annotated[bool, typer.Option(help="Mild random resized crop (80-100% of the eval view) + flip.")]
     = True,

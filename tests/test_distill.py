@@ -423,6 +423,8 @@ def test_refine_teacher_trains_the_teacher_again_on_labels_and_the_students_pred
     refined = yaml.safe_load((rounds / "teacher-2" / "config.yaml").read_text())
     assert refined["student"] == teacher and refined["teacher"] == f"run:{rounds / 'round-1'}"
     assert refined["lr_encoder"] == 3e-4 and refined["refine_teacher"] is False
+    # the measured variant: the refined teacher learns its head afresh, not from the run it refines
+    assert refined["head_init"] == "fresh" and refined["resolved"]["head_init"] == "fresh"
     final = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert final["teacher"] == f"run:{rounds / 'teacher-2'}"
     assert [x.get("refined_teacher") for x in r["rounds"]] == [None, str(rounds / "teacher-2"), None]
@@ -544,6 +546,89 @@ def test_bn_stats_keeps_unlabelled_items_out_of_the_labelled_batch_statistics(da
     with pytest.raises(DistillError, match="--bn-stats must be joint, separate or labelled"):
         run_distill(cfg(data, tmp_path / "bad", bn_stats="unlabelled"))
     assert not (tmp_path / "bad").exists()
+
+
+def _evals(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run / "metrics.jsonl") if r["type"] == "eval"]
+
+
+def test_a_scorer_run_as_student_starts_from_its_head_too_and_step_0_counts(data, tmp_path):
+    """--student run:FINETUNE_RUN (--head-init auto) starts from the whole scorer, head included, and its step 0 is
+    a candidate for --keep best: with an optimiser that cannot move the weights (encoder lr 0, head lr below
+    float32's resolution) no later step beats it, and the kept model is the starting run's, bit for bit. With
+    --head-init fresh the same run starts a new head, whose step 0 never counts."""
+    start = data / "teacher"
+    saved, start_val = _weights(start), json.loads((start / "iaa_model.json").read_text())["val"]["srcc"]
+    still = dict(student=f"run:{start}", lr=1e-20, lr_encoder=0.0, max_steps=4, eval_every=2)
+    r = run_distill(cfg(data, tmp_path / "warm", **still))
+    evals = _evals(tmp_path / "warm")
+    assert [e["epoch"] for e in evals] == [0, 1, 2] and evals[0]["srcc"] == start_val  # the same model, same val
+    meta = json.loads((tmp_path / "warm" / "iaa_model.json").read_text())
+    assert meta["step"] == 0 and r["best_epoch"] == 0 and _same(_weights(tmp_path / "warm"), saved)
+    assert yaml.safe_load((tmp_path / "warm" / "config.yaml").read_text())["resolved"]["head_init"] == "run"
+
+    run_distill(cfg(data, tmp_path / "fresh", head_init="fresh", **still))
+    kept = _weights(tmp_path / "fresh")
+    meta = json.loads((tmp_path / "fresh" / "iaa_model.json").read_text())
+    assert meta["step"] == 2  # the first epoch's, never step 0's
+    assert all(torch.equal(kept[k], saved[k]) for k in saved if k.startswith("encoder."))
+    assert not all(torch.equal(kept[k], saved[k]) for k in saved if k.startswith("head."))
+    assert yaml.safe_load((tmp_path / "fresh" / "config.yaml").read_text())["resolved"]["head_init"] == "fresh"
+
+    # training that moves: the kept model is the first best of every evaluation, step 0 included
+    run_distill(cfg(data, tmp_path / "moving", student=f"run:{start}", max_steps=6, eval_every=2))
+    evals = _evals(tmp_path / "moving")
+    best = max(evals, key=lambda e: e["srcc"])
+    meta = json.loads((tmp_path / "moving" / "iaa_model.json").read_text())
+    assert evals[0]["srcc"] == start_val and (meta["step"], meta["val"]["srcc"]) == (best["step"], best["srcc"])
+
+    # finetune takes a scorer run the same way
+    run_finetune(FinetuneConfig(model=f"run:{start}", labels=f"csv:{data / 'dist.csv'}", out=str(tmp_path / "ft"),
+                                batch_size=8, num_workers=0, max_steps=2, lr=1e-20, lr_encoder=0.0, trust_code=True))
+    assert _evals(tmp_path / "ft")[0]["srcc"] == start_val and _same(_weights(tmp_path / "ft"), saved)
+
+
+def test_a_scorer_run_whose_head_cannot_serve_the_labels_is_refused(data, tmp_path):
+    from cskd_cache.stages.finetune import FinetuneError
+
+    start = f"run:{data / 'teacher'}"  # a distribution head of 10 bins
+    with pytest.raises(DistillError, match=r"distribution head of 10 bins cannot start.*--head-init fresh"):
+        run_distill(cfg(data, tmp_path / "bad", student=start, labels=f"csv:{data / 'score.csv'}"))
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(FinetuneError, match="--model .*--head-init fresh"):
+        run_finetune(FinetuneConfig(model=start, labels=f"csv:{data / 'score.csv'}", out=str(tmp_path / "bad-ft"),
+                                    trust_code=True))
+    assert not (tmp_path / "bad-ft").exists()
+    with pytest.raises(DistillError, match="--head-init must be auto or fresh"):
+        run_distill(cfg(data, tmp_path / "bad-v", student=start, head_init="teacher"))
+    r = run_distill(cfg(data, tmp_path / "ok", student=start, labels=f"csv:{data / 'score.csv'}",
+                        head_init="fresh", max_steps=2))
+    assert r["head"] == "scalar"
+
+
+def test_a_run_made_before_head_init_resumes_as_it_started(data, tmp_path):
+    """A config.yaml without ``head_init`` was written by a run whose scorer-run student started with a fresh head:
+    resumed under today's default (auto) it still does not count its step 0, as its uninterrupted twin did not
+    (weights that cannot move make every evaluation tie, so only which ones count decides the kept epoch)."""
+    still = dict(student=f"run:{data / 'teacher'}", lr=1e-20, lr_encoder=0.0, max_steps=None, epochs=3,
+                 keep_checkpoints=0)
+    full = run_distill(cfg(data, tmp_path / "full", head_init="fresh", **still))
+    part = cfg(data, tmp_path / "old", head_init="fresh", **still)
+    with pytest.raises(Crash):
+        run_distill(part, on_progress=crash_in_second_epoch())
+    saved = yaml.safe_load((tmp_path / "old" / "config.yaml").read_text())
+    del saved["head_init"], saved["resolved"]["head_init"]
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(saved))
+    today = DistillConfig(**{**part.to_dict(), "head_init": "auto", "resume": True})
+    assert today.changed(saved) == []
+    resumed = run_distill(today)
+    assert full["best_epoch"] == resumed["best_epoch"] == 1
+    assert _same(_weights(tmp_path / "full"), _weights(tmp_path / "old"))
+
+
+def test_a_scorer_run_as_student_resumes_to_the_same_weights(data, tmp_path):
+    killed_and_resumed_equals_uninterrupted(data, tmp_path, student=f"run:{data / 'teacher'}", max_steps=None,
+                                            epochs=3, keep_checkpoints=0)
 
 
 @pytest.mark.parametrize("mode", ["labelled", "separate"])

@@ -22,12 +22,12 @@ import torch
 
 from ..errors import MissingFile, ModelError
 from ..files import default_file_mode, read_json, write_json
-from .scorer import IAA_JSON, load_iaa_model
+from .scorer import IAA_JSON, IAA_WEIGHTS, load_iaa_model
 from .students import build_student, rebuild_student, size_hw
 from .weights import load_weights
 
 __all__ = ["STUDENT_JSON", "STUDENT_WEIGHTS", "save_encoder", "load_encoder", "load_run_encoder", "build_encoder",
-           "run_dir_of"]
+           "run_dir_of", "run_score_head"]
 
 STUDENT_JSON = "student.json"
 STUDENT_WEIGHTS = "student.safetensors"
@@ -87,6 +87,29 @@ def build_encoder(spec: str, pretrained_ok: bool = True, size: int | list[int] |
         raise ModelError(f"a run: student keeps the input size it was trained at ({trained[0]}x{trained[1]}), not "
                          f"{'x'.join(map(str, size_hw(size)))}; leave the input size unset")
     return encoder.train()
+
+
+def run_score_head(spec: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(score-head weights, iaa_model.json) of a ``run:`` spec naming a finetune/distill run, the head that
+    `build_encoder` leaves behind; None for any other spec (an align run, ``timm:``, ``py:``). Read from the
+    safetensors file by name, so nothing in the run directory runs."""
+    from safetensors import SafetensorError, safe_open
+
+    raw = spec.strip() if isinstance(spec, str) else ""
+    if not raw.startswith("run:"):
+        return None
+    run_dir = run_dir_of(raw)
+    weights = run_dir / IAA_WEIGHTS
+    if (run_dir / STUDENT_JSON).is_file() or not (run_dir / IAA_JSON).is_file() or not weights.is_file():
+        return None  # not a scorer run (or an incomplete one, which `build_encoder` reports)
+    meta = read_json(run_dir / IAA_JSON, ModelError, "re-run the training")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            state = {k[len("head."):]: f.get_tensor(k) for k in f.keys() if k.startswith("head.")}
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{weights}: unreadable ({' '.join(str(e).split())[:200]}); the run directory is damaged, "
+                         "re-run the training") from None
+    return state, meta
 
 
 def load_run_encoder(run_dir: str | os.PathLike, device: str | torch.device = "cpu", trust_code: bool = False):

@@ -72,10 +72,11 @@ from ..models.cache_head import (
 from ..models.batch_norm import BN_STATS
 from ..models.runs import build_encoder
 from ..models.scorer import IAA_JSON, IAA_WEIGHTS, head_to_scores
-from ..train.engine import fit, plan_steps, resolve_device, seed_everything
+from ..train.engine import CONFIG_NAME, fit, plan_steps, resolve_device, seed_everything
 from ..train.run_dir import prepare_run_dir
+from ..train.run_log import read_resolved
 from .finetune import report_labels
-from .iaa_task import IAATask, IAATrainConfig, Stream, prepare_labels
+from .iaa_task import IAATask, IAATrainConfig, Stream, prepare_labels, starting_head
 from .teacher_predictions import (
     Predictions,
     check_predictions_dir,
@@ -309,6 +310,7 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     run_dir = Path(cfg.out)
     labels, train, val, kind, bins = prepare_labels(cfg)
     report_labels(labels, train, val, status)
+    head_state = starting_head(cfg, cfg.student, "--student", kind, bins, labels)  # before the run directory exists
     cache = open_cache(cfg.cache, verify=not cfg.no_verify)
     link, row_of, pool, held, paths = _link(cfg, labels, train, cache, status)
     attn_teacher = _teacher_profile(cfg, cache)
@@ -316,6 +318,11 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     val_rows = np.array([row_of[lb.key] for lb in val.labels], np.int64)
     ckpt = prepare_run_dir(cfg, run_dir, own=OWN_NAMES)
     dist.barrier()
+    # a resumed run keeps what its first start decided: the attention reference (the starting weights are gone),
+    # and where training started (a run made before --head-init started with a fresh head)
+    resolved = read_resolved(run_dir / CONFIG_NAME) if ckpt is not None else {}
+    if ckpt is not None and resolved.get("head_init") != "run":
+        head_state = None
 
     if cfg.teacher == "cache-head":
         teacher, pred_dir = _cache_head_teacher(cfg, cache, labels, train, train_rows, kind, bins, run_dir,
@@ -357,7 +364,8 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
                    val=val_ds, device=device, lambda_u=cfg.lambda_u, lambda_f=cfg.lambda_f, embed_dim=cache.embed_dim,
                    distill_loss=cfg.distill_loss, temperature=cfg.temperature, facts=facts, status=status,
                    consistency=cfg.consistency, attn_distance=cfg.attn_distance, bn_stats=cfg.bn_stats,
-                   attn_reference=_saved_reference(run_dir) if ckpt is not None else None, attn_teacher=attn_teacher,
+                   attn_reference=resolved.get("attn_reference"), attn_teacher=attn_teacher,
+                   head_state=head_state,
                    extra_meta={"labels_spec": cfg.labels, "teacher": cfg.teacher, "cache": str(cache.path),
                                "cache_fingerprint": cache.manifest.get("fingerprint")})
     result = fit(task, cfg, run_dir=run_dir, ckpt=ckpt, device=device, plan=plan_steps(cfg, task.steps_per_epoch()),
@@ -381,14 +389,6 @@ def _teacher_profile(cfg: DistillConfig, cache) -> list[float] | None:
                            "with `cskd extract --attention-stats` (a ViT teacher), or use --attn-reference student")
     d = cache.read_all("attn_distance").astype(np.float64)
     return [float(v) for v in d.mean(axis=(0, 1, 3)) / info["uniform_distance"]]
-
-
-def _saved_reference(run_dir: Path) -> list[float] | None:
-    """A resumed run's attention reference as its first start measured it (the starting weights are gone)."""
-    import yaml
-
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
-    return (saved.get("resolved") or {}).get("attn_reference")
 
 
 def _check_teacher(cfg: DistillConfig, teacher: dict, kind: str, bins: int | None, labels: LabelSet) -> None:

@@ -1,7 +1,8 @@
 """`cskd finetune`: supervised IAA training of any encoder on a dataset's labelled train split.
 
 Both the labels-only baseline and the Stage II teacher (``cskd distill --teacher run:RUN_DIR``). The encoder is any
-student spec (``timm:MODEL[@PRETRAINED]``, ``py:module:factory``) or an aligned run (``run:ALIGN_RUN``); images
+student spec (``timm:MODEL[@PRETRAINED]``, ``py:module:factory``), an aligned run (``run:ALIGN_RUN``) or a
+finetune/distill run (``run:RUN``: with ``head_init`` "auto" its score head too, `iaa_task`); images
 are read from disk with the eval view (`data.transforms`), plus a mild random resized crop (80-100 % of the
 eval view's area) and horizontal flip unless ``augment`` is off. The head, losses, schedule, validation, model
 selection (best val SRCC by default, see `iaa_task`), checkpoints, resume and DDP are the engine's (`train.engine`).
@@ -24,9 +25,10 @@ from ..data.datasets import CachedViews
 from ..errors import TrainError
 from ..labels.targets import label_targets
 from ..models.runs import build_encoder
-from ..train.engine import fit, plan_steps, resolve_device, seed_everything
+from ..train.engine import CONFIG_NAME, fit, plan_steps, resolve_device, seed_everything
+from ..train.run_log import read_resolved
 from ..train.run_dir import prepare_run_dir
-from .iaa_task import IAATask, IAATrainConfig, Stream, prepare_labels
+from .iaa_task import IAATask, IAATrainConfig, Stream, prepare_labels, starting_head
 
 __all__ = ["FinetuneConfig", "FinetuneError", "run_finetune"]
 
@@ -70,8 +72,11 @@ def run_finetune(cfg: FinetuneConfig, on_progress: Callable[[dict], None] | None
     device = resolve_device(cfg.device)
     labels, train, val, kind, bins = prepare_labels(cfg)
     report_labels(labels, train, val, status)
+    head_state = starting_head(cfg, cfg.model, "--model", kind, bins, labels)  # before the run directory exists
     ckpt = prepare_run_dir(cfg, Path(cfg.out))
     dist.barrier()
+    if ckpt is not None and read_resolved(Path(cfg.out) / CONFIG_NAME).get("head_init") != "run":
+        head_state = None  # a resumed run starts as it first did (one made before --head-init: a fresh head)
 
     seed_everything(cfg.seed)
     try:
@@ -90,7 +95,7 @@ def run_finetune(cfg: FinetuneConfig, on_progress: Callable[[dict], None] | None
              "broken_images": [p for p, _ in train.unreadable + val.unreadable]}
     task = IAATask(cfg, encoder=encoder, kind=kind, bins=bins, labels=labels, val_labels=val,
                    streams=[Stream("labelled", train_ds, cfg.batch_size)], val=val_ds, device=device, facts=facts,
-                   extra_meta={"labels_spec": cfg.labels}, status=status)
+                   extra_meta={"labels_spec": cfg.labels}, status=status, head_state=head_state)
     result = fit(task, cfg, run_dir=Path(cfg.out), ckpt=ckpt, device=device,
                  plan=plan_steps(cfg, task.steps_per_epoch()), on_progress=on_progress, on_status=status)
     result.update({"train_labels": len(train), "train_labels_total": counts["train"], "val_labels": len(val),

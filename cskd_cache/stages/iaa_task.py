@@ -17,9 +17,14 @@ when there is one, else labelled); the other stream cycles as often as needed. B
 Validation: the val split, eval view only (`data.transforms.eval_tensor`), at step 0 and after every epoch;
 SRCC, PLCC, MAE, accuracy at the dataset threshold (and EMD with a distribution head on a binned dataset), on the
 native score scale, as ``{"type": "eval", "split": "val", ...}`` lines in metrics.jsonl. ``keep="best"`` (the
-default) writes iaa_model.* whenever val SRCC improves on every earlier epoch (step 0 does not count), so the
-final model is the best-by-val-SRCC epoch; ``keep="last"`` (or no val images) writes the final weights. The
-test split is never read.
+default) writes iaa_model.* whenever val SRCC improves on every earlier epoch, so the final model is the
+best-by-val-SRCC epoch; ``keep="last"`` (or no val images) writes the final weights. The test split is never read.
+
+Where training starts (``head_init``): an encoder spec that names a finetune/distill run (``run:RUN``, a scorer
+already trained on labels) starts with that run's score head too ("auto", the default), and then step 0 counts
+for ``keep="best"``: the starting model is a candidate like any epoch, so on the val split the kept model is
+never below the run it started from (the README's study measures what that buys on test). Any other spec, or
+"fresh", starts a new head, and step 0 (a random head) does not count.
 
 Defaults: AdamW lr 1e-3 for the heads and the encoder (``lr_encoder`` overrides the encoder's: lower it, e.g.
 1e-4, when fine-tuning a pretrained or aligned encoder), weight decay 0.05 (not on biases/norms), 5 % linear
@@ -53,11 +58,12 @@ from ..losses.attention_distance import AttentionDistanceLoss
 from ..losses.iaa import IAALoss
 from ..models.attention_probe import AttentionProbe
 from ..models.batch_norm import bn_layers, forward_split
+from ..models.runs import run_score_head
 from ..models.scorer import IAAModel, build_head, head_to_scores, save_iaa_model
 from ..train.config import TRAIN_RENAMES, TrainConfig
 from ..train.engine import Task, param_groups
 
-__all__ = ["IAATrainConfig", "IAATask", "Stream", "prepare_labels", "evaluate_val"]
+__all__ = ["IAATrainConfig", "IAATask", "Stream", "prepare_labels", "evaluate_val", "starting_head"]
 
 
 @dataclass
@@ -74,6 +80,7 @@ class IAATrainConfig(TrainConfig):
     w_plcc: float = 0.0
     keep: str = "best"
     eval_batch_size: int | None = None
+    head_init: str = "auto"  # "auto": a run: encoder spec of a finetune/distill run keeps its score head; "fresh"
 
     error: ClassVar[type] = TrainError
     command: ClassVar[str] = "train"
@@ -91,6 +98,8 @@ class IAATrainConfig(TrainConfig):
             raise err(f"--head must be auto, distribution or scalar, got {self.head!r}")
         if self.keep not in ("best", "last"):
             raise err(f"--keep must be best or last, got {self.keep!r}")
+        if self.head_init not in ("auto", "fresh"):
+            raise err(f"--head-init must be auto or fresh, got {self.head_init!r}")
         if self.w_plcc < 0:
             raise err("--w-plcc must be >= 0")
 
@@ -102,6 +111,26 @@ def prepare_labels(cfg: IAATrainConfig) -> tuple[LabelSet, LabelSet, LabelSet, s
                                       label_seed=cfg.label_seed, error=cfg.error)
     kind, bins = resolve_head(cfg.head, labels, cfg.error)
     return labels, train, val, kind, bins
+
+
+def starting_head(cfg: IAATrainConfig, spec: str, flag: str, kind: str, bins: int | None,
+                  labels: LabelSet) -> dict[str, torch.Tensor] | None:
+    """The score-head weights training starts from (module docstring, ``head_init``), or None for a fresh head.
+    A run whose head cannot serve these labels is refused, naming the fix, before the run directory exists."""
+    found = run_score_head(spec) if cfg.head_init == "auto" else None
+    if found is None:
+        return None
+    state, meta = found
+    h, scale = meta.get("head") or {}, (meta.get("labels") or {}).get("scale")
+    have = f"{h.get('kind')} head{' of ' + str(h.get('bins')) + ' bins' if h.get('bins') else ''}"
+    want = f"{kind} head{' of ' + str(bins) + ' bins' if bins else ''}"
+    if (h.get("kind"), h.get("bins") if kind == "distribution" else None) != (kind, bins) or h.get("normalize"):
+        raise cfg.error(f"{flag} {spec}: its {have} cannot start training for {cfg.labels}, which needs a {want}; "
+                        "pass --head-init fresh to train a new head on its encoder")
+    if scale is None or not np.allclose(scale, labels.scale):
+        raise cfg.error(f"{flag} {spec}: its head scores on {scale}, {cfg.labels} on {list(labels.scale)}; pass "
+                        "--head-init fresh to train a new head on its encoder")
+    return state
 
 
 @dataclass
@@ -154,10 +183,13 @@ class IAATask(Task):
                  lambda_f: float = 0.0, embed_dim: int | None = None, distill_loss: str = "emd",
                  temperature: float = 1.0, facts: dict | None = None, extra_meta: dict | None = None, status=None,
                  consistency: float = 0.0, attn_distance: float = 0.0, attn_reference: list[float] | None = None,
-                 attn_teacher: list[float] | None = None, bn_stats: str = "joint"):
+                 attn_teacher: list[float] | None = None, bn_stats: str = "joint",
+                 head_state: dict[str, torch.Tensor] | None = None):
         self.cfg, self.kind, self.bins, self.labels, self.val_labels = cfg, kind, bins, labels, val_labels
         self.streams, self.device = streams, device
         head = build_head(kind, encoder.pooled_dim, bins)
+        if head_state is not None:  # `starting_head`: a scorer trained on labels, so step 0 is a real candidate
+            head.load_state_dict(head_state)
         proj = nn.Linear(encoder.pooled_dim, embed_dim) if lambda_f > 0 else None
         self.model = IAAModel(encoder, head, proj=proj).to(device)
         # --bn-stats separate / labelled (`models.batch_norm`); a student without batch norm gains nothing from two
@@ -167,12 +199,14 @@ class IAATask(Task):
         self.loss_fn = IAALoss(kind, cfg.w_plcc, lambda_u if len(streams) > 1 else 0.0, lambda_f, distill_loss,
                                temperature, consistency if len(streams) > 1 else 0.0)
         self.keep = cfg.keep if val is not None and len(val) >= 2 else "last"
+        self.count_initial = head_state is not None
         self.head_meta = {"kind": kind, "bins": bins, "in_dim": encoder.pooled_dim, "normalize": False}
         self.meta_extra = {"trained_by": f"cskd {cfg.command}", "eval_view": dict(EVAL_VIEW), **(extra_meta or {})}
         self.facts = {"head": self.head_meta, "labels": labels_meta(labels), "keep": self.keep,
                       "lr_encoder": cfg.lr if cfg.lr_encoder is None else cfg.lr_encoder, "encoder": encoder.describe(),
                       "streams": {s.name: {"items": len(s.dataset), "batch_size": s.batch_size} for s in streams},
-                      "val_labels": len(val) if val is not None else 0, **(facts or {})}
+                      "val_labels": len(val) if val is not None else 0,
+                      "head_init": "run" if head_state is not None else "fresh", **(facts or {})}
         self.attn_distance, self.probe = attn_distance, None
         if attn_distance > 0:
             self.probe = AttentionProbe(encoder)
@@ -274,7 +308,8 @@ class IAATask(Task):
         return f"val SRCC {'-' if m.get('srcc') is None else format(m['srcc'], '.4f')}"
 
     def on_resume(self, records: list[dict]) -> None:
-        done = [r for r in records if r.get("type") == "eval" and r.get("epoch", 0) > 0]
+        first = 0 if self.count_initial else 1
+        done = [r for r in records if r.get("type") == "eval" and r.get("epoch", 0) >= first]
         self.best = max(done, key=_srcc_key, default=None) if self.keep == "best" else None
 
     def _save(self, model: IAAModel, record: dict | None, epoch: int, step: int) -> None:
@@ -283,6 +318,8 @@ class IAATask(Task):
                               "val": {k: v for k, v in (record or {}).items() if k not in ("type", "eval_s")}})
 
     def on_eval(self, record: dict | None, epoch: int, step: int, model) -> None:
+        if epoch == 0 and not self.count_initial:  # a fresh head's step 0 is no candidate
+            return
         if self.keep == "best" and record is not None and (self.best is None or
                                                            _srcc_key(record) > _srcc_key(self.best)):
             self.best = record

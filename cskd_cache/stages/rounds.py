@@ -78,7 +78,7 @@ def _refine_cfg(cfg: DistillConfig, k: int, run_dir: Path) -> DistillConfig:
     return dataclasses.replace(cfg, out=str(run_dir / ROUNDS_DIR / f"teacher-{k}"), student=previous, size=None,
                                teacher=f"run:{_student_of(run_dir, k - 1)}", rounds=1, refine_teacher=False,
                                lr_encoder=cfg.refine_lr_encoder, predictions=None, attn_distance=0.0,
-                               consistency=0.0)
+                               consistency=0.0, head_init="fresh")  # as measured: the refined teacher's head anew
 
 
 def run_rounds(cfg: DistillConfig, on_progress: Callable[[dict], None] | None = None,

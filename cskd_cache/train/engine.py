@@ -178,7 +178,8 @@ class Task:
         """The metrics of the run so far (records past the checkpoint already dropped)."""
 
     def on_eval(self, record: dict | None, epoch: int, step: int, model: nn.Module) -> None:
-        """After each epoch's evaluation, before its checkpoint (rank 0): e.g. keep the best weights."""
+        """After each evaluation (rank 0): at the start (epoch 0), then after each epoch before its checkpoint;
+        e.g. keep the best weights."""
 
     def finish(self, model: nn.Module, records: list[dict], step: int) -> dict:
         """After the last epoch (rank 0): write the run's product, return what the result adds."""
@@ -248,7 +249,9 @@ class _Run:
             resolved = {"command": self.cfg.command, **self.plan.describe(), "world_size": self.world,
                         **self.task.resolved()}
             write_config(self.run_dir / CONFIG_NAME, {**self.cfg.to_dict(), "resolved": json_safe(resolved)})
-        self.evaluate(0)
+        record = self.evaluate(0)
+        if self.main:
+            self.task.on_eval(record, 0, 0, self.scored())
 
     def evaluate(self, epoch: int) -> dict | None:
         if not self.main:

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["MetricsWriter", "read_metrics", "write_config", "plot_losses"]
+__all__ = ["MetricsWriter", "read_metrics", "write_config", "read_resolved", "plot_losses"]
 
 
 class MetricsWriter:
@@ -47,6 +47,15 @@ def write_config(path: str | os.PathLike, config: dict) -> None:
     from ..files import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
+
+
+def read_resolved(path: str | os.PathLike) -> dict:
+    """The ``resolved`` part of a run's config.yaml: what its first start decided (schedule, facts), which a
+    resumed run keeps even where today's defaults would decide otherwise."""
+    import yaml
+
+    saved = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    return saved.get("resolved") or {}
 
 
 def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike, metric: str = "global_cos",
