@@ -26,8 +26,10 @@ label-dependent runs go to --work/--runs (default fFRACTION), so label fractions
                --standardize-global), in --work/--align-name.
 6. ``cskd``    `cskd distill --teacher run:TEACHER --student run:ALIGN`: labelled EMD + --lambda-u x EMD to the
                teacher's distribution on every unlabelled cached view, views jittered (--consistency,
-               --attn-distance, --rounds, --refine-teacher, --distill-lr-encoder as in `cskd distill`).
-7. ``distill-only`` (--ablation) the same distillation into a random-init student: what Stage I adds.
+               --attn-distance, --rounds, --refine-teacher, --distill-lr-encoder as in `cskd distill`). With
+               --warm-start the student is ``stage1-only`` instead (the aligned student fine-tuned, head included).
+7. ``distill-only`` (--ablation) the same distillation into a random-init student: what Stage I adds (with
+               --warm-start, from ``labels-only``).
    ``stage1-only`` (--stage1-only) `cskd finetune` of the Stage I student on the labels, as long as labels-only:
                what Stage II adds.
 8. ``probe``   (--probe) the training-free kNN probe of the Stage I encoder and of a random-init one: from the
@@ -196,7 +198,7 @@ def distill(args, labels: str, cache: str, teacher_run: Path, student: str, out:
                         consistency=args.consistency, attn_distance=args.attn_distance, rounds=args.rounds,
                         refine_teacher=args.refine_teacher, label_views=args.label_views,
                         pool_labelled=args.pool_labelled, bn_stats=args.bn_stats,
-                        **train_kwargs(args, args.distill_steps))
+                        **{**train_kwargs(args, args.distill_steps), "lr": args.distill_lr or args.lr})
     if not finished(cfg):
         log(f"distill {student} from run:{teacher_run} -> {out}")
         s = run_rounds(cfg)
@@ -345,6 +347,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--align-lr", type=float, default=1e-3, help="Stage I learning rate (default 1e-3)")
     p.add_argument("--align-w-token", type=float, default=None,
                    help="Stage I token-loss weight (default: align's, 1 with tokens; the global weight is 1)")
+    p.add_argument("--distill-lr", type=float, default=None,
+                   help="learning rate of both distillations, heads and encoder (default: --lr); e.g. lower for "
+                        "--warm-start, which continues trained scorers")
     p.add_argument("--distill-lr-encoder", type=float, default=None,
                    help="encoder learning rate of the CSKD distillation, i.e. for the aligned student (default: "
                         "--lr); distill-only keeps --lr")
@@ -379,6 +384,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stage1-only", action="store_true",
                    help="also `cskd finetune` the Stage I student on the labels alone, as long as labels-only: the "
                         "chain without Stage II")
+    p.add_argument("--warm-start", action="store_true",
+                   help="Stage II starts from the fine-tuned students instead of a fresh head (`cskd distill "
+                        "--student run:FINETUNE_RUN`, --head-init auto): CSKD from stage1-only (implies "
+                        "--stage1-only), distill-only from labels-only; each keeps its step 0 if no step beats it "
+                        "on val")
     p.add_argument("--no-cskd", action="store_true", help="skip Stage I and the CSKD student (with --ablation)")
     p.add_argument("--probe", action="store_true",
                    help="also score the training-free kNN probe of the Stage I encoder and of a random-init one")
@@ -439,15 +449,17 @@ def main(argv=None) -> int:
     runs["student, labels only"] = runs_dir / "labels-only"
     if not args.no_cskd:
         align(args, cache, align_dir)
-        distill(args, labels, cache, teacher_dir, f"run:{align_dir}", runs_dir / f"cskd{tag}",
-                args.distill_lr_encoder)
-        runs["student, CSKD (align + distill)"] = runs_dir / f"cskd{tag}"
-        if args.stage1_only:
-            s1 = runs_dir / ("stage1-only" if args.align_name == "align" else f"stage1-only-{args.align_name}")
+        s1 = runs_dir / ("stage1-only" if args.align_name == "align" else f"stage1-only-{args.align_name}")
+        if args.stage1_only or args.warm_start:
             finetune(args, labels, f"run:{align_dir}", s1, args.baseline_steps, args.size, None, ema=args.ema)
+        distill(args, labels, cache, teacher_dir, f"run:{s1 if args.warm_start else align_dir}",
+                runs_dir / f"cskd{tag}", args.distill_lr_encoder)
+        runs["student, CSKD (align + distill)"] = runs_dir / f"cskd{tag}"
+        if args.stage1_only or args.warm_start:
             runs["student, Stage I only (align + finetune)"] = s1
     if args.ablation or args.no_cskd:
-        distill(args, labels, cache, teacher_dir, args.student, runs_dir / f"distill-only{tag}", None)
+        student = f"run:{runs_dir / 'labels-only'}" if args.warm_start else args.student
+        distill(args, labels, cache, teacher_dir, student, runs_dir / f"distill-only{tag}", None)
         runs["student, distill only (no Stage I)"] = runs_dir / f"distill-only{tag}"
     if args.all_labels_steps:
         finetune(args, labels, args.student, runs_dir / "all-labels", args.all_labels_steps, args.size, None, 1.0,

@@ -32,6 +32,9 @@ row does not change them; a rerun reuses every finished run. What runs, per vari
 - bn: at 100% and 5% labels, distill-only and CSKD (lambda_u 1) with the labelled items in a batch-norm batch of
   their own (``--bn-stats labelled``: only they move the running statistics; ``separate``: both batches do), for
   the first seed and replicate 1, paired with their joint runs.
+- warm: at 100% and 5% labels, Stage II started from the fine-tuned students instead of a fresh head (CSKD from
+  Stage I only, distill-only from labels-only; ``--warm-start``), lambda_u 1, first seed and replicate 1;
+  warm-lr: the same with Stage II at lr 3e-4.
 - diagnose: at 100% labels, distill-only as well as CSKD with lambda_u 1; both with lambda_u 0 (the teacher left
   out); both with eval label views (a labelled image shown whole, never as a crop), also at 10%; both with
   lambda_u 1 and the teacher's targets only on the images without a label (``--no-pool-labelled``).
@@ -112,7 +115,7 @@ def run(work: Path, variant: str, extra: list[str]) -> None:
 CURVES = {"curve": ([], "", "lambda_u 4"),
           "curve-lu1": (["--lambda-u", "1", "--tag=-lu1"], "-lu1", "lambda_u 1, `cskd distill`'s default")}
 PHASES = ("core", "stage2", "stage1", "curve", "stage2b", "stage1b", "vit", "exposure", "weight", "diagnose",
-          "curve-lu1", "stage1-only", "diagnose-low", "seeds", "self", "bn")
+          "curve-lu1", "stage1-only", "diagnose-low", "seeds", "self", "bn", "warm", "warm-lr")
 # The chain against each stage skipped: distill-only skips Stage I; Stage I only (the aligned student fine-tuned on
 # the labels, as long as labels-only) skips Stage II. Run beside the lambda_u 1 curve, whose runs it reuses.
 STAGE1_ONLY = [*CURVES["curve-lu1"][0], "--stage1-only"]
@@ -148,6 +151,15 @@ SELF = (["--lambda-u", "1", "--tag=-lu1-self"], "-lu1-self")
 BN = {mode: (["--lambda-u", "1", "--bn-stats", mode, f"--tag=-lu1-bn{mode[0]}"], f"-lu1-bn{mode[0]}")
       for mode in ("labelled", "separate")}
 BN_REPLICATES = (0, 1)  # 0: the first seed's own folder
+# Stage II started from the fine-tuned students (`cskd distill --student run:FINETUNE_RUN`: head included, step 0
+# kept when no step beats it on val), so that on val the chain can only match or beat skipping Stage II: CSKD from
+# Stage I only, distill-only from labels-only (the chain without Stage I, started the same way). At SEED_FRACTIONS,
+# in the first seed's folder and replicate 1's, lambda_u 1.
+# label -> (extra srcc.py arguments, run-name tag): the default learning rate, and 3e-4, the rate the study already
+# gives a model that continues from trained weights (the Lite0 teacher's encoder, --refine-lr-encoder)
+WARMS = {"lr 1e-3 (the default)": (["--lambda-u", "1", "--warm-start", "--tag=-lu1-warm"], "-lu1-warm"),
+         "lr 3e-4": (["--lambda-u", "1", "--warm-start", "--distill-lr", "3e-4", "--tag=-lu1-warm-lr3e-4"],
+                     "-lu1-warm-lr3e-4")}
 # At 100% labels the curve's distillation (200 steps x 32 labelled) sees fewer labelled images than labels-only
 # (300 x 32): this row gives both distilled students the baseline's 300 steps, so label exposure is equal.
 EXPOSURE = (1.0, ["--distill-steps", "300", "--tag=-s300"], "-s300")
@@ -215,6 +227,12 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
                     for extra, _ in BN.values():
                         run(work, variant, ["--label-fraction", str(f), "--ablation", *extra,
                                             *(replicate(variant, k, f) if k else [])])
+        if curve in ("warm", "warm-lr"):  # warm:K in replicate K's folder only
+            extra = WARMS["lr 3e-4" if curve == "warm-lr" else "lr 1e-3 (the default)"][0]
+            for f in sorted(SEED_FRACTIONS):
+                for k in (BN_REPLICATES if not one else [int(one)]):
+                    run(work, variant, ["--label-fraction", str(f), "--ablation", *extra,
+                                        *(replicate(variant, k, f) if k else [])])
         if phase == "self":
             for f in CURVE_ORDER:
                 run(work, variant, ["--label-fraction", str(f), *SELF[0],
@@ -314,6 +332,7 @@ def report(works: list[Path], plot: Path | None) -> None:
         self_taught(work)
         seeds(work)
         batch_norm(work)
+        warm_start(work)
         diagnose(work)
         pseudo_labels(work)
         ref = work / f"f{REF:g}"
@@ -567,6 +586,56 @@ def batch_norm(work: Path) -> None:
         print("\n".join(summary))
 
 
+WARM_PAIRS = (("CSKD warm", "Stage I only"), ("CSKD warm", "distill-only warm"), ("CSKD warm", "distill-only"),
+              ("CSKD warm", "labels-only"), ("CSKD warm", "CSKD"), ("distill-only warm", "labels-only"))
+
+
+def kept_step(run: Path) -> int:
+    return int(json.loads((run / "iaa_model.json").read_text())["step"])
+
+
+def warm_start(work: Path) -> None:
+    """WARMS' rows beside the runs of the same seed folder: the chain started from Stage I only against each stage
+    skipped (Stage I only; distill-only started from labels-only, and from random init), and against the chain
+    started fresh; the step each warm run kept (0: its starting model). Per variant and fraction a table per seed,
+    then the mean over seeds of every paired difference in one table."""
+    tag = CURVES["curve-lu1"][1]
+    summary = []
+    for label, (_, warm) in WARMS.items():
+        names = {"labels-only": "labels-only", "Stage I only": "stage1-only", "distill-only": f"distill-only{tag}",
+                 "CSKD": f"cskd{tag}", "distill-only warm": f"distill-only{warm}", "CSKD warm": f"cskd{warm}"}
+        for f in sorted(SEED_FRACTIONS):
+            runs = {seed: (d, ms) for seed, d, ms in ((seed, d, {k: load(d / v) for k, v in names.items()})
+                                                     for seed, d in seed_folders(work, f)) if all(ms.values())}
+            if not runs:
+                continue
+            print(f"\n### {work.name}: {f:.0%} labels, Stage II started from the fine-tuned students, {label} "
+                  "(lambda_u 1; test SRCC; paired)\n")
+            print("| seed | distill-only warm | CSKD warm | kept steps | " +
+                  " | ".join(f"{a} - {b}" for a, b in WARM_PAIRS) + " |")
+            print("|---|---|---|---|" + "---|" * len(WARM_PAIRS))
+            kept = []
+            for seed, (d, ms) in runs.items():
+                kept.append((kept_step(d / names["distill-only warm"]), kept_step(d / names["CSKD warm"])))
+                print(f"| {seed} | {ci(ms['distill-only warm'])} | {ci(ms['CSKD warm'])} | {kept[-1][0]}, "
+                      f"{kept[-1][1]} | " + " | ".join(diff(ms[a], ms[b]) for a, b in WARM_PAIRS) + " |")
+            means = [seed_diff([(ms[a], ms[b]) for _, ms in runs.values()]) for a, b in WARM_PAIRS]
+            if len(runs) >= 2:
+                mean = {k: np.mean([ms[k]["srcc"] for _, ms in runs.values()])
+                        for k in ("distill-only warm", "CSKD warm")}
+                print(f"| mean of {len(runs)} | {mean['distill-only warm']:.3f} | {mean['CSKD warm']:.3f} | - | " +
+                      " | ".join(means) + " |")
+            at0 = sum(c == 0 for _, c in kept)
+            summary.append(f"| {label} | {f:.0%} | {len(runs)} | {at0} of {len(kept)} | " + " | ".join(means) + " |")
+    if summary:
+        print(f"\n### {work.name}: Stage II started from the fine-tuned students (lambda_u 1; mean over training seeds "
+              "of the paired differences)\n")
+        print("| Stage II | labels | seeds | CSKD warm kept step 0 | " +
+              " | ".join(f"{a} - {b}" for a, b in WARM_PAIRS) + " |")
+        print("|---|---|---|---|" + "---|" * len(WARM_PAIRS))
+        print("\n".join(summary))
+
+
 def pseudo_labels(work: Path) -> None:
     """How good the teacher's targets are where no label exists: SRCC of its predicted mean score against the true
     score of the unlabelled extras (known to the proxy, never shown to any run), over every cached view of them."""
@@ -678,7 +747,8 @@ def main(argv=None) -> int:
                         "aligned student through distill without the teacher at 5%% (diagnose-low:K, in replicate "
                         "K's folder); self = CSKD with Stage I only as the teacher; bn = distill-only and CSKD with "
                         "--bn-stats labelled and separate at 100%% and 5%% labels, first seed and replicate 1 "
-                        "(bn:K, one)")
+                        "(bn:K, one); warm = distill-only and CSKD started from the fine-tuned students (labels-only, "
+                        "Stage I only) at 100%% and 5%% labels, first seed and replicate 1 (warm:K, one); warm-lr = the same at Stage II lr 3e-4")
     p.add_argument("--report", nargs="+", type=Path, help="print the tables of these work folders")
     p.add_argument("--plot", type=Path, help="with --report: the label-efficiency curve PNG")
     a = p.parse_args(argv)
