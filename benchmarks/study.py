@@ -34,7 +34,7 @@ row does not change them; a rerun reuses every finished run. What runs, per vari
   the first seed and replicate 1, paired with their joint runs.
 - warm: at 100% and 5% labels, Stage II started from the fine-tuned students instead of a fresh head (CSKD from
   Stage I only, distill-only from labels-only; ``--warm-start``), lambda_u 1, first seed and replicate 1;
-  warm-lr: the same with Stage II at lr 3e-4.
+  warm-lr: the same with Stage II at lr 3e-4; warm-curve: warm at the curve's other fractions, first seed.
 - diagnose: at 100% labels, distill-only as well as CSKD with lambda_u 1; both with lambda_u 0 (the teacher left
   out); both with eval label views (a labelled image shown whole, never as a crop), also at 10%; both with
   lambda_u 1 and the teacher's targets only on the images without a label (``--no-pool-labelled``).
@@ -115,7 +115,7 @@ def run(work: Path, variant: str, extra: list[str]) -> None:
 CURVES = {"curve": ([], "", "lambda_u 4"),
           "curve-lu1": (["--lambda-u", "1", "--tag=-lu1"], "-lu1", "lambda_u 1, `cskd distill`'s default")}
 PHASES = ("core", "stage2", "stage1", "curve", "stage2b", "stage1b", "vit", "exposure", "weight", "diagnose",
-          "curve-lu1", "stage1-only", "diagnose-low", "seeds", "self", "bn", "warm", "warm-lr")
+          "curve-lu1", "stage1-only", "diagnose-low", "seeds", "self", "bn", "warm", "warm-lr", "warm-curve")
 # The chain against each stage skipped: distill-only skips Stage I; Stage I only (the aligned student fine-tuned on
 # the labels, as long as labels-only) skips Stage II. Run beside the lambda_u 1 curve, whose runs it reuses.
 STAGE1_ONLY = [*CURVES["curve-lu1"][0], "--stage1-only"]
@@ -227,6 +227,9 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
                     for extra, _ in BN.values():
                         run(work, variant, ["--label-fraction", str(f), "--ablation", *extra,
                                             *(replicate(variant, k, f) if k else [])])
+        if phase == "warm-curve":  # the warm chain at the other fractions of the curve, first seed
+            for f in (x for x in CURVE_ORDER if x not in SEED_FRACTIONS):
+                run(work, variant, ["--label-fraction", str(f), "--ablation", *WARMS["lr 1e-3 (the default)"][0]])
         if curve in ("warm", "warm-lr"):  # warm:K in replicate K's folder only
             extra = WARMS["lr 3e-4" if curve == "warm-lr" else "lr 1e-3 (the default)"][0]
             for f in sorted(SEED_FRACTIONS):
@@ -303,6 +306,9 @@ def report(works: list[Path], plot: Path | None) -> None:
                 s1 = {f: load(work / f"f{f:g}" / "stage1-only") for f in curve}
                 if all(s1.values()):  # the chain without Stage II, beside the one without Stage I
                     curve = {f: {**ms, "Stage I only": s1[f]} for f, ms in curve.items()}
+                warm = {f: load(work / f"f{f:g}" / f"cskd{WARMS['lr 1e-3 (the default)'][1]}") for f in curve}
+                if tag and all(warm.values()):  # the chain with Stage II started from Stage I only
+                    curve = {f: {**ms, "CSKD warm": warm[f]} for f, ms in curve.items()}
                 curves[name] = (curve, what)
         weights = {f: (load(work / f"f{f:g}" / f"cskd{CURVES['curve-lu1'][1]}"), load(work / f"f{f:g}" / "cskd"))
                    for f in FRACTIONS}
@@ -333,6 +339,7 @@ def report(works: list[Path], plot: Path | None) -> None:
         seeds(work)
         batch_norm(work)
         warm_start(work)
+        warm_chain(work)
         diagnose(work)
         pseudo_labels(work)
         ref = work / f"f{REF:g}"
@@ -415,6 +422,24 @@ def finished_rows(work: Path, runs: tuple[str, ...]) -> list[tuple]:
         if all(m is not None for m in ms):
             rows.append((f, *ms))
     return rows
+
+
+def warm_chain(work: Path) -> None:
+    """The chain with Stage II started from Stage I only, at every fraction where it ran (the first seed), against
+    each stage skipped: Stage I only, and distill-only (started from labels-only, and from random init)."""
+    tag, warm = CURVES["curve-lu1"][1], WARMS["lr 1e-3 (the default)"][1]
+    rows = finished_rows(work, ("labels-only", "stage1-only", f"distill-only{tag}", f"distill-only{warm}",
+                                f"cskd{warm}"))
+    if not rows:
+        return
+    print(f"\n### {work.name}: the chain with Stage II started from Stage I only, against each stage skipped "
+          "(lambda_u 1, first training seed; test SRCC [95% photo-level CI]; paired)\n")
+    print("| labels | Stage I only | distill-only warm | CSKD warm | kept step | CSKD warm - Stage I only | "
+          "CSKD warm - distill-only warm | CSKD warm - distill-only | CSKD warm - labels-only |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for f, lab, s1, do, dw, c in rows:
+        print(f"| {f:.0%} | {ci(s1)} | {ci(dw)} | {ci(c)} | {kept_step(work / f'f{f:g}' / f'cskd{warm}')} | "
+              f"{diff(c, s1)} | {diff(c, dw)} | {diff(c, do)} | {diff(c, lab)} |")
 
 
 def skipped_stage(work: Path) -> None:
@@ -699,6 +724,9 @@ def diagnose(work: Path) -> None:
               f"{diff(ms['cskd'], ms['distill-only'])} | {vs} |")
 
 
+LEGEND = {"cskd": "CSKD", "CSKD warm": "CSKD, Stage II from Stage I only"}
+
+
 def plot_curves(curves: dict, path: Path) -> None:
     import matplotlib
 
@@ -707,7 +735,7 @@ def plot_curves(curves: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4), squeeze=False)
     styles = {"labels-only": ("tab:gray", "o"), "Stage I only": ("tab:orange", "D"), "distill-only": ("tab:blue", "s"),
-              "cskd": ("tab:red", "^"), "teacher": ("tab:green", "x")}
+              "cskd": ("tab:red", "^"), "CSKD warm": ("tab:purple", "v"), "teacher": ("tab:green", "x")}
     for ax, (name, (curve, what)) in zip(axes[0], curves.items()):
         fs = sorted(curve)
         shown = {k: v for k, v in styles.items() if k in curve[fs[0]]}
@@ -717,7 +745,7 @@ def plot_curves(curves: dict, path: Path) -> None:
             lo = np.array([curve[f][key]["srcc_ci"][0] for f in fs])
             hi = np.array([curve[f][key]["srcc_ci"][1] for f in fs])
             ax.errorbar(x, y, yerr=[y - lo, hi - y], marker=marker, color=color, capsize=3,
-                        label=key if key != "cskd" else "CSKD", linestyle="--" if key == "teacher" else "-")
+                        label=LEGEND.get(key, key), linestyle="--" if key == "teacher" else "-")
         ax.set_xscale("log")
         ax.set_xticks(fs, [f"{f:.0%}" for f in fs])
         ax.minorticks_off()
@@ -748,7 +776,7 @@ def main(argv=None) -> int:
                         "K's folder); self = CSKD with Stage I only as the teacher; bn = distill-only and CSKD with "
                         "--bn-stats labelled and separate at 100%% and 5%% labels, first seed and replicate 1 "
                         "(bn:K, one); warm = distill-only and CSKD started from the fine-tuned students (labels-only, "
-                        "Stage I only) at 100%% and 5%% labels, first seed and replicate 1 (warm:K, one); warm-lr = the same at Stage II lr 3e-4")
+                        "Stage I only) at 100%% and 5%% labels, first seed and replicate 1 (warm:K, one); warm-lr = the same at Stage II lr 3e-4; warm-curve = warm at 10%% and 25%%, first seed")
     p.add_argument("--report", nargs="+", type=Path, help="print the tables of these work folders")
     p.add_argument("--plot", type=Path, help="with --report: the label-efficiency curve PNG")
     a = p.parse_args(argv)
