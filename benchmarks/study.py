@@ -34,7 +34,8 @@ row does not change them; a rerun reuses every finished run. What runs, per vari
   the first seed and replicate 1, paired with their joint runs.
 - warm: at 100% and 5% labels, Stage II started from the fine-tuned students instead of a fresh head (CSKD from
   Stage I only, distill-only from labels-only; ``--warm-start``), lambda_u 1, first seed and replicate 1;
-  warm-lr: the same with Stage II at lr 3e-4; warm-curve: warm at the curve's other fractions, first seed.
+  warm-lr: the same with Stage II at lr 3e-4; warm-curve: warm at the curve's other fractions, first seed;
+  warm-seed: at 10% labels the chain, with a new head and warm, again with replicate 1.
 - diagnose: at 100% labels, distill-only as well as CSKD with lambda_u 1; both with lambda_u 0 (the teacher left
   out); both with eval label views (a labelled image shown whole, never as a crop), also at 10%; both with
   lambda_u 1 and the teacher's targets only on the images without a label (``--no-pool-labelled``).
@@ -115,7 +116,8 @@ def run(work: Path, variant: str, extra: list[str]) -> None:
 CURVES = {"curve": ([], "", "lambda_u 4"),
           "curve-lu1": (["--lambda-u", "1", "--tag=-lu1"], "-lu1", "lambda_u 1, `cskd distill`'s default")}
 PHASES = ("core", "stage2", "stage1", "curve", "stage2b", "stage1b", "vit", "exposure", "weight", "diagnose",
-          "curve-lu1", "stage1-only", "diagnose-low", "seeds", "self", "bn", "warm", "warm-lr", "warm-curve")
+          "curve-lu1", "stage1-only", "diagnose-low", "seeds", "self", "bn", "warm", "warm-lr", "warm-curve",
+          "warm-seed")
 # The chain against each stage skipped: distill-only skips Stage I; Stage I only (the aligned student fine-tuned on
 # the labels, as long as labels-only) skips Stage II. Run beside the lambda_u 1 curve, whose runs it reuses.
 STAGE1_ONLY = [*CURVES["curve-lu1"][0], "--stage1-only"]
@@ -227,6 +229,10 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
                     for extra, _ in BN.values():
                         run(work, variant, ["--label-fraction", str(f), "--ablation", *extra,
                                             *(replicate(variant, k, f) if k else [])])
+        if curve == "warm-seed":  # warm-seed:F: at fraction F (default 10%) the chain again with replicate 1
+            f = float(one) if one else REF
+            for extra in ([*STAGE1_ONLY], WARMS["lr 1e-3 (the default)"][0]):
+                run(work, variant, ["--label-fraction", str(f), "--ablation", *extra, *replicate(variant, 1, f)])
         if phase == "warm-curve":  # the warm chain at the other fractions of the curve, first seed
             for f in (x for x in CURVE_ORDER if x not in SEED_FRACTIONS):
                 run(work, variant, ["--label-fraction", str(f), "--ablation", *WARMS["lr 1e-3 (the default)"][0]])
@@ -629,7 +635,7 @@ def warm_start(work: Path) -> None:
     for label, (_, warm) in WARMS.items():
         names = {"labels-only": "labels-only", "Stage I only": "stage1-only", "distill-only": f"distill-only{tag}",
                  "CSKD": f"cskd{tag}", "distill-only warm": f"distill-only{warm}", "CSKD warm": f"cskd{warm}"}
-        for f in sorted(SEED_FRACTIONS):
+        for f in FRACTIONS:
             runs = {seed: (d, ms) for seed, d, ms in ((seed, d, {k: load(d / v) for k, v in names.items()})
                                                      for seed, d in seed_folders(work, f)) if all(ms.values())}
             if not runs:
@@ -776,7 +782,9 @@ def main(argv=None) -> int:
                         "K's folder); self = CSKD with Stage I only as the teacher; bn = distill-only and CSKD with "
                         "--bn-stats labelled and separate at 100%% and 5%% labels, first seed and replicate 1 "
                         "(bn:K, one); warm = distill-only and CSKD started from the fine-tuned students (labels-only, "
-                        "Stage I only) at 100%% and 5%% labels, first seed and replicate 1 (warm:K, one); warm-lr = the same at Stage II lr 3e-4; warm-curve = warm at 10%% and 25%%, first seed")
+                        "Stage I only) at 100%% and 5%% labels, first seed and replicate 1 (warm:K, one); "
+                        "warm-lr = the same at Stage II lr 3e-4; warm-curve = warm at 10%% and 25%%, first seed; "
+                        "warm-seed = the chain, fresh and warm, with replicate 1 at 10%% (warm-seed:F at F)")
     p.add_argument("--report", nargs="+", type=Path, help="print the tables of these work folders")
     p.add_argument("--plot", type=Path, help="with --report: the label-efficiency curve PNG")
     a = p.parse_args(argv)
