@@ -450,12 +450,13 @@ def main(argv=None) -> int:
     if not args.no_cskd:
         align(args, cache, align_dir)
         s1 = runs_dir / ("stage1-only" if args.align_name == "align" else f"stage1-only-{args.align_name}")
-        if args.stage1_only or args.warm_start:
+        with_s1 = args.stage1_only or args.warm_start
+        if with_s1:  # before CSKD, which --warm-start starts from it
             finetune(args, labels, f"run:{align_dir}", s1, args.baseline_steps, args.size, None, ema=args.ema)
         distill(args, labels, cache, teacher_dir, f"run:{s1 if args.warm_start else align_dir}",
                 runs_dir / f"cskd{tag}", args.distill_lr_encoder)
         runs["student, CSKD (align + distill)"] = runs_dir / f"cskd{tag}"
-        if args.stage1_only or args.warm_start:
+        if with_s1:
             runs["student, Stage I only (align + finetune)"] = s1
     if args.ablation or args.no_cskd:
         student = f"run:{runs_dir / 'labels-only'}" if args.warm_start else args.student

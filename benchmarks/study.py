@@ -162,6 +162,7 @@ BN_REPLICATES = (0, 1)  # 0: the first seed's own folder
 WARMS = {"lr 1e-3 (the default)": (["--lambda-u", "1", "--warm-start", "--tag=-lu1-warm"], "-lu1-warm"),
          "lr 3e-4": (["--lambda-u", "1", "--warm-start", "--distill-lr", "3e-4", "--tag=-lu1-warm-lr3e-4"],
                      "-lu1-warm-lr3e-4")}
+WARM = WARMS["lr 1e-3 (the default)"]
 # At 100% labels the curve's distillation (200 steps x 32 labelled) sees fewer labelled images than labels-only
 # (300 x 32): this row gives both distilled students the baseline's 300 steps, so label exposure is equal.
 EXPOSURE = (1.0, ["--distill-steps", "300", "--tag=-s300"], "-s300")
@@ -231,13 +232,13 @@ def study(work: Path, variant: str, phases: list[str]) -> None:
                                             *(replicate(variant, k, f) if k else [])])
         if curve == "warm-seed":  # warm-seed:F: at fraction F (default 10%) the chain again with replicate 1
             f = float(one) if one else REF
-            for extra in ([*STAGE1_ONLY], WARMS["lr 1e-3 (the default)"][0]):
+            for extra in ([*STAGE1_ONLY], WARM[0]):
                 run(work, variant, ["--label-fraction", str(f), "--ablation", *extra, *replicate(variant, 1, f)])
         if phase == "warm-curve":  # the warm chain at the other fractions of the curve, first seed
             for f in (x for x in CURVE_ORDER if x not in SEED_FRACTIONS):
-                run(work, variant, ["--label-fraction", str(f), "--ablation", *WARMS["lr 1e-3 (the default)"][0]])
+                run(work, variant, ["--label-fraction", str(f), "--ablation", *WARM[0]])
         if curve in ("warm", "warm-lr"):  # warm:K in replicate K's folder only
-            extra = WARMS["lr 3e-4" if curve == "warm-lr" else "lr 1e-3 (the default)"][0]
+            extra = (WARMS["lr 3e-4"] if curve == "warm-lr" else WARM)[0]
             for f in sorted(SEED_FRACTIONS):
                 for k in (BN_REPLICATES if not one else [int(one)]):
                     run(work, variant, ["--label-fraction", str(f), "--ablation", *extra,
@@ -312,7 +313,7 @@ def report(works: list[Path], plot: Path | None) -> None:
                 s1 = {f: load(work / f"f{f:g}" / "stage1-only") for f in curve}
                 if all(s1.values()):  # the chain without Stage II, beside the one without Stage I
                     curve = {f: {**ms, "Stage I only": s1[f]} for f, ms in curve.items()}
-                warm = {f: load(work / f"f{f:g}" / f"cskd{WARMS['lr 1e-3 (the default)'][1]}") for f in curve}
+                warm = {f: load(work / f"f{f:g}" / f"cskd{WARM[1]}") for f in curve}
                 if tag and all(warm.values()):  # the chain with Stage II started from Stage I only
                     curve = {f: {**ms, "CSKD warm": warm[f]} for f, ms in curve.items()}
                 curves[name] = (curve, what)
@@ -433,7 +434,7 @@ def finished_rows(work: Path, runs: tuple[str, ...]) -> list[tuple]:
 def warm_chain(work: Path) -> None:
     """The chain with Stage II started from Stage I only, at every fraction where it ran (the first seed), against
     each stage skipped: Stage I only, and distill-only (started from labels-only, and from random init)."""
-    tag, warm = CURVES["curve-lu1"][1], WARMS["lr 1e-3 (the default)"][1]
+    tag, warm = CURVES["curve-lu1"][1], WARM[1]
     rows = finished_rows(work, ("labels-only", "stage1-only", f"distill-only{tag}", f"distill-only{warm}",
                                 f"cskd{warm}"))
     if not rows:

@@ -18,7 +18,8 @@ from ..errors import CskdError, LabelError
 from .labelset import LabelSet, hash_unit
 from .spec import load_labels
 
-__all__ = ["to_unit", "from_unit", "keep_fraction", "split_labels", "resolve_head", "label_targets", "labels_meta"]
+__all__ = ["to_unit", "from_unit", "keep_fraction", "split_labels", "resolve_head", "head_fits", "head_text",
+           "label_targets", "labels_meta"]
 
 
 def to_unit(score, scale):
@@ -63,6 +64,16 @@ def resolve_head(head: str, labels: LabelSet, error: type[CskdError] = LabelErro
             raise error(f"{labels.name} has scores but no vote distributions: use --head scalar (or auto)")
         return "distribution", int(labels.bins)
     return "scalar", None
+
+
+def head_fits(head: dict, kind: str, bins: int | None) -> bool:
+    """Whether a saved head (``{"kind", "bins"}`` of a run's json) is the head `resolve_head` chose."""
+    return head.get("kind") == kind and (kind != "distribution" or int(head.get("bins") or 0) == bins)
+
+
+def head_text(kind: str, bins: int | None) -> str:
+    """How messages name a head: "distribution head of 10 bins", "scalar head"."""
+    return f"{kind} head{' of ' + str(bins) + ' bins' if bins else ''}"
 
 
 def label_targets(labels: LabelSet, kind: str) -> dict[str, np.ndarray]:

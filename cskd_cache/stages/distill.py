@@ -60,7 +60,7 @@ from ..errors import MissingFile, TrainError
 from ..evaluate.metrics import evaluate_predictions
 from ..labels.labelset import LabelSet
 from ..labels.link import LinkResult, link_labels
-from ..labels.targets import label_targets, labels_meta
+from ..labels.targets import head_fits, head_text, label_targets, labels_meta
 from ..models.cache_head import (
     HEAD_JSON,
     HEAD_WEIGHTS,
@@ -76,7 +76,7 @@ from ..train.engine import CONFIG_NAME, fit, plan_steps, resolve_device, seed_ev
 from ..train.run_dir import prepare_run_dir
 from ..train.run_log import read_resolved
 from .finetune import report_labels
-from .iaa_task import IAATask, IAATrainConfig, Stream, prepare_labels, starting_head
+from .iaa_task import IAATask, IAATrainConfig, Stream, prepare_labels, resumed_start, starting_head
 from .teacher_predictions import (
     Predictions,
     check_predictions_dir,
@@ -320,9 +320,8 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
     dist.barrier()
     # a resumed run keeps what its first start decided: the attention reference (the starting weights are gone),
     # and where training started (a run made before --head-init started with a fresh head)
-    resolved = read_resolved(run_dir / CONFIG_NAME) if ckpt is not None else {}
-    if ckpt is not None and resolved.get("head_init") != "run":
-        head_state = None
+    resolved = read_resolved(run_dir / CONFIG_NAME) if ckpt is not None else None
+    head_state = resumed_start(head_state, resolved)
 
     if cfg.teacher == "cache-head":
         teacher, pred_dir = _cache_head_teacher(cfg, cache, labels, train, train_rows, kind, bins, run_dir,
@@ -364,7 +363,7 @@ def run_distill(cfg: DistillConfig, on_progress: Callable[[dict], None] | None =
                    val=val_ds, device=device, lambda_u=cfg.lambda_u, lambda_f=cfg.lambda_f, embed_dim=cache.embed_dim,
                    distill_loss=cfg.distill_loss, temperature=cfg.temperature, facts=facts, status=status,
                    consistency=cfg.consistency, attn_distance=cfg.attn_distance, bn_stats=cfg.bn_stats,
-                   attn_reference=resolved.get("attn_reference"), attn_teacher=attn_teacher,
+                   attn_reference=(resolved or {}).get("attn_reference"), attn_teacher=attn_teacher,
                    head_state=head_state,
                    extra_meta={"labels_spec": cfg.labels, "teacher": cfg.teacher, "cache": str(cache.path),
                                "cache_fingerprint": cache.manifest.get("fingerprint")})
@@ -393,11 +392,10 @@ def _teacher_profile(cfg: DistillConfig, cache) -> list[float] | None:
 
 def _check_teacher(cfg: DistillConfig, teacher: dict, kind: str, bins: int | None, labels: LabelSet) -> None:
     th = teacher["head"]
-    if th["kind"] != kind or (kind == "distribution" and int(th["bins"]) != bins):
-        raise DistillError(f"--teacher {cfg.teacher} has a {th['kind']} head"
-                           f"{' of ' + str(th['bins']) + ' bins' if th.get('bins') else ''}, the student gets a "
-                           f"{kind} head{' of ' + str(bins) + ' bins' if bins else ''} for {cfg.labels}; train "
-                           "the teacher on the same dataset (or pass the matching --head)")
+    if not head_fits(th, kind, bins):
+        raise DistillError(f"--teacher {cfg.teacher} has a {head_text(th['kind'], th.get('bins'))}, the student gets a "
+                           f"{head_text(kind, bins)} for {cfg.labels}; train the teacher on the same dataset (or pass "
+                           "the matching --head)")
     if not np.allclose(teacher["scale"], labels.scale):
         raise DistillError(f"--teacher {cfg.teacher} scores on {teacher['scale']}, {cfg.labels} on "
                            f"{list(labels.scale)}; train the teacher on the same dataset")

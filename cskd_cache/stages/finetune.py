@@ -28,7 +28,7 @@ from ..models.runs import build_encoder
 from ..train.engine import CONFIG_NAME, fit, plan_steps, resolve_device, seed_everything
 from ..train.run_log import read_resolved
 from ..train.run_dir import prepare_run_dir
-from .iaa_task import IAATask, IAATrainConfig, Stream, prepare_labels, starting_head
+from .iaa_task import IAATask, IAATrainConfig, Stream, prepare_labels, resumed_start, starting_head
 
 __all__ = ["FinetuneConfig", "FinetuneError", "run_finetune"]
 
@@ -75,8 +75,7 @@ def run_finetune(cfg: FinetuneConfig, on_progress: Callable[[dict], None] | None
     head_state = starting_head(cfg, cfg.model, "--model", kind, bins, labels)  # before the run directory exists
     ckpt = prepare_run_dir(cfg, Path(cfg.out))
     dist.barrier()
-    if ckpt is not None and read_resolved(Path(cfg.out) / CONFIG_NAME).get("head_init") != "run":
-        head_state = None  # a resumed run starts as it first did (one made before --head-init: a fresh head)
+    head_state = resumed_start(head_state, read_resolved(Path(cfg.out) / CONFIG_NAME) if ckpt is not None else None)
 
     seed_everything(cfg.seed)
     try:

@@ -53,7 +53,7 @@ from ..data.transforms import EVAL_VIEW
 from ..errors import TrainError
 from ..evaluate.metrics import evaluate_predictions
 from ..labels.labelset import LabelSet
-from ..labels.targets import labels_meta, resolve_head, split_labels
+from ..labels.targets import head_fits, head_text, labels_meta, resolve_head, split_labels
 from ..losses.attention_distance import AttentionDistanceLoss
 from ..losses.iaa import IAALoss
 from ..models.attention_probe import AttentionProbe
@@ -63,7 +63,8 @@ from ..models.scorer import IAAModel, build_head, head_to_scores, save_iaa_model
 from ..train.config import TRAIN_RENAMES, TrainConfig
 from ..train.engine import Task, param_groups
 
-__all__ = ["IAATrainConfig", "IAATask", "Stream", "prepare_labels", "evaluate_val", "starting_head"]
+__all__ = ["IAATrainConfig", "IAATask", "Stream", "prepare_labels", "evaluate_val", "starting_head",
+           "resumed_start"]
 
 
 @dataclass
@@ -113,6 +114,13 @@ def prepare_labels(cfg: IAATrainConfig) -> tuple[LabelSet, LabelSet, LabelSet, s
     return labels, train, val, kind, bins
 
 
+def resumed_start(head_state: dict[str, torch.Tensor] | None,
+                  resolved: dict | None) -> dict[str, torch.Tensor] | None:
+    """``starting_head``'s answer for a run that may be resuming (``resolved``: its config.yaml's, None for a new
+    run): a resumed run starts as its first start did, and one made before ``head_init`` existed started fresh."""
+    return head_state if resolved is None or resolved.get("head_init") == "run" else None
+
+
 def starting_head(cfg: IAATrainConfig, spec: str, flag: str, kind: str, bins: int | None,
                   labels: LabelSet) -> dict[str, torch.Tensor] | None:
     """The score-head weights training starts from (module docstring, ``head_init``), or None for a fresh head.
@@ -122,11 +130,10 @@ def starting_head(cfg: IAATrainConfig, spec: str, flag: str, kind: str, bins: in
         return None
     state, meta = found
     h, scale = meta.get("head") or {}, (meta.get("labels") or {}).get("scale")
-    have = f"{h.get('kind')} head{' of ' + str(h.get('bins')) + ' bins' if h.get('bins') else ''}"
-    want = f"{kind} head{' of ' + str(bins) + ' bins' if bins else ''}"
-    if (h.get("kind"), h.get("bins") if kind == "distribution" else None) != (kind, bins) or h.get("normalize"):
-        raise cfg.error(f"{flag} {spec}: its {have} cannot start training for {cfg.labels}, which needs a {want}; "
-                        "pass --head-init fresh to train a new head on its encoder")
+    if not head_fits(h, kind, bins) or h.get("normalize"):
+        raise cfg.error(f"{flag} {spec}: its {head_text(h.get('kind'), h.get('bins'))} cannot start training for "
+                        f"{cfg.labels}, which needs a {head_text(kind, bins)}; pass --head-init fresh to train a new "
+                        "head on its encoder")
     if scale is None or not np.allclose(scale, labels.scale):
         raise cfg.error(f"{flag} {spec}: its head scores on {scale}, {cfg.labels} on {list(labels.scale)}; pass "
                         "--head-init fresh to train a new head on its encoder")
